@@ -1,0 +1,145 @@
+"""Engine configuration: one set of dataclasses, validated at construction.
+
+Field names are the CLI flag names (``--max-num-seqs`` is ``max_num_seqs``)
+and the proto field names, so a value means the same thing everywhere. A leaf
+module: it imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+EXECUTORS = ("local", "ray")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid engine configuration: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """The target model; ``model`` is a Hugging Face model directory."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.load_format in LOAD_FORMATS,
+               f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        _check(self.max_model_len is None or self.max_model_len > 0,
+               f"max_model_len must be > 0, got {self.max_model_len}")
+
+
+@dataclass
+class SpeculativeConfig:
+    """The draft model and how many tokens it proposes per step (k)."""
+
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.num_speculative_tokens <= 16,
+               f"num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft_model is not None and self.num_speculative_tokens > 0
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache sizing. One block id addresses a token's slots in both
+    the target's and the draft's cache, so the budget pays for both."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory: int = 1 << 30  # bytes, used on CPU
+    num_kv_blocks: int | None = None  # fixed count, overrides both budgets
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),
+               f"block_size must be a power of two <= 128, got {self.block_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.kv_cache_memory > 0, f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks > 0,
+               f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Per-step budgets of the continuous-batching scheduler."""
+
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    max_queue: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check(self.max_num_batched_tokens >= 1,
+               f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+
+
+@dataclass
+class ParallelConfig:
+    """Where model execution runs: in-process or in Ray actors."""
+
+    executor: str = "local"
+    device: str = "auto"
+    data_parallel_size: int = 1
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.executor in EXECUTORS, f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
+        _check(self.data_parallel_size >= 1,
+               f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+
+
+_SECTIONS = {
+    "model_config": ModelConfig,
+    "speculative_config": SpeculativeConfig,
+    "cache_config": CacheConfig,
+    "scheduler_config": SchedulerConfig,
+    "parallel_config": ParallelConfig,
+}
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    speculative_config: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    cache_config: CacheConfig = field(default_factory=CacheConfig)
+    scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
+        """Build from flat keyword arguments named like the CLI flags."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in kwargs.items():
+            section = _section_of(key)
+            parts[section][key] = value
+        return cls(**{name: _SECTIONS[name](**vals) for name, vals in parts.items()})
+
+    @staticmethod
+    def field_names() -> list[str]:
+        return [f.name for sec in _SECTIONS.values() for f in fields(sec)]
+
+
+def _section_of(key: str) -> str:
+    for name, section in _SECTIONS.items():
+        if any(f.name == key for f in fields(section)):
+            return name
+    raise ValueError(f"invalid engine configuration: unknown option {key!r}")
