@@ -48,7 +48,6 @@ class SchedulerOutput:
     """Everything the workers need for one step, in batch order."""
 
     sequences: list[ScheduledSequence]
-    finished_request_ids: list[str] = field(default_factory=list)
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -1,0 +1,226 @@
+"""The engine core: owns every request's state and runs one loop,
+schedule → execute → apply outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from transformers import AutoConfig
+
+from engine.config import EngineConfig
+from engine.outputs import RequestOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from scheduler.block_manager import BlockAllocator
+from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from scheduler.scheduler import Scheduler, SchedulerLimits
+from scheduler.sequence import Sequence
+from workers.executor import Executor
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODELS_DIR = os.path.join(os.path.dirname(__file__), "default_models")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    draft_tokens_proposed_total: int
+    draft_tokens_accepted_total: int
+    last_step_time: float
+
+
+def resolve_default_models(config: EngineConfig) -> None:
+    """With no model given, serve the embedded default pair if it is present."""
+    mc, sc = config.model_config, config.speculative_config
+    if mc.model is not None:
+        return
+    target = os.path.join(DEFAULT_MODELS_DIR, "target")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        raise ValueError("no model given and no embedded default pair found at "
+                         f"{DEFAULT_MODELS_DIR}; pass model=<HF model directory> "
+                         "(and draft_model=<directory> for speculative decoding)")
+    mc.model = target
+    draft = os.path.join(DEFAULT_MODELS_DIR, "draft")
+    if sc.draft_model is None and os.path.isfile(os.path.join(draft, "config.json")):
+        sc.draft_model = draft
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    if config.parallel_config.executor == "ray":
+        from workers.ray_executor import RayExecutor
+        return RayExecutor(config)
+    from workers.local_executor import LocalExecutor
+    return LocalExecutor(config)
+
+
+class LLMEngine:
+    """Adds, steps and aborts requests. Not thread-safe: one thread drives it."""
+
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        resolve_default_models(config)
+        self.config = config
+        mc, sc = config.model_config, config.speculative_config
+        hf_config = _load_hf_config(mc.model)
+        self.vocab_size = hf_config.vocab_size
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        self.tokenizer = Tokenizer(mc.tokenizer or mc.model)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.num_speculative_tokens = sc.num_speculative_tokens if sc.draft_model else 0
+        self.executor = executor or make_executor(config)
+        block_size = config.cache_config.block_size
+        num_blocks = self.executor.num_kv_blocks
+        # A lone sequence must always fit in the cache, or it could never finish.
+        self.max_model_len = min(mc.max_model_len or limit, limit, num_blocks * block_size)
+        self.scheduler = Scheduler(
+            SchedulerLimits(config.scheduler_config.max_num_seqs,
+                            config.scheduler_config.max_num_batched_tokens,
+                            self.max_model_len),
+            BlockAllocator(num_blocks, block_size),
+        )
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._proposed_total = 0
+        self._accepted_total = 0
+        self._last_step_time = 0.0
+
+    # -- requests --------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    num_speculative_tokens: int | None = None, priority: int = 0) -> None:
+        """Validate and queue a request; raises ValueError before any work starts."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_token_ids(prompt)
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            max_tokens=params.max_tokens,
+            num_speculative_tokens=self._speculation_for(num_speculative_tokens),
+            sampling_params=params,
+            priority=priority,
+        )
+        self.requests[request_id] = Request(seq, params, self.tokenizer, self.eos_token_id,
+                                            self.max_model_len)
+        self.scheduler.add(seq)
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}"
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            request.abort()
+            self.scheduler.finish(request.seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # -- one step --------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.executor.execute_model(scheduler_output)
+        outputs = self._apply(scheduler_output, runner_output)
+        self._last_step_time = time.perf_counter() - start
+        return outputs
+
+    def _apply(self, scheduler_output: SchedulerOutput,
+               runner_output: ModelRunnerOutput) -> list[RequestOutput]:
+        outputs = []
+        logprobs = runner_output.logprobs or [None] * len(scheduler_output.sequences)
+        for work, emitted, proposed, lps in zip(scheduler_output.sequences,
+                                                runner_output.sampled_token_ids,
+                                                runner_output.num_draft_proposed, logprobs):
+            request = self.requests.get(work.request_id)
+            if request is None:  # aborted while the step ran
+                continue
+            num_accepted = len(emitted) - 1 if emitted else 0
+            self.scheduler.advance(request.seq, work, num_accepted)
+            if not emitted:
+                continue
+            if proposed:
+                self._proposed_total += proposed
+                self._accepted_total += num_accepted
+            output = request.append(emitted, proposed, lps)
+            if request.finished:
+                self.scheduler.finish(request.seq)
+                del self.requests[work.request_id]
+            outputs.append(output)
+        return outputs
+
+    # -- information -----------------------------------------------------
+    def get_stats(self) -> EngineStats:
+        allocator = self.scheduler.allocator
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=allocator.num_used_blocks,
+            kv_blocks_total=allocator.num_blocks,
+            draft_tokens_proposed_total=self._proposed_total,
+            draft_tokens_accepted_total=self._accepted_total,
+            last_step_time=self._last_step_time,
+        )
+
+    def model_info(self) -> dict:
+        sc = self.config.speculative_config
+        return {
+            "target": self.config.model_config.model,
+            "draft": sc.draft_model or "",
+            "max_model_len": self.max_model_len,
+            "vocab_size": self.vocab_size,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "block_size": self.config.cache_config.block_size,
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    # -- validation ------------------------------------------------------
+    def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this model serves at most "
+                             f"{self.max_model_len - 1} prompt tokens (context {self.max_model_len})")
+        return ids
+
+    def _speculation_for(self, requested: int | None) -> int:
+        if requested is None:
+            return self.num_speculative_tokens
+        if not isinstance(requested, int) or requested < 0:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {requested!r}")
+        if requested > self.num_speculative_tokens:
+            raise ValueError(f"num_speculative_tokens={requested} exceeds this engine's "
+                             f"{self.num_speculative_tokens} (it can only be lowered per request)")
+        return requested
+
+
+def _load_hf_config(model_dir: str):
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: not found; "
+                         "model must be a Hugging Face model directory")
+    return AutoConfig.from_pretrained(model_dir)

@@ -1,0 +1,109 @@
+"""One request's state in the engine: its sequence, text and counters, and
+the stop checks applied to each step's tokens."""
+
+from __future__ import annotations
+
+import time
+
+from engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler.output import TokenLogprobs
+from scheduler.sequence import Sequence
+
+
+class Request:
+    """Owns what the scheduler does not: detokenization, stop conditions,
+    metrics, and the text not yet streamed."""
+
+    def __init__(self, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer,
+                 eos_token_id: int | None, max_model_len: int) -> None:
+        self.seq = seq
+        self.params = params
+        self._detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids)
+        self._stop_ids = set(params.stop_token_ids)
+        if eos_token_id is not None and not params.ignore_eos:
+            self._stop_ids.add(eos_token_id)
+        self._max_model_len = max_model_len
+        # A stop string may straddle steps: text that could begin one is held back.
+        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self.text = ""
+        self._streamed_chars = 0
+        self.finish_reason: FinishReason | None = None
+        self.metrics = RequestMetrics(prompt_tokens=seq.num_prompt_tokens,
+                                      arrival_time=time.monotonic())
+
+    @property
+    def request_id(self) -> str:
+        return self.seq.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_ids: list[int], num_proposed: int,
+               logprobs: list[TokenLogprobs] | None) -> RequestOutput:
+        """Take one step's emitted tokens, cut at the first stop condition."""
+        kept = self._keep_until_stop(token_ids)
+        self.seq.output_token_ids.extend(kept)
+        self._count(kept, token_ids, num_proposed)
+        visible = [t for t in kept if t not in self._stop_ids]
+        self.text += self._detokenizer.add(visible, final=self.finished)
+        self._check_stop_strings()
+        return RequestOutput(
+            request_id=self.request_id,
+            new_token_ids=kept,
+            new_text=self._take_stream_text(),
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            new_logprobs=logprobs[:len(kept)] if logprobs is not None else None,
+            metrics=self.metrics,
+        )
+
+    def abort(self) -> None:
+        self.finish_reason = FinishReason.ABORTED
+        self.metrics.finished_time = time.monotonic()
+
+    def _keep_until_stop(self, token_ids: list[int]) -> list[int]:
+        seq = self.seq
+        room = min(self.params.max_tokens - seq.num_output_tokens,
+                   self._max_model_len - seq.num_tokens)
+        kept = token_ids[:room]
+        for i, token in enumerate(kept):
+            if token in self._stop_ids:
+                self.finish_reason = FinishReason.STOP
+                return kept[:i + 1]
+        if len(kept) == room:
+            self.finish_reason = FinishReason.LENGTH
+        return kept
+
+    def _count(self, kept: list[int], emitted: list[int], num_proposed: int) -> None:
+        m = self.metrics
+        m.completion_tokens += len(kept)
+        m.num_steps += 1
+        if num_proposed:
+            m.draft_tokens_proposed += num_proposed
+            m.draft_tokens_accepted += len(emitted) - 1
+        now = time.monotonic()
+        if m.first_token_time is None:
+            m.first_token_time = now
+        if self.finished:
+            m.finished_time = now
+
+    def _check_stop_strings(self) -> None:
+        if not self.params.stop:
+            return
+        # Only the new text (and a stop string's length before it) can hold a new match.
+        start = max(0, self._streamed_chars - self._holdback)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.finish_reason = FinishReason.STOP
+            self.metrics.finished_time = time.monotonic()
+
+    def _take_stream_text(self) -> str:
+        end = len(self.text) if self.finished else max(self._streamed_chars,
+                                                        len(self.text) - self._holdback)
+        delta = self.text[self._streamed_chars:end]
+        self._streamed_chars = end
+        return delta

@@ -1,0 +1,164 @@
+"""Continuous batching at iteration level.
+
+Every step gives each chosen sequence a number of tokens to compute under one
+token budget: a prompt chunk, or the last sampled token plus k speculative
+slots. Prefill, decode and verification are the same thing to the scheduler;
+a chunk that reaches the end of its sequence also samples.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from scheduler.block_manager import BlockAllocator
+from scheduler.output import ScheduledSequence, SchedulerOutput
+from scheduler.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block allocator.
+
+    Running sequences are served oldest first; when blocks run out the newest
+    running sequence is preempted by recompute and goes back to the front of
+    the waiting queue, to resume with its tokens unchanged.
+    """
+
+    def __init__(self, limits: SchedulerLimits, allocator: BlockAllocator) -> None:
+        self.limits = limits
+        self.allocator = allocator
+        self.waiting: list[Sequence] = []  # sorted by (priority, arrival_order)
+        self.running: list[Sequence] = []  # sorted by arrival_order
+        self._arrivals = 0
+
+    # -- queue changes -------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.arrival_order = self._arrivals
+        self._arrivals += 1
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_waiting_key)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a sequence (done or aborted) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.block_ids)
+        seq.block_ids = []
+        seq.status = SequenceStatus.FINISHED
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- one step --------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.limits.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            work = self._try_schedule(seq, budget)
+            while work is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+                work = self._try_schedule(seq, budget)
+            if work is None:
+                break
+            scheduled.append(work)
+            budget -= work.num_scheduled_tokens
+            i += 1
+
+        while (not preempted and self.waiting and budget > 0
+               and len(self.running) < self.limits.max_num_seqs):
+            seq = self.waiting[0]
+            work = self._try_schedule(seq, budget)
+            if work is None:
+                break
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_running_key)
+            scheduled.append(work)
+            budget -= work.num_scheduled_tokens
+        return SchedulerOutput(sequences=scheduled)
+
+    def _try_schedule(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
+        """Plan this step's work for ``seq`` and reserve its blocks, or None
+        when the free blocks cannot hold even the chunk without speculation."""
+        chunk = min(seq.num_uncomputed_tokens, budget)
+        end = seq.num_computed_tokens + chunk
+        sample = end == seq.num_tokens
+        k = self._speculation_length(seq, budget - chunk) if sample else 0
+        for k_try in (k, 0) if k else (0,):
+            need = self.allocator.blocks_needed(end + k_try, len(seq.block_ids))
+            if self.allocator.can_allocate(need):
+                seq.block_ids.extend(self.allocator.allocate(need))
+                return self._work(seq, chunk, sample, k_try)
+        return None
+
+    def _speculation_length(self, seq: Sequence, budget_left: int) -> int:
+        """k for this step: the request's k, cut so that proposals never run
+        past max_tokens, the context length or the token budget."""
+        remaining_outputs = seq.max_tokens - seq.num_output_tokens - 1
+        room_in_context = self.limits.max_model_len - seq.num_tokens
+        return max(0, min(seq.num_speculative_tokens, remaining_outputs,
+                          room_in_context, budget_left))
+
+    def _work(self, seq: Sequence, chunk: int, sample: bool, k: int) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        uses_draft = seq.num_speculative_tokens > 0
+        params = seq.sampling_params
+        penalties = params is not None and getattr(params, "has_penalties", False)
+        return ScheduledSequence(
+            request_id=seq.request_id,
+            token_ids=seq.token_slice(start, start + chunk),
+            num_computed_tokens=start,
+            block_ids=seq.block_ids,
+            sample=sample,
+            num_speculative_tokens=k,
+            draft_token_ids=(seq.token_slice(seq.num_draft_computed_tokens, start + chunk)
+                             if uses_draft else []),
+            num_draft_computed_tokens=seq.num_draft_computed_tokens,
+            sampling_params=params,
+            num_output_tokens=seq.num_output_tokens,
+            prompt_token_ids=seq.prompt_token_ids if penalties else None,
+            output_token_ids=list(seq.output_token_ids) if penalties else None,
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.allocator.free(seq.block_ids)
+        seq.reset_for_recompute()
+        bisect.insort(self.waiting, seq, key=_waiting_key)
+
+    # -- after the step ------------------------------------------------
+    @staticmethod
+    def advance(seq: Sequence, work: ScheduledSequence, num_accepted: int) -> None:
+        """Account for what the step computed: the chunk plus the accepted
+        draft tokens in the target's cache; in the draft's, everything up to
+        the last token it was fed (it never sees its own last proposal)."""
+        end = work.num_computed_tokens + len(work.token_ids)
+        seq.num_computed_tokens = end + num_accepted
+        if work.draft_token_ids:
+            k = work.num_speculative_tokens
+            seq.num_draft_computed_tokens = end + min(num_accepted, max(k - 1, 0))
+
+
+def _waiting_key(seq: Sequence) -> tuple[int, int]:
+    return (seq.priority, seq.arrival_order)
+
+
+def _running_key(seq: Sequence) -> int:
+    return seq.arrival_order

@@ -1,0 +1,73 @@
+"""The scheduler's view of one request: its tokens and how far each model's
+KV cache has computed them. The engine's request object holds one of these."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Token-level state of one request.
+
+    ``num_computed_tokens`` counts tokens whose keys and values the target's
+    cache holds; the draft's cache may lag (``num_draft_computed_tokens``)
+    when it did not produce the last accepted tokens itself. A sampled token
+    is appended before it is computed, so a decoding sequence always has one
+    uncomputed token: the input of the next step.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    num_speculative_tokens: int = 0  # this request's k (<= the engine's)
+    sampling_params: Any = None
+    priority: int = 0
+    arrival_order: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_draft_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_preemptions: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output without building the whole list."""
+        n_prompt = len(self.prompt_token_ids)
+        if stop <= n_prompt:
+            return self.prompt_token_ids[start:stop]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt:stop - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n_prompt]
+
+    def reset_for_recompute(self) -> None:
+        """Preemption by recompute: forget all cached state; tokens stay."""
+        self.num_computed_tokens = 0
+        self.num_draft_computed_tokens = 0
+        self.block_ids = []
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1

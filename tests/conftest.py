@@ -1,0 +1,25 @@
+"""Test set-up: the repository root and the generated stubs on sys.path, and
+CUDA-only tests skipped where no GPU is present."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "proto")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

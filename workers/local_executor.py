@@ -1,0 +1,24 @@
+"""The in-process executor: one worker on one device, no Ray."""
+
+from __future__ import annotations
+
+from engine.config import EngineConfig
+from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from workers.executor import Executor
+from workers.worker import Worker
+
+
+class LocalExecutor(Executor):
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker = Worker(config)
+        self._num_kv_blocks = self.worker.load()
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_kv_blocks
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.worker.runner = None

@@ -1,0 +1,250 @@
+"""One step of batched speculative decoding over the paged KV cache.
+
+For every sequence of the step at once: the draft catches up on the tokens it
+has not seen and proposes k tokens (k small batched steps), the target scores
+each sequence's chunk and its k proposals in ONE forward pass, and the
+rejection sampler keeps an accepted prefix plus one correction or bonus token.
+Rejected positions are forgotten by the scheduler truncating the sequence's
+computed length; nothing is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput, TokenLogprobs
+from workers.attention.metadata import AttentionMetadata
+from workers.attention.metadata_builder import build_attention_metadata, token_positions
+from workers.models.llama import LlamaForCausalLM
+from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
+from workers.rejection_sampler import rejection_sample
+from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
+                             logits_to_probs, sample_from_probs)
+
+
+@dataclass
+class _Batch:
+    """The sequences of a step that end in sampling, padded to K proposals."""
+
+    index: list[int]  # positions in SchedulerOutput.sequences
+    seqs: list[ScheduledSequence]
+    ks: list[int]
+    K: int
+    uniforms: torch.Tensor  # [S, K+1, NUM_TAGS]
+    prompt_mask: torch.Tensor | None  # [S, V] for penalties
+    output_counts: torch.Tensor | None  # [S, V] before this step's tokens
+
+
+class ModelRunner:
+    """Holds the target and draft models and their KV caches on one device."""
+
+    def __init__(self, target: LlamaForCausalLM, target_caches: list[torch.Tensor],
+                 draft: LlamaForCausalLM | None, draft_caches: list[torch.Tensor] | None,
+                 block_size: int, vocab_size: int, device: torch.device, seed: int = 0) -> None:
+        self.target = target
+        self.target_caches = target_caches
+        self.draft = draft
+        self.draft_caches = draft_caches
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        seqs = scheduler_output.sequences
+        batch = self._sampling_batch(seqs)
+        draft_tokens, draft_probs = self._propose(seqs, batch)
+        target_logits = self._verify_forward(seqs, batch, draft_tokens)
+        return self._sample(seqs, batch, draft_tokens, draft_probs, target_logits)
+
+    # -- set-up ----------------------------------------------------------
+    def _sampling_batch(self, seqs: list[ScheduledSequence]) -> _Batch:
+        index = [i for i, s in enumerate(seqs) if s.sample]
+        chosen = [seqs[i] for i in index]
+        ks = [s.num_speculative_tokens if self.draft is not None else 0 for s in chosen]
+        K = max(ks, default=0)
+        uniforms = draw_uniforms([s.sampling_params.seed for s in chosen],
+                                 [s.num_output_tokens for s in chosen], K + 1,
+                                 self.generator, self.device)
+        mask, counts = self._penalty_history(chosen)
+        return _Batch(index, chosen, ks, K, uniforms, mask, counts)
+
+    def _penalty_history(self, seqs: list[ScheduledSequence]):
+        if not any(s.prompt_token_ids is not None for s in seqs):
+            return None, None
+        S, V = len(seqs), self.vocab_size
+        mask = torch.zeros((S, V), dtype=torch.bool, device=self.device)
+        counts = torch.zeros((S, V), dtype=torch.int64, device=self.device)
+        for row, s in enumerate(seqs):
+            if s.prompt_token_ids is None:
+                continue
+            mask[row, torch.tensor(s.prompt_token_ids, device=self.device)] = True
+            if s.output_token_ids:
+                out = torch.tensor(s.output_token_ids, device=self.device)
+                counts[row].index_add_(0, out, torch.ones_like(out))
+        return mask, counts
+
+    # -- draft -----------------------------------------------------------
+    def _propose(self, seqs: list[ScheduledSequence], batch: _Batch):
+        """Run the draft over its catch-up tokens, then k-1 one-token steps.
+        Returns proposals [S, K] and the distributions they came from [S, K, V]."""
+        S, K = len(batch.seqs), batch.K
+        tokens = torch.zeros((S, K), dtype=torch.int64, device=self.device)
+        probs = torch.zeros((S, K, self.vocab_size), dtype=torch.float32, device=self.device)
+        feeding = [s for s in seqs if s.draft_token_ids] if self.draft is not None else []
+        if not feeding:
+            return tokens, probs
+        hidden = self._forward(
+            self.draft, self.draft_caches, feeding,
+            token_lists=[s.draft_token_ids for s in feeding],
+            starts=[s.num_draft_computed_tokens for s in feeding])
+        if K == 0:
+            return tokens, probs
+        params = SamplingTensors.from_params([s.sampling_params for s in batch.seqs],
+                                             [1] * S, self.device)
+        # Row of each proposing sequence's last catch-up token in `hidden`.
+        ends, offset = {}, 0
+        for s in feeding:
+            offset += len(s.draft_token_ids)
+            ends[id(s)] = offset - 1
+        active = [r for r in range(S) if batch.ks[r] > 0]
+        rows = torch.tensor([ends[id(batch.seqs[r])] for r in active], device=self.device)
+        last_hidden = hidden[rows]
+        for j in range(K):
+            if j > 0:
+                active = [r for r in active if batch.ks[r] > j]
+                if not active:
+                    break
+                step_seqs = [batch.seqs[r] for r in active]
+                act = torch.tensor(active, device=self.device)
+                last_hidden = self._forward(
+                    self.draft, self.draft_caches, step_seqs,
+                    token_tensor=tokens[act, j - 1],
+                    starts=[s.num_computed_tokens + len(s.token_ids) + j - 1 for s in step_seqs],
+                    query_len=1)
+            act = torch.tensor(active, device=self.device)
+            logits = torch.zeros((S, self.vocab_size), dtype=torch.float32, device=self.device)
+            logits[act] = self.draft.compute_logits(last_hidden)
+            logits = self._penalise(logits, params, batch, tokens[:, :j].unsqueeze(1))
+            q = logits_to_probs(logits, params)[act]
+            probs[act, j] = q
+            tokens[act, j] = sample_from_probs(q, batch.uniforms[act, j, TAG_DRAFT])
+        return tokens, probs
+
+    # -- target ----------------------------------------------------------
+    def _verify_forward(self, seqs: list[ScheduledSequence], batch: _Batch,
+                        draft_tokens: torch.Tensor) -> torch.Tensor:
+        """One target pass over every chunk plus its proposals; returns the
+        logits at each sampling sequence's last k+1 positions, [S, K+1, V]."""
+        spec = {i: k for i, k in zip(batch.index, batch.ks)}
+        token_lists = [s.token_ids + [0] * spec.get(i, 0) for i, s in enumerate(seqs)]
+        input_ids = torch.tensor([t for lst in token_lists for t in lst], dtype=torch.int64)
+        starts_flat, draft_at, draft_src, logit_rows = [], [], [], []
+        offset = 0
+        for i, s in enumerate(seqs):
+            n, k = len(s.token_ids), spec.get(i, 0)
+            if i in spec:
+                r = len(logit_rows)
+                draft_at.extend(range(offset + n, offset + n + k))
+                draft_src.extend((r, j) for j in range(k))
+                last = offset + n + k - 1
+                logit_rows.append([min(offset + n - 1 + j, last) for j in range(batch.K + 1)])
+            offset += n + k
+            starts_flat.append(s.num_computed_tokens)
+        input_ids = input_ids.to(self.device)
+        if draft_at:
+            src = torch.tensor(draft_src, device=self.device)
+            input_ids[torch.tensor(draft_at, device=self.device)] = draft_tokens[src[:, 0], src[:, 1]]
+        hidden = self._forward(self.target, self.target_caches, seqs, token_tensor=input_ids,
+                               starts=starts_flat, query_lens=[len(t) for t in token_lists])
+        if not logit_rows:
+            return hidden.new_empty((0, batch.K + 1, self.vocab_size), dtype=torch.float32)
+        rows = torch.tensor(logit_rows, device=self.device)
+        return self.target.compute_logits(hidden[rows.flatten()]).view(
+            len(logit_rows), batch.K + 1, self.vocab_size)
+
+    # -- sampling --------------------------------------------------------
+    def _sample(self, seqs, batch: _Batch, draft_tokens, draft_probs,
+                target_logits) -> ModelRunnerOutput:
+        sampled: list[list[int]] = [[] for _ in seqs]
+        proposed = [0] * len(seqs)
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
+        if batch.seqs:
+            S, K1, V = target_logits.shape
+            params = SamplingTensors.from_params([s.sampling_params for s in batch.seqs],
+                                                 [K1] * S, self.device)
+            logits = self._penalise(target_logits.reshape(S * K1, V), params, batch,
+                                    _draft_prefixes(draft_tokens, K1))
+            target_probs = logits_to_probs(logits, params).view(S, K1, V)
+            out, num = rejection_sample(
+                draft_tokens, torch.tensor(batch.ks, device=self.device), draft_probs,
+                target_probs, batch.uniforms[:, :-1, TAG_ACCEPT],
+                batch.uniforms[:, :, TAG_RECOVER])
+            host = torch.cat([num.unsqueeze(1), out], dim=1).tolist()  # the step's one sync
+            for r, i in enumerate(batch.index):
+                sampled[i] = host[r][1:1 + host[r][0]]
+                proposed[i] = batch.ks[r]
+            self._logprobs(batch, target_logits, out, sampled, logprobs)
+        return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
+                                 sampled_token_ids=sampled, num_draft_proposed=proposed,
+                                 logprobs=logprobs if any(l is not None for l in logprobs) else None)
+
+    def _penalise(self, logits: torch.Tensor, params: SamplingTensors, batch: _Batch,
+                  prefixes: torch.Tensor) -> torch.Tensor:
+        """Penalties over each row's history: the request's tokens so far plus
+        the proposals before that row's position. ``prefixes`` is
+        [S, rows_per_seq, j] of draft tokens (zeros where not yet drafted)."""
+        if not params.any_penalties or batch.output_counts is None:
+            return logits
+        S, R, j = prefixes.shape
+        counts = batch.output_counts.unsqueeze(1).repeat(1, R, 1)
+        if j:
+            valid = (torch.arange(j, device=self.device).view(1, 1, j)
+                     < torch.arange(R, device=self.device).view(1, R, 1) + (j - R + 1))
+            counts.scatter_add_(2, prefixes, valid.to(counts.dtype).expand(S, R, j).contiguous())
+        mask = batch.prompt_mask.unsqueeze(1).expand(S, R, -1).reshape(S * R, -1)
+        return apply_penalties(logits, mask, counts.view(S * R, -1), params)
+
+    def _logprobs(self, batch: _Batch, target_logits, out, sampled, logprobs) -> None:
+        wanted = [r for r, s in enumerate(batch.seqs) if s.sampling_params.logprobs is not None]
+        if not wanted:
+            return
+        n_top = max(batch.seqs[r].sampling_params.logprobs for r in wanted)
+        w = torch.tensor(wanted, device=self.device)
+        logits = target_logits[w].flatten(0, 1)
+        tok, ids, lps = compute_logprobs(logits, out[w].clamp(min=0).flatten(), n_top)
+        K1 = target_logits.shape[1]
+        tok, ids, lps = tok.view(len(wanted), K1).tolist(), ids.view(len(wanted), K1, -1).tolist(), \
+            lps.view(len(wanted), K1, -1).tolist()
+        for x, r in enumerate(wanted):
+            i, n = batch.index[r], batch.seqs[r].sampling_params.logprobs
+            logprobs[i] = [TokenLogprobs(t, tok[x][j], ids[x][j][:n], lps[x][j][:n])
+                           for j, t in enumerate(sampled[i])]
+
+    # -- forward ---------------------------------------------------------
+    def _forward(self, model: LlamaForCausalLM, caches: list[torch.Tensor],
+                 seqs: list[ScheduledSequence], starts: list[int],
+                 token_lists: list[list[int]] | None = None,
+                 token_tensor: torch.Tensor | None = None,
+                 query_len: int | None = None,
+                 query_lens: list[int] | None = None) -> torch.Tensor:
+        if query_lens is None:
+            query_lens = ([len(t) for t in token_lists] if token_lists is not None
+                          else [query_len] * len(seqs))
+        if token_tensor is None:
+            token_tensor = torch.tensor([t for lst in token_lists for t in lst],
+                                        dtype=torch.int64, device=self.device)
+        seq_lens = [st + q for st, q in zip(starts, query_lens)]
+        meta = build_attention_metadata(query_lens, seq_lens, [s.block_ids for s in seqs],
+                                        self.block_size, self.device)
+        positions = token_positions(query_lens, seq_lens).to(self.device)
+        return model(token_tensor, positions, caches, meta)
+
+
+def _draft_prefixes(draft_tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """[S, rows, rows-1] proposals visible to each target row (row i sees d_1..d_i)."""
+    return draft_tokens[:, :rows - 1].unsqueeze(1).expand(-1, rows, -1).contiguous()

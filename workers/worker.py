@@ -1,0 +1,81 @@
+"""A worker: one device, the target and draft models, and their KV caches.
+
+The same class runs in-process (LocalExecutor) and inside a Ray actor
+(RayExecutor). It knows nothing of requests: each step it gets a
+`SchedulerOutput` and returns a `ModelRunnerOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import EngineConfig
+from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
+from workers.model_runner import ModelRunner
+from workers.models.loader import load_hf_config, load_model, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+# Device memory kept free for activations and logits on CUDA.
+_CUDA_ACTIVATION_RESERVE = 2 << 30
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, device: torch.device | None = None) -> None:
+        self.config = config
+        self.device = device or resolve_device(config.parallel_config.device)
+        self.runner: ModelRunner | None = None
+        self.num_kv_blocks = 0
+
+    def load(self) -> int:
+        """Load both models, size and allocate the KV cache; returns its block count."""
+        mc, sc, cc = self.config.model_config, self.config.speculative_config, self.config.cache_config
+        torch.manual_seed(mc.seed)
+        target_cfg = load_hf_config(mc.model)
+        dtype = resolve_dtype(mc.dtype, target_cfg, self.device)
+        target = load_model(mc.model, dtype, self.device, mc.load_format, seed=mc.seed)
+        draft, draft_cfg = None, None
+        if sc.draft_model is not None:
+            draft_cfg = load_hf_config(sc.draft_model)
+            if draft_cfg.vocab_size != target_cfg.vocab_size:
+                raise ValueError(
+                    f"the draft {sc.draft_model} has a vocabulary of {draft_cfg.vocab_size} "
+                    f"tokens, the target {mc.model} of {target_cfg.vocab_size}: they must share one")
+            draft = load_model(sc.draft_model, dtype, self.device, mc.load_format, seed=mc.seed + 1)
+        shapes = [ModelShape.from_hf_config(c) for c in (target_cfg, draft_cfg) if c is not None]
+        per_block = sum(kv_cache_bytes_per_block(s.num_layers, cc.block_size, s.num_kv_heads,
+                                                 s.head_dim, dtype) for s in shapes)
+        num_blocks = cc.num_kv_blocks or self._blocks_that_fit(per_block)
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget fits no block of {per_block} bytes; "
+                             "raise kv_cache_memory or gpu_memory_utilization")
+        caches = [allocate_kv_caches(s.num_layers, num_blocks, cc.block_size, s.num_kv_heads,
+                                     s.head_dim, dtype, self.device) for s in shapes]
+        self.runner = ModelRunner(target, caches[0], draft, caches[1] if draft else None,
+                                  cc.block_size, target_cfg.vocab_size, self.device, mc.seed)
+        self.num_kv_blocks = num_blocks
+        logger.info("worker on %s: %d KV blocks of %d tokens (%.1f MiB)", self.device,
+                    num_blocks, cc.block_size, num_blocks * per_block / 2**20)
+        return num_blocks
+
+    def _blocks_that_fit(self, bytes_per_block: int) -> int:
+        cc = self.config.cache_config
+        if self.device.type != "cuda":
+            return cc.kv_cache_memory // bytes_per_block
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * cc.gpu_memory_utilization) - (total - free) - _CUDA_ACTIVATION_RESERVE
+        return max(0, budget) // bytes_per_block
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
