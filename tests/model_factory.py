@@ -1,0 +1,92 @@
+"""Small random Hugging Face checkpoints for tests.
+
+``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 model with
+transformers, perturbs the parts a fresh init leaves trivial (norm weights are
+all one, biases all zero) so that a test notices if they are mishandled, and
+saves it as safetensors the way a real checkpoint is saved.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+ARCHS = ("llama", "mistral", "qwen2")
+
+
+def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
+                   num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
+                   vocab_size: int = 256, qkv_bias: bool = False,
+                   tie_word_embeddings: bool = False, rope_scaling: dict | None = None,
+                   max_position_embeddings: int = 512, intermediate_size: int | None = None,
+                   initializer_range: float = 0.15, **extra: Any):
+    """A transformers config for a tiny model of ``arch``."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = dict(
+        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, vocab_size=vocab_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        tie_word_embeddings=tie_word_embeddings, max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range, rms_norm_eps=1e-6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if head_dim is not None:
+        common["head_dim"] = head_dim
+    if rope_scaling is not None:
+        common["rope_scaling"] = dict(rope_scaling)
+    if arch == "llama":
+        return LlamaConfig(attention_bias=qkv_bias, **common, **extra)
+    if arch == "mistral":
+        if qkv_bias:
+            raise ValueError("Mistral has no q/k/v bias")
+        extra.setdefault("sliding_window", None)
+        return MistralConfig(**common, **extra)
+    if arch == "qwen2":  # Qwen2 always has q/k/v biases
+        extra.setdefault("use_sliding_window", False)
+        return Qwen2Config(**common, **extra)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def make_hf_model(arch: str = "llama", *, seed: int = 0, **config_kwargs: Any):
+    """A random transformers model (float32, eval mode) of ``arch``."""
+    from transformers import AutoModelForCausalLM
+
+    config = make_hf_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed + 1)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+def make_checkpoint(path: str | os.PathLike, arch: str = "llama", *, hidden_size: int = 64,
+                    num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+                    head_dim: int | None = None, vocab_size: int = 256, qkv_bias: bool = False,
+                    tie_word_embeddings: bool = False, rope_scaling: dict | None = None,
+                    max_position_embeddings: int = 512, seed: int = 0,
+                    dtype: torch.dtype = torch.float32, shards: int = 1,
+                    **extra: Any) -> str:
+    """Save a random tiny HF model of ``arch`` to ``path`` (safetensors, in
+    ``dtype``, split into ``shards`` files when > 1) and return the path.
+    Same arguments and seed give the same weights."""
+    path = str(path)
+    model = make_hf_model(
+        arch, seed=seed, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, vocab_size=vocab_size, qkv_bias=qkv_bias,
+        tie_word_embeddings=tie_word_embeddings, rope_scaling=rope_scaling,
+        max_position_embeddings=max_position_embeddings, **extra)
+    model = model.to(dtype)
+    save_kwargs: dict[str, Any] = {"safe_serialization": True}
+    if shards > 1:
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+        save_kwargs["max_shard_size"] = max(1, total // shards)
+    model.save_pretrained(path, **save_kwargs)
+    return path

@@ -1,0 +1,157 @@
+"""The torch reference attention backend against naive dense causal attention,
+plus the metadata builder and KV cache helpers it relies on."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from workers.attention.backend import AttentionBackend, get_attention_backend
+from workers.attention.metadata_builder import build_attention_metadata, token_positions
+from workers.attention.torch_ref import TorchReferenceBackend
+from workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [q_len, Hq, D] are the last q_len positions of the context k, v [S, Hkv, D]."""
+    q_len, num_heads, _ = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for h in range(num_heads):
+        scores = (q[:, h] @ k[:, h // group].T) * scale  # [q_len, S]
+        for i in range(q_len):
+            scores[i, seq_len - q_len + i + 1:] = -math.inf
+        out[:, h] = torch.softmax(scores, dim=-1) @ v[:, h // group]
+    return out
+
+
+def random_case(rng: random.Random, block_size: int, num_seqs: int):
+    """Random (query_len, seq_len) per sequence, mixing prefills, chunks,
+    decodes and verifications, and random disjoint block tables."""
+    query_lens, seq_lens = [], []
+    for _ in range(num_seqs):
+        kind = rng.choice(["prefill", "chunk", "decode", "verify"])
+        if kind == "prefill":
+            q = s = rng.randint(1, 20)
+        elif kind == "chunk":
+            q, s = rng.randint(2, 9), rng.randint(10, 30)
+        elif kind == "decode":
+            q, s = 1, rng.randint(1, 30)
+        else:
+            q, s = 5, rng.randint(5, 30)
+        query_lens.append(q)
+        seq_lens.append(s)
+    needed = [-(-s // block_size) for s in seq_lens]
+    pool = list(range(sum(needed) + 3))
+    rng.shuffle(pool)
+    tables = []
+    for n in needed:
+        tables.append([pool.pop() for _ in range(n)])
+    return query_lens, seq_lens, tables, len(pool) + sum(needed)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)])
+def test_reference_backend_matches_naive(block_size, heads):
+    num_heads, num_kv_heads = heads
+    head_dim = 8
+    rng = random.Random(block_size * 100 + num_heads * 10 + num_kv_heads)
+    gen = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    query_lens, seq_lens, tables, num_blocks = random_case(rng, block_size, num_seqs=6)
+    kv_cache = torch.randn((2, num_blocks, block_size, num_kv_heads, head_dim), generator=gen)
+
+    # Whole contexts; the cache already holds every position before the new tokens.
+    contexts = [(torch.randn((s, num_kv_heads, head_dim), generator=gen),
+                 torch.randn((s, num_kv_heads, head_dim), generator=gen)) for s in seq_lens]
+    for (keys, values), q_len, s, table in zip(contexts, query_lens, seq_lens, tables):
+        for p in range(s - q_len):
+            kv_cache[0, table[p // block_size], p % block_size] = keys[p]
+            kv_cache[1, table[p // block_size], p % block_size] = values[p]
+    q = torch.randn((sum(query_lens), num_heads, head_dim), generator=gen)
+    k = torch.cat([keys[s - n:] for (keys, _), n, s in zip(contexts, query_lens, seq_lens)])
+    v = torch.cat([values[s - n:] for (_, values), n, s in zip(contexts, query_lens, seq_lens)])
+
+    meta = build_attention_metadata(query_lens, seq_lens, tables, block_size, "cpu")
+    scale = head_dim ** -0.5
+    out = TorchReferenceBackend().forward(q, k, v, kv_cache, meta, scale)
+
+    start = 0
+    for (keys, values), n, s, table in zip(contexts, query_lens, seq_lens, tables):
+        expected = naive_attention(q[start:start + n], keys, values, scale)
+        torch.testing.assert_close(out[start:start + n], expected, atol=1e-5, rtol=1e-5)
+        for p in range(s):  # the new keys and values were written to their slots
+            torch.testing.assert_close(kv_cache[0, table[p // block_size], p % block_size], keys[p])
+            torch.testing.assert_close(kv_cache[1, table[p // block_size], p % block_size], values[p])
+        start += n
+
+
+def test_reference_backend_without_cache_on_whole_prompts():
+    gen = torch.Generator().manual_seed(0)
+    lens = [3, 7, 1]
+    q = torch.randn((11, 4, 8), generator=gen)
+    k = torch.randn((11, 2, 8), generator=gen)
+    v = torch.randn((11, 2, 8), generator=gen)
+    meta = build_attention_metadata(lens, lens, [[0], [1, 2], [3]], 4, "cpu")
+    out = TorchReferenceBackend().forward(q, k, v, None, meta, 0.3)
+    start = 0
+    for n in lens:
+        sl = slice(start, start + n)
+        torch.testing.assert_close(out[sl], naive_attention(q[sl], k[sl], v[sl], 0.3))
+        start += n
+    chunk = build_attention_metadata([2], [5], [[0, 1]], 4, "cpu")
+    with pytest.raises(ValueError, match="whole prompts"):
+        TorchReferenceBackend().forward(q[:2], k[:2], v[:2], None, chunk, 0.3)
+
+
+def test_backend_selection():
+    backend = get_attention_backend(torch.device("cpu"))
+    assert isinstance(backend, AttentionBackend) and backend.name == "torch"
+    assert isinstance(get_attention_backend("cpu", name="torch"), TorchReferenceBackend)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_attention_backend("cpu", name="nope")
+
+
+def test_metadata_builder_slots_and_positions():
+    meta = build_attention_metadata([3, 1, 2], [3, 6, 5], [[7], [2, 9], [4, 5]], 4, "cpu")
+    assert meta.query_start_loc_cpu == [0, 3, 4, 6]
+    assert meta.seq_lens_cpu == [3, 6, 5]
+    assert meta.query_start_loc.dtype == torch.int32 and meta.seq_lens.dtype == torch.int32
+    assert meta.block_tables.tolist() == [[7, 0], [2, 9], [4, 5]]
+    assert meta.block_tables.dtype == torch.int32
+    # seq 0: positions 0..2 in block 7; seq 1: position 5 in block 9;
+    # seq 2: positions 3, 4 -> block 4 offset 3, block 5 offset 0.
+    assert meta.slot_mapping.tolist() == [28, 29, 30, 37, 19, 20]
+    assert meta.slot_mapping.dtype == torch.int64
+    assert (meta.max_query_len, meta.max_seq_len, meta.num_seqs) == (3, 6, 3)
+    assert token_positions([3, 1, 2], [3, 6, 5]).tolist() == [0, 1, 2, 5, 3, 4]
+
+
+def test_metadata_builder_rejects_bad_input():
+    with pytest.raises(ValueError, match="block table"):
+        build_attention_metadata([1], [9], [[0, 1]], 4, "cpu")
+    with pytest.raises(ValueError, match="query_len"):
+        build_attention_metadata([4], [3], [[0]], 4, "cpu")
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        build_attention_metadata([1, 1], [1], [[0]], 4, "cpu")
+
+
+def test_kv_cache_helpers():
+    from types import SimpleNamespace
+
+    caches = allocate_kv_caches(3, 5, 4, 2, 8, torch.float16, "cpu")
+    assert len(caches) == 3
+    assert all(c.shape == (2, 5, 4, 2, 8) and c.dtype == torch.float16 for c in caches)
+    assert caches[0].data_ptr() != caches[1].data_ptr()
+    assert kv_cache_bytes_per_block(3, 4, 2, 8, torch.float16) == 2 * 3 * 4 * 2 * 8 * 2
+    assert kv_cache_bytes_per_block(1, 16, 1, 64, torch.float32) == 2 * 16 * 64 * 4
+
+    derived = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              hidden_size=64, head_dim=None)
+    assert ModelShape.from_hf_config(derived) == ModelShape(2, 2, 16)
+    explicit = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=None,
+                               hidden_size=64, head_dim=32)
+    assert ModelShape.from_hf_config(explicit) == ModelShape(2, 4, 32)

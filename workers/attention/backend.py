@@ -1,0 +1,87 @@
+"""The attention backend interface and its selection at start-up.
+
+Every backend does the same two things for one layer: write the new tokens'
+keys and values into the paged KV cache, then let each sequence's queries
+attend causally over its whole context. Backends differ only in how.
+
+A KV cache is one tensor per layer, ``[2, num_blocks, block_size, Hkv, D]``
+(index 0 keys, 1 values); ``slot = block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+
+from workers.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(ABC):
+    """One way to run paged attention. Stateless: safe to share across layers."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, meta: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        """Attend ``q [T, Hq, D]`` over each sequence's context; returns ``[T, Hq, D]``.
+
+        ``k, v [T, Hkv, D]`` are the new tokens' keys and values; they are
+        written into ``kv_cache`` at ``meta.slot_mapping`` first. Query i of a
+        sequence with q_len queries and context seq_len is at position
+        ``seq_len - q_len + i`` and sees the keys at positions up to its own.
+        """
+
+    @staticmethod
+    def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Store the new tokens' keys and values in their slots."""
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+        flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+        flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+# name -> (module path, class name, available on this device?). Modules are
+# imported only when chosen, so an optional dependency (Triton, xFormers) is
+# never needed unless its backend is picked.
+_REGISTRY: dict[str, tuple[str, str, Callable[[torch.device], bool]]] = {
+    "torch": ("workers.attention.torch_ref", "TorchReferenceBackend", lambda device: True),
+}
+
+# Preference order per device type; names not in the registry are skipped.
+_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "xformers", "torch"),
+}
+_DEFAULT_PREFERENCE = ("torch",)
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Names of the registered backends that can run on ``device``."""
+    return [name for name, (_, _, ok) in _REGISTRY.items() if ok(device)]
+
+
+def get_attention_backend(device: torch.device | str,
+                          name: str | None = None) -> AttentionBackend:
+    """Pick the best backend for ``device``, or the one called ``name``."""
+    device = torch.device(device)
+    if name is not None:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown attention backend {name!r}; "
+                             f"registered: {sorted(_REGISTRY)}")
+        if not _REGISTRY[name][2](device):
+            raise ValueError(f"attention backend {name!r} is not available on {device}")
+        candidates: tuple[str, ...] = (name,)
+    else:
+        candidates = _PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)
+    for candidate in candidates:
+        entry = _REGISTRY.get(candidate)
+        if entry is None or not entry[2](device):
+            continue
+        module_path, class_name, _ = entry
+        return getattr(importlib.import_module(module_path), class_name)()
+    raise ValueError(f"no attention backend available on {device}")

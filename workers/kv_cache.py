@@ -1,0 +1,52 @@
+"""KV cache tensors: their shape, their size per block, and their allocation.
+
+One tensor per layer, ``[2, num_blocks, block_size, num_kv_heads, head_dim]``:
+index 0 holds keys, 1 values. Block b's slots are
+``b * block_size ... b * block_size + block_size - 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV cache needs to know about a model."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any) -> "ModelShape":
+        num_heads = hf_config.num_attention_heads
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        return cls(num_layers=hf_config.num_hidden_layers, num_kv_heads=num_kv_heads,
+                   head_dim=head_dim)
+
+
+def model_shape(hf_config: Any) -> ModelShape:
+    """(num_layers, num_kv_heads, head_dim) of a Hugging Face config."""
+    return ModelShape.from_hf_config(hf_config)
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,
+                             head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across all layers, keys and values."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * element_size
+
+
+def allocate_kv_caches(num_layers: int, num_blocks: int, block_size: int,
+                       num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                       device: torch.device | str) -> list[torch.Tensor]:
+    """One zeroed ``[2, num_blocks, block_size, Hkv, D]`` tensor per layer."""
+    if num_blocks <= 0:
+        raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

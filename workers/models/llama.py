@@ -1,0 +1,288 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over the paged KV cache.
+
+The batch is flat: T new tokens of any number of sequences, with their
+positions and an ``AttentionMetadata`` that says which rows belong to which
+sequence. Projections are fused: one ``qkv_proj`` and one ``gate_up_proj``
+per layer (``PackedLinear`` knows where each checkpoint tensor goes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention.backend import AttentionBackend, get_attention_backend
+from workers.attention.metadata import AttentionMetadata
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------- rotary --
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The RoPE settings of a config as one flat dict with ``rope_type`` and
+    ``rope_theta``. transformers 5 keeps them in ``rope_parameters``;
+    transformers 4 in ``rope_theta`` plus an optional ``rope_scaling``."""
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+    params = dict(params or {})
+    if isinstance(params.get("full_attention"), dict):  # nested per layer type
+        params = dict(params["full_attention"])
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
+    return params
+
+
+def rope_inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
+    """Inverse frequencies (float32, [head_dim // 2]) for a RoPE setting."""
+    rope_type = params["rope_type"]
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; "
+                         f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (float(params["rope_theta"]) ** exponents)
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"])
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, params)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths are slowed by ``factor``, short ones
+    kept, and those in between blended smoothly."""
+    factor = float(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_context = float(params["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    long_wave = wavelen > old_context / low
+    short_wave = wavelen < old_context / high
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(long_wave, inv_freq / factor, torch.where(short_wave, inv_freq, blended))
+
+
+class RotaryEmbedding(nn.Module):
+    """Maps positions to the (cos, sin) tables RoPE rotates q and k by."""
+
+    def __init__(self, head_dim: int, params: dict[str, Any]) -> None:
+        super().__init__()
+        # A plain attribute, not a buffer: it must stay float32 when the model
+        # is cast to half precision, and survive construction on "meta".
+        self.inv_freq = rope_inv_freq(head_dim, params)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, H, D] by the per-token angles; halves are paired (not interleaved)."""
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+# ------------------------------------------------------------- projections --
+
+class PackedLinear(nn.Linear):
+    """Several projections of the same input fused into one matmul. Output
+    rows ``shard_slice(i)`` hold the i-th projection's weights."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = list(output_sizes)
+
+    def shard_slice(self, index: int) -> slice:
+        start = sum(self.output_sizes[:index])
+        return slice(start, start + self.output_sizes[index])
+
+
+class PagedAttention(nn.Module):
+    """Hands q, k, v to the attention backend with this layer's KV cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.backend: AttentionBackend | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        return self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+
+
+# ------------------------------------------------------------------ layers --
+
+class LlamaAttention(nn.Module):
+    """Self-attention: fused QKV projection, RoPE, paged attention, output projection."""
+
+    def __init__(self, config: Any, head_dim: int) -> None:
+        super().__init__()
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of "
+                             f"num_key_value_heads={num_kv_heads}")
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        qkv_bias, o_bias = _attention_biases(config)
+        self.qkv_proj = PackedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                                     bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        T = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(T, self.attn.num_heads, self.attn.head_dim), cos, sin)
+        k = apply_rotary(k.view(T, self.attn.num_kv_heads, self.attn.head_dim), cos, sin)
+        v = v.view(T, self.attn.num_kv_heads, self.attn.head_dim)
+        out = self.attn(q, k, v, kv_cache, meta)
+        return self.o_proj(out.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        bias = bool(getattr(config, "mlp_bias", False))
+        size = config.intermediate_size
+        self.gate_up_proj = PackedLinear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then MLP."""
+
+    def __init__(self, config: Any, head_dim: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, head_dim)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(head_dim, rope_parameters(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, cos, sin, kv_caches[i] if kv_caches else None, meta)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus the LM head (its own weight, or the embedding's when tied)."""
+
+    # Fused module -> the checkpoint modules it packs, in the order of its shards.
+    packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                      "gate_up_proj": ("gate_proj", "up_proj")}
+
+    def __init__(self, config: Any, attention_backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        _check_supported(config)
+        self.config = config
+        self.model = LlamaModel(config)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = (None if self.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.attention_backend: AttentionBackend | None = None
+        if attention_backend is not None:
+            self.set_attention_backend(attention_backend)
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        self.attention_backend = backend
+        for layer in self.model.layers:
+            layer.self_attn.attn.backend = backend
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden_size] of the T packed new tokens. Writes
+        their keys and values into ``kv_caches`` (one tensor per layer)."""
+        if self.attention_backend is None:
+            self.set_attention_backend(get_attention_backend(input_ids.device))
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] for hidden states [N, hidden_size]."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+# ----------------------------------------------------------------- config --
+
+def _attention_biases(config: Any) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias). Qwen2 has q/k/v biases only; Llama's
+    ``attention_bias`` puts a bias on all four projections."""
+    if getattr(config, "model_type", None) == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
+def _check_supported(config: Any) -> None:
+    """Refuse configs whose model this code would compute wrongly."""
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) is implemented")
+    rope_inv_freq(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                  rope_parameters(config))  # raises on an unsupported rope type
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        window = None
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if window is not None and (max_pos is None or window < max_pos):
+        raise ValueError(
+            f"sliding-window attention is not supported: sliding_window={window} is smaller "
+            f"than max_position_embeddings={max_pos} (set sliding_window to null or >= "
+            f"max_position_embeddings to run this model with full attention)")

@@ -1,0 +1,223 @@
+"""Load a Hugging Face checkpoint directory into the project's model.
+
+A model directory holds ``config.json`` and safetensors weights: one
+``model.safetensors``, or shards listed by ``model.safetensors.index.json``.
+Checkpoint tensors keep Hugging Face names; separate q/k/v and gate/up
+tensors are written into their slice of the fused parameters.
+Every error names the file it is about.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from workers.attention.backend import AttentionBackend, get_attention_backend
+from workers.models.llama import LlamaForCausalLM, PackedLinear
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16}
+# Checkpoint tensors that carry nothing we need (old checkpoints saved RoPE tables).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# ------------------------------------------------------------------ config --
+
+def load_hf_config(model_dir: str) -> Any:
+    """The model's ``PretrainedConfig``, read from local files only."""
+    from transformers import AutoConfig
+
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: no config.json in the model directory")
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # bad JSON, unknown model_type, ...
+        raise ValueError(f"{config_path}: cannot read the model config: {e}") from e
+
+
+def model_architecture(hf_config: Any) -> str:
+    """The config's architecture name (from ``architectures``, else ``model_type``)."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if architectures:
+        return architectures[0]
+    model_type = getattr(hf_config, "model_type", None)
+    return _ARCHITECTURE_OF_MODEL_TYPE.get(model_type, f"<model_type {model_type!r}>")
+
+
+def check_architecture(hf_config: Any, model_dir: str) -> None:
+    arch = model_architecture(hf_config)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: unsupported architecture "
+                         f"{arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def resolve_dtype(dtype_name: str, hf_config: Any, device: torch.device | str) -> torch.dtype:
+    """The dtype to run in. ``auto`` takes the config's dtype (float32 when it
+    names none), except that float16 becomes float32 on CPU. An explicit name
+    is taken as given."""
+    if dtype_name != "auto":
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype_name!r}; expected auto, float32, float16 or bfloat16")
+        return _DTYPES[dtype_name]
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype.removeprefix("torch."))
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    if torch.device(device).type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    return dtype
+
+
+# ----------------------------------------------------------------- weights --
+
+def _weight_files(model_dir: str) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files to read, and (when sharded) the tensor -> file map."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: not a valid safetensors index ({e})") from e
+        weight_map = {name: os.path.join(model_dir, file) for name, file in weight_map.items()}
+        files = sorted(set(weight_map.values()))
+        for path in files:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: weight shard listed in {index_path} is missing")
+        return files, weight_map
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single], None
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if files:
+        return files, None
+    hint = (" (found pytorch_model.bin: convert it to safetensors)"
+            if os.path.exists(os.path.join(model_dir, "pytorch_model.bin")) else "")
+    raise FileNotFoundError(f"{model_dir}: no safetensors weights found; expected {SINGLE_FILE} "
+                            f"or {INDEX_FILE}{hint}")
+
+
+def _checkpoint_targets(model: LlamaForCausalLM) -> dict[str, tuple[torch.Tensor, slice | None]]:
+    """Checkpoint tensor name -> (our parameter, rows of it the tensor fills)."""
+    modules = dict(model.named_modules())
+    targets: dict[str, tuple[torch.Tensor, slice | None]] = {}
+    for name, param in model.named_parameters():
+        module_name, leaf = name.rsplit(".", 1)
+        module = modules[module_name]
+        if isinstance(module, PackedLinear):
+            parent, fused = module_name.rsplit(".", 1)
+            for i, part in enumerate(model.packed_modules[fused]):
+                targets[f"{parent}.{part}.{leaf}"] = (param, module.shard_slice(i))
+        else:
+            targets[name] = (param, None)
+    return targets
+
+
+def _open(path: str):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
+
+
+@torch.no_grad()
+def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
+    """Fill every parameter of ``model`` from the checkpoint in ``model_dir``."""
+    files, weight_map = _weight_files(model_dir)
+    targets = _checkpoint_targets(model)
+    pending = set(targets)
+    unexpected: list[str] = []
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                if name not in targets:
+                    tied_head = name == "lm_head.weight" and model.lm_head is None
+                    if not tied_head and not name.endswith(_IGNORED_SUFFIXES):
+                        unexpected.append(name)
+                    continue
+                param, rows = targets[name]
+                dest = param if rows is None else param[rows]
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{path}: corrupt or unreadable tensor {name!r} ({e})") from e
+                if tuple(tensor.shape) != tuple(dest.shape):
+                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(dest.shape)}")
+                dest.copy_(tensor)
+                pending.discard(name)
+    if unexpected:
+        logger.warning("%s: ignoring %d unexpected tensors, e.g. %s",
+                       model_dir, len(unexpected), unexpected[:3])
+    if pending:
+        missing = sorted(pending)
+        first = missing[0]
+        if weight_map is None:
+            where = ", ".join(files)
+        elif first in weight_map:
+            where = weight_map[first]
+        else:
+            where = os.path.join(model_dir, INDEX_FILE)
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(f"{where}: missing tensor {first!r}{more}")
+
+
+@torch.no_grad()
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
+    """Small random weights (deterministic for a seed); norms start at one, biases at zero."""
+    std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, std, generator=generator)
+
+
+# ------------------------------------------------------------------- model --
+
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
+               load_format: str = "auto", *, attention_backend: AttentionBackend | None = None,
+               seed: int = 0) -> LlamaForCausalLM:
+    """Build the model of ``model_dir`` on ``device`` in ``dtype``, in eval mode.
+
+    ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy``
+    reads only ``config.json`` and fills random weights (seeded by ``seed``).
+    """
+    if load_format not in ("auto", "safetensors", "dummy"):
+        raise ValueError(f"unknown load_format {load_format!r}; expected auto, safetensors or dummy")
+    device = torch.device(device)
+    hf_config = load_hf_config(model_dir)
+    check_architecture(hf_config, model_dir)
+    try:
+        with torch.device("meta"):  # no memory, no random init: every value is written below
+            model = LlamaForCausalLM(hf_config)
+    except ValueError as e:
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: {e}") from e
+    model = model.to(dtype).to_empty(device=device)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, model_dir)
+    model.set_attention_backend(attention_backend or get_attention_backend(device))
+    return model.eval().requires_grad_(False)
