@@ -1,0 +1,214 @@
+"""The engine end to end in-process: preemption, block accounting, stop
+conditions, seeds, logprobs, per-request speculation and input validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.llm_engine import LLMEngine
+from engine.outputs import FinishReason
+from tests.pair_factory import make_pair
+
+PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def llm(pair):
+    target, draft = pair
+    return LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+               kv_cache_memory=1 << 24, block_size=4)
+
+
+def greedy(n=24, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def seeded(seed, n=24, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.9, top_k=50, seed=seed, ignore_eos=True, **kw)
+
+
+def assert_no_blocks_used(engine: LLMEngine):
+    assert engine.scheduler.allocator.num_free_blocks == engine.scheduler.allocator.num_blocks
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_preemption_gives_the_same_tokens(pair, llm, k):
+    target, draft = pair
+    params = [greedy(40), seeded(7, 40)] * 2 if k == 0 else [greedy(40)] * 4
+    expected = [o.token_ids for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
+    # 14 blocks of 4 slots cannot hold 4 sequences of ~45 tokens: preemption must happen.
+    small = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+                num_kv_blocks=14, block_size=4)
+    outs = small.generate(PROMPTS, params, num_speculative_tokens=k)
+    assert [o.token_ids for o in outs] == expected
+    assert_no_blocks_used(small.engine)
+
+
+def test_preemption_actually_happens(pair):
+    target, draft = pair
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+              num_kv_blocks=14, block_size=4)
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, greedy(40))
+    preempted = set()
+    while engine.has_unfinished_requests():
+        engine.step()
+        preempted |= {r.request_id for r in engine.requests.values() if r.seq.num_preemptions}
+    assert preempted
+    assert_no_blocks_used(engine)
+
+
+def test_abort_frees_blocks_mid_generation(llm):
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"abort-{i}", p, greedy(100))
+    for _ in range(3):
+        engine.step()
+    assert engine.scheduler.allocator.num_used_blocks > 0
+    for i in range(len(PROMPTS)):
+        engine.abort_request(f"abort-{i}")
+    engine.abort_request("abort-0")  # idempotent
+    assert_no_blocks_used(engine)
+    assert engine.step() == []
+
+
+def test_same_seed_same_tokens_alone_or_batched(llm):
+    alone = llm.generate([PROMPTS[0]], seeded(123))[0].token_ids
+    batched = llm.generate(PROMPTS, [seeded(123), seeded(1), greedy(), seeded(5)])[0].token_ids
+    again = llm.generate([PROMPTS[0]], seeded(123))[0].token_ids
+    other = llm.generate([PROMPTS[0]], seeded(124))[0].token_ids
+    assert alone == batched == again
+    assert other != alone
+
+
+def test_per_request_speculation_override(llm):
+    off = llm.generate(PROMPTS, greedy(), num_speculative_tokens=0)
+    on = llm.generate(PROMPTS, greedy(), num_speculative_tokens=2)
+    assert [o.token_ids for o in off] == [o.token_ids for o in on]
+    assert all(o.metrics.draft_tokens_proposed == 0 for o in off)
+    assert all(o.metrics.draft_tokens_proposed > 0 for o in on)
+    with pytest.raises(ValueError, match="exceeds"):
+        llm.generate(PROMPTS, greedy(), num_speculative_tokens=9)
+
+
+def test_max_tokens_and_finish_reason(llm):
+    outs = llm.generate(PROMPTS, greedy(5))
+    assert all(len(o.token_ids) == 5 and o.finish_reason is FinishReason.LENGTH for o in outs)
+    assert all(o.metrics.completion_tokens == 5 for o in outs)
+
+
+def test_stop_token_ids_cut_after_the_stop_token(llm):
+    full = llm.generate([PROMPTS[1]], greedy(30))[0].token_ids
+    stop = full[6]
+    first = full.index(stop)
+    out = llm.generate([PROMPTS[1]], greedy(30, stop_token_ids=[stop]))[0]
+    assert out.token_ids == full[:first + 1]
+    assert out.finish_reason is FinishReason.STOP
+
+
+def test_stop_string_cuts_text_before_it(llm):
+    tok = llm.engine.tokenizer
+    full = llm.generate([PROMPTS[0]], greedy(30))[0]
+    assert len(full.text) > 8
+    stop = full.text[5:8]
+    out = llm.generate([PROMPTS[0]], greedy(30, stop=[stop]))[0]
+    assert out.finish_reason is FinishReason.STOP
+    assert out.text == full.text[:full.text.index(stop)]
+    assert stop not in out.text
+    assert tok.decode(out.token_ids).startswith(out.text)
+
+
+def test_eos_stops_unless_ignored(pair):
+    target, _ = pair
+    llm = LLM(model=target, dtype="float32", kv_cache_memory=1 << 24)
+    eos = llm.engine.eos_token_id
+    full = llm.generate([PROMPTS[2]], greedy(40))[0].token_ids
+    llm.engine.eos_token_id = full[3]  # pretend a token the model emits is EOS
+    out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=40, temperature=0))[0]
+    assert out.token_ids == full[:full.index(full[3]) + 1] and out.finish_reason is FinishReason.STOP
+    ignored = llm.generate([PROMPTS[2]], greedy(40))[0]
+    assert ignored.token_ids == full
+    llm.engine.eos_token_id = eos
+
+
+def test_text_is_the_decode_of_the_tokens(llm):
+    tok = llm.engine.tokenizer
+    for o in llm.generate(PROMPTS, [seeded(s, 40) for s in range(4)]):
+        assert o.text == tok.decode(o.token_ids)
+
+
+def test_logprobs_are_the_targets(llm):
+    import math
+    out = llm.generate([PROMPTS[0]], greedy(10, logprobs=3))[0]
+    assert len(out.logprobs) == 10
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == tok and len(lp.top_token_ids) == 3
+        # Greedy picks the most likely token of the raw target distribution.
+        assert lp.top_token_ids[0] == tok and math.isclose(lp.top_logprobs[0], lp.logprob)
+        assert lp.top_logprobs == sorted(lp.top_logprobs, reverse=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_k=-1), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(logprobs=100), "logprobs"),
+    (dict(seed=-3), "seed"),
+    (dict(stop=[""]), "stop"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_bad_sampling_params_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("prompt,match", [
+    ("", "empty"),
+    ([], "empty"),
+    ([1, 2, 10**9], "token ids"),
+    ([1] * 599, "prompt has 599 tokens"),
+])
+def test_bad_prompts_raise_before_any_work(llm, prompt, match):
+    engine = llm.engine
+    with pytest.raises(ValueError, match=match):
+        llm.generate([PROMPTS[0], prompt], greedy())
+    assert_no_blocks_used(engine)
+
+
+def test_duplicate_request_id_raises(llm):
+    engine = llm.engine
+    engine.add_request("dup", "x", greedy())
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", "y", greedy())
+    engine.abort_request("dup")
+    assert_no_blocks_used(engine)
+
+
+def test_penalties_change_the_output_and_stay_lossless(llm):
+    """Penalties apply to draft and target alike, so greedy speculative output
+    still equals greedy target-only output under the same penalties."""
+    params = greedy(30, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.3)
+    spec = llm.generate(PROMPTS, params)
+    plain = llm.generate(PROMPTS, params, num_speculative_tokens=0)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert [o.token_ids for o in spec] != [o.token_ids for o in llm.generate(PROMPTS, greedy(30))]
+
+
+def test_acceptance_metrics_add_up(llm):
+    outs = llm.generate(PROMPTS, greedy(30))
+    for o in outs:
+        m = o.metrics
+        assert 0 <= m.draft_tokens_accepted <= m.draft_tokens_proposed
+        assert m.completion_tokens == len(o.token_ids) == 30
+        assert m.num_steps >= 30 / 4
