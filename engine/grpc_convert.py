@@ -21,9 +21,9 @@ except ModuleNotFoundError:  # a source checkout that is not pip-installed
     from specserve.v1 import generation_pb2 as pb
     from specserve.v1 import generation_pb2_grpc as pb_grpc
 
-__all__ = ["pb", "pb_grpc", "ParsedRequest", "parse_generate_request", "sampling_params_from_proto",
-           "sampling_params_to_proto", "output_to_response", "merge_outputs", "usage_from_metrics",
-           "FINISH_REASON_TO_PROTO", "SERVICE_NAME"]
+__all__ = ["pb", "pb_grpc", "ParsedRequest", "parse_generate_request",
+           "sampling_params_from_proto", "sampling_params_to_proto", "output_to_response",
+           "usage_from_metrics", "model_info_to_proto", "FINISH_REASON_TO_PROTO", "SERVICE_NAME"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
@@ -126,26 +126,6 @@ def output_to_response(out: RequestOutput) -> "pb.GenerateResponse":
                                                         pb.FINISH_REASON_UNSPECIFIED)
         resp.usage.CopyFrom(usage_from_metrics(out.metrics))
     return resp
-
-
-def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
-    """Several consecutive deltas of one request as one (for a client that reads
-    slower than the engine produces)."""
-    if len(outs) == 1:
-        return outs[0]
-    last = outs[-1]
-    logprobs = None
-    if any(o.new_logprobs is not None for o in outs):
-        logprobs = [lp for o in outs for lp in (o.new_logprobs or [])]
-    return RequestOutput(
-        request_id=last.request_id,
-        new_token_ids=[t for o in outs for t in o.new_token_ids],
-        new_text="".join(o.new_text for o in outs),
-        finished=last.finished,
-        finish_reason=last.finish_reason,
-        new_logprobs=logprobs,
-        metrics=last.metrics,
-    )
 
 
 def model_info_to_proto(info: dict, data_parallel_size: int = 1) -> "pb.ModelInfo":

@@ -1,0 +1,351 @@
+"""The `specserve` command.
+
+    specserve serve [--model DIR --draft-model DIR --num-speculative-tokens K ...]
+    specserve generate "prompt" [--max-tokens N --temperature T ...]
+    specserve info
+
+Every engine option is a `serve` flag generated from the configuration
+dataclasses (`engine.config`): the flag is the field name with dashes, so the
+command line, the Python API and the proto share one set of names. Likewise
+every sampling parameter is a `generate` flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+import types
+from dataclasses import MISSING, Field, fields
+from pathlib import Path
+from typing import Any
+
+from engine import config as config_module
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "default_models"
+DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grpc here
+DEFAULT_PORT = 50051
+DEFAULT_GRACE_PERIOD = 30.0
+
+# Help for each engine option, unless its dataclass field carries
+# ``metadata={"help": ...}`` (which wins). tests/test_cli.py checks that every
+# field of EngineConfig has one.
+ENGINE_OPTION_HELP = {
+    # ModelConfig
+    "model": "Hugging Face model directory of the target model (config.json + safetensors). "
+             "Default: the embedded default pair under engine/default_models/.",
+    "tokenizer": "Tokenizer directory; default: the target model's directory.",
+    "dtype": "Weight and activation dtype; auto picks bfloat16 on CUDA and float32 on CPU.",
+    "load_format": "How to load weights: safetensors, dummy (random weights of the real shape, "
+                   "for benchmarks), or auto.",
+    "max_model_len": "Context length: most tokens (prompt + output) per request; default: the "
+                     "model's max_position_embeddings, capped by the KV cache size.",
+    "seed": "Seed of the engine's random state (weights with load_format=dummy, unseeded "
+            "requests).",
+    # SpeculativeConfig
+    "draft_model": "Hugging Face model directory of the draft model; speculative decoding is "
+                   "off without one.",
+    "num_speculative_tokens": "Tokens the draft proposes per step (k), 0 to 16; 0 turns "
+                              "speculation off. Requests may lower it.",
+    # CacheConfig
+    "block_size": "Tokens per KV cache block (a power of two up to 128).",
+    "gpu_memory_utilization": "Fraction of GPU memory the engine may use (models + KV cache), "
+                              "in (0, 1].",
+    "kv_cache_memory": "Bytes of KV cache on CPU (suffixes K, M, G accepted, e.g. 1G).",
+    "num_kv_blocks": "Fixed number of KV cache blocks; overrides both memory budgets.",
+    # SchedulerConfig
+    "max_num_seqs": "Most sequences computed in one step.",
+    "max_num_batched_tokens": "Most tokens (prompt chunks + decode + speculative slots) "
+                              "computed in one step.",
+    "max_queue": "Most requests waiting per replica beyond the running ones; more are refused "
+                 "with RESOURCE_EXHAUSTED.",
+    # ParallelConfig
+    "executor": "Where the models run: local (in this process) or ray (Ray actors).",
+    "device": "Device of the local executor: auto, cpu or cuda.",
+    "data_parallel_size": "Engine replicas behind this server; each new request goes to the "
+                          "replica with the fewest unfinished requests.",
+    "ray_address": "Address of an existing Ray cluster to join (executor=ray); default: start "
+                   "a local one.",
+}
+
+ENGINE_OPTION_CHOICES = {
+    "dtype": config_module.DTYPES,
+    "load_format": config_module.LOAD_FORMATS,
+    "executor": config_module.EXECUTORS,
+    "device": config_module.DEVICES,
+}
+
+SAMPLING_HELP = {
+    "max_tokens": "Most tokens to generate.",
+    "temperature": "Sampling temperature; 0 means greedy.",
+    "top_k": "Keep the k most likely tokens (0: off).",
+    "top_p": "Nucleus sampling threshold in (0, 1] (1: off).",
+    "min_p": "Drop tokens less likely than min_p times the most likely one (0: off).",
+    "seed": "Seed that makes sampling reproducible.",
+    "stop": "Stop at this string (repeat the flag for several).",
+    "stop_token_ids": "Stop after this token id (repeat the flag for several).",
+    "ignore_eos": "Keep generating past the end-of-sequence token.",
+    "repetition_penalty": "Values above 1 discourage repeating tokens.",
+    "presence_penalty": "Penalty in [-2, 2] on tokens already generated.",
+    "frequency_penalty": "Penalty in [-2, 2] per occurrence of a generated token.",
+    "logprobs": "Return log-probabilities with this many top alternatives per token.",
+}
+
+
+# -- flags from dataclass fields --------------------------------------------------------
+def engine_fields() -> list[Field]:
+    sections = [f.default_factory for f in fields(EngineConfig)]  # the section classes
+    return [f for section in sections for f in fields(section)]
+
+
+def _base_type(annotation: Any) -> str:
+    """'int | None' -> 'int'; works on the string annotations of
+    ``from __future__ import annotations`` and on real types."""
+    if isinstance(annotation, str):
+        parts = [p.strip() for p in annotation.split("|") if p.strip() != "None"]
+        return parts[0] if len(parts) == 1 else annotation
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else str(annotation)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_of(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def parse_size(text: str) -> int:
+    """'4096', '512K', '1G', '1.5GiB' -> bytes."""
+    s = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+    if scale != 1:
+        s = s[:-1]
+    try:
+        return int(float(s) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, dc_fields: list[Field],
+                        helps: dict[str, str], choices: dict[str, tuple] | None = None) -> None:
+    """One flag per field; flags not given are absent from the parsed namespace,
+    so the dataclass's own default applies."""
+    choices = choices or {}
+    for f in dc_fields:
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help") or helps.get(f.name)
+        if help_text is None:
+            raise ValueError(f"option {f.name!r} has no help text: add it to cli.py")
+        default = _default_of(f)
+        if default not in (None, [], ""):
+            help_text = f"{help_text} (default: {default})"
+        kind = _base_type(f.type)
+        kwargs: dict[str, Any] = dict(dest=f.name, help=help_text, default=argparse.SUPPRESS)
+        if f.name in choices or "choices" in f.metadata:
+            kwargs["choices"] = f.metadata.get("choices") or choices[f.name]
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list["):
+            kwargs["action"] = "append"  # one value per flag, repeated for several
+            kwargs["type"] = {"list[int]": int, "list[float]": float}.get(kind, str)
+            kwargs["metavar"] = kind[5:-1].upper()
+        elif f.name == "kv_cache_memory":
+            kwargs["type"] = parse_size
+            kwargs["metavar"] = "BYTES"
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+            if kind not in ("int", "float", "str"):
+                raise ValueError(f"option {f.name!r} has a type the CLI cannot parse: {f.type}")
+        parser.add_argument(flag, **kwargs)
+
+
+def _given(args: argparse.Namespace, dc_fields: list[Field]) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dc_fields if hasattr(args, f.name)}
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specserve",
+        description="A batched LLM serving engine with lossless speculative decoding.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser(
+        "serve", help="run the gRPC server",
+        description="Serve a target model (and a draft model for speculative decoding) over "
+                    "gRPC. With no --model, the embedded default pair is served.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_address_flags(serve)
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="port of the Prometheus /metrics endpoint; 0 turns it off")
+    serve.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD,
+                       help="seconds streams in flight get to finish after SIGINT/SIGTERM "
+                            "before they are aborted")
+    serve.add_argument("--log-level", default="info",
+                       choices=("debug", "info", "warning", "error"), help="logging level")
+    engine_group = serve.add_argument_group("engine options")
+    add_dataclass_flags(engine_group, engine_fields(), ENGINE_OPTION_HELP, ENGINE_OPTION_CHOICES)
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser(
+        "generate", help="stream a completion from a running server",
+        description="Send one prompt to a specserve server, stream the text to stdout and "
+                    "print usage and the draft acceptance rate to stderr.")
+    gen.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
+    _add_address_flags(gen)
+    gen.add_argument("--num-speculative-tokens", type=int, default=None,
+                     help="lower k for this request; 0 turns speculation off")
+    gen.add_argument("--priority", type=int, default=0,
+                     help="scheduling priority (lower is admitted first)")
+    gen.add_argument("--request-id", default="", help="request id (default: server-made)")
+    gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    sampling = gen.add_argument_group("sampling parameters")
+    add_dataclass_flags(sampling, list(fields(SamplingParams)), SAMPLING_HELP)
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="show the models a running server serves")
+    _add_address_flags(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def _add_address_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help="server host")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port")
+
+
+# -- serve ------------------------------------------------------------------------------
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig the flags describe, with the embedded default pair when
+    no --model is given. Raises SystemExit with a message when there is none."""
+    kwargs = _given(args, engine_fields())
+    if kwargs.get("model") is None:
+        target, draft = DEFAULT_MODELS_DIR / "target", DEFAULT_MODELS_DIR / "draft"
+        if not (target / "config.json").is_file():
+            raise SystemExit(
+                "specserve serve: no model to serve. Pass --model DIR (a Hugging Face model "
+                "directory), and for speculative decoding --draft-model DIR "
+                "--num-speculative-tokens K. (No embedded default pair was found at "
+                f"{DEFAULT_MODELS_DIR}.)")
+        kwargs["model"] = str(target)
+        if kwargs.get("draft_model") is None and (draft / "config.json").is_file():
+            kwargs["draft_model"] = str(draft)
+    try:
+        return EngineConfig.from_kwargs(**kwargs)
+    except ValueError as exc:
+        raise SystemExit(f"specserve serve: {exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = engine_config_from_args(args)
+    from engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
+
+    server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                        grace_period=args.grace_period)
+    try:
+        asyncio.run(serve_until_signal(server))
+    except (ValueError, OSError) as exc:
+        print(f"specserve serve: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        logging.getLogger("specserve").exception("the server failed")
+        print(f"specserve serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- client commands --------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
+    from engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto  # noqa: PLC0415
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    request = pb.GenerateRequest(
+        request_id=args.request_id, text=prompt, priority=args.priority,
+        sampling_params=sampling_params_to_proto(**_given(args, list(fields(SamplingParams)))))
+    if args.num_speculative_tokens is not None:
+        request.num_speculative_tokens = args.num_speculative_tokens
+    start = time.perf_counter()
+    first = None
+    last = None
+    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+        call = pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout)
+        try:
+            for resp in call:
+                if first is None and resp.token_ids:
+                    first = time.perf_counter()
+                sys.stdout.write(resp.text)
+                sys.stdout.flush()
+                last = resp
+        except KeyboardInterrupt:
+            call.cancel()
+            print("\n[cancelled]", file=sys.stderr)
+            return 130
+        except grpc.RpcError as err:
+            print(f"\nspecserve generate: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    if last is not None:
+        print(format_usage(last, elapsed, None if first is None else first - start),
+              file=sys.stderr)
+    return 0
+
+
+def format_usage(last: Any, elapsed: float, ttft: float | None) -> str:
+    from engine.grpc_convert import pb  # noqa: PLC0415
+
+    u = last.usage
+    reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    parts = [f"finish_reason={reason}", f"prompt_tokens={u.prompt_tokens}",
+             f"completion_tokens={u.completion_tokens}"]
+    if u.draft_tokens_proposed:
+        rate = u.draft_tokens_accepted / u.draft_tokens_proposed
+        parts.append(f"draft accepted {u.draft_tokens_accepted}/{u.draft_tokens_proposed} "
+                     f"({rate:.1%})")
+    else:
+        parts.append("no speculation")
+    timing = f"{elapsed:.2f}s"
+    if elapsed > 0 and u.completion_tokens:
+        timing += f", {u.completion_tokens / elapsed:.1f} tokens/s"
+    if ttft is not None:
+        timing += f", first token after {ttft * 1000:.0f} ms"
+    parts.append(timing)
+    return "-- " + "  ".join(parts)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
+    from engine.grpc_convert import pb, pb_grpc  # noqa: PLC0415
+
+    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+        try:
+            info = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
+                                                               timeout=10)
+        except grpc.RpcError as err:
+            print(f"specserve info: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+    for f in info.DESCRIPTOR.fields:
+        print(f"{f.name}: {getattr(info, f.name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

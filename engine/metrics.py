@@ -1,0 +1,85 @@
+"""Prometheus metrics of the server, in a registry of its own.
+
+Gauges and counters of the engine are read from its latest statistics when
+scraped; the latency histograms are observed as requests and steps happen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0,
+                      2.5)
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0)
+
+
+class _EngineStatsCollector(Collector):
+    def __init__(self, get_stats: Callable[[], Any]) -> None:
+        self._get_stats = get_stats
+
+    def collect(self):
+        s = self._get_stats()
+        for name, doc, value in (
+            ("specserve_num_requests_running", "Requests being computed (all replicas).",
+             s.num_running),
+            ("specserve_num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("specserve_kv_blocks_used", "KV cache blocks in use.", s.kv_blocks_used),
+            ("specserve_kv_blocks_total", "KV cache blocks in all.", s.kv_blocks_total),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield CounterMetricFamily("specserve_draft_tokens_proposed_total",
+                                  "Tokens the draft model proposed.",
+                                  value=s.draft_tokens_proposed_total)
+        yield CounterMetricFamily("specserve_draft_tokens_accepted_total",
+                                  "Proposed tokens the target model accepted.",
+                                  value=s.draft_tokens_accepted_total)
+
+
+class ServerMetrics:
+    """``get_stats`` returns an object with the fields of
+    `engine.async_engine.EngineStatsSnapshot`; it is called on every scrape."""
+
+    def __init__(self, get_stats: Callable[[], Any]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_EngineStatsCollector(get_stats))
+        self.time_to_first_token = Histogram(
+            "specserve_time_to_first_token_seconds",
+            "From a request's arrival at the server to its first output token.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.time_per_output_token = Histogram(
+            "specserve_time_per_output_token_seconds",
+            "Mean time between a request's output tokens after the first.",
+            buckets=_PER_TOKEN_BUCKETS, registry=self.registry)
+        self.step_time = Histogram(
+            "specserve_step_time_seconds", "Duration of one engine step.",
+            buckets=_STEP_BUCKETS, registry=self.registry)
+        self.requests_finished = Counter(
+            "specserve_requests_finished", "Requests that ended, by finish reason.",
+            ["finish_reason"], registry=self.registry)
+        self._http = None
+
+    def observe_request(self, arrival: float, first_token: float | None, finished: float,
+                        num_tokens: int, finish_reason: str) -> None:
+        if first_token is not None:
+            self.time_to_first_token.observe(first_token - arrival)
+            if num_tokens > 1:
+                self.time_per_output_token.observe((finished - first_token) / (num_tokens - 1))
+        self.requests_finished.labels(finish_reason=finish_reason).inc()
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Expose /metrics over HTTP; returns the port (useful when ``port`` is 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_address[1]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

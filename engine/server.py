@@ -1,0 +1,339 @@
+"""The gRPC server: the `specserve.v1.Generation` service over `grpc.aio`.
+
+Requests are checked and converted here (`engine.grpc_convert`), run by the
+engine replicas behind `engine.async_engine.AsyncEngine`, and streamed back as
+deltas. The standard health service reports SERVING once the models are
+loaded; server reflection is on.
+
+Status codes: INVALID_ARGUMENT for a bad prompt or parameter (with the
+engine's reason), RESOURCE_EXHAUSTED when the waiting queue is full,
+UNAVAILABLE while loading or shutting down, INTERNAL when the replica serving
+a request fails. A client that cancels or passes its deadline gets its request
+aborted, and its KV blocks are freed at the next engine step.
+
+Shutdown (`SpecServer.shutdown`, run on SIGINT/SIGTERM by `serve`): health
+goes NOT_SERVING and new requests are refused, streams in flight get
+``grace_period`` seconds to finish, the rest end with FINISH_REASON_ABORTED,
+then the engines shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.async_engine import (AsyncEngine, EngineFailureError, EngineStatsSnapshot,
+                                 EngineUnavailableError, InvalidRequestError, QueueFullError)
+from engine.config import EngineConfig
+from engine.grpc_convert import (SERVICE_NAME, model_info_to_proto, output_to_response,
+                                 parse_generate_request, pb, pb_grpc)
+from engine.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEFAULT_GRACE_PERIOD = 30.0
+
+
+def replica_config(config: EngineConfig) -> EngineConfig:
+    """The configuration of one data-parallel replica: the server's, as one replica."""
+    cfg = copy.deepcopy(config)
+    cfg.parallel_config.data_parallel_size = 1
+    return cfg
+
+
+def _default_engine_factory(config: EngineConfig) -> Callable[[int], Any]:
+    def make(index: int) -> Any:
+        from engine.llm_engine import LLMEngine  # noqa: PLC0415 (heavy: torch, models)
+
+        return LLMEngine(replica_config(config))
+
+    return make
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, server: "SpecServer") -> None:
+        self._server = server
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        srv = self._server
+        arrival = time.monotonic()
+        if not srv.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, srv.unavailable_reason())
+        request_id = request.request_id or f"req-{uuid.uuid4().hex}"
+        try:
+            parsed = parse_generate_request(request, request_id)
+            stream = srv.engine.add_request(parsed.request_id, parsed.prompt, parsed.params,
+                                            parsed.num_speculative_tokens, parsed.priority)
+        except (ValueError, InvalidRequestError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineUnavailableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+        srv._call_started()
+        first_token = None
+        try:
+            async for out in stream:
+                if first_token is None and out.new_token_ids:
+                    first_token = time.monotonic()
+                yield output_to_response(out)
+                if out.finished and srv.metrics is not None:
+                    srv.metrics.observe_request(arrival, first_token, time.monotonic(),
+                                                stream.num_tokens, out.finish_reason.value)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineFailureError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        finally:
+            if not stream.finished:  # cancelled, deadline passed, or the write failed
+                srv.engine.abort(request_id)
+            srv._call_ended()
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        srv = self._server
+        try:
+            info = srv.engine.model_info()
+        except EngineUnavailableError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, srv.unavailable_reason())
+        return model_info_to_proto(info, len(srv.engine.replicas))
+
+    async def Tokenize(self, request: pb.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        srv = self._server
+        try:
+            ids = await srv.engine.tokenize(request.text)
+        except EngineUnavailableError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, srv.unavailable_reason())
+        return pb.TokenizeResponse(token_ids=ids)
+
+
+class SpecServer:
+    """The server and its engines; `start` and `shutdown` run on one event loop.
+
+    ``engine_factory(replica_index)`` builds one replica's engine (tests pass
+    their own); by default an `LLMEngine` of ``config``.
+    """
+
+    def __init__(self, config: EngineConfig, *, host: str = DEFAULT_HOST,
+                 port: int = DEFAULT_PORT, metrics_port: int | None = None,
+                 grace_period: float = DEFAULT_GRACE_PERIOD,
+                 engine_factory: Callable[[int], Any] | None = None) -> None:
+        self.config = config
+        self.host = host
+        self.port = port
+        self.metrics_port = metrics_port or 0
+        self.grace_period = grace_period
+        sc = config.scheduler_config
+        self.engine = AsyncEngine(engine_factory or _default_engine_factory(config),
+                                  config.parallel_config.data_parallel_size,
+                                  max_num_seqs=sc.max_num_seqs, max_queue=sc.max_queue,
+                                  on_step=self._on_step)
+        self.metrics = ServerMetrics(self.engine.get_stats) if self.metrics_port else None
+        self.health = health.aio.HealthServicer()
+        self.accepting = False
+        self._state = "starting"
+        self._grpc: grpc.aio.Server | None = None
+        self._active_calls = 0
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- life cycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen (health NOT_SERVING), load the models, then report SERVING."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            bound = server.add_insecure_port(self.address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise OSError(f"cannot listen on {self.address} (is the port in use?)")
+        self.port = bound
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._grpc = server
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+        logger.info("listening on %s; loading %d engine replica(s)", self.address,
+                    len(self.engine.replicas) or self.config.parallel_config.data_parallel_size)
+        try:
+            await self.engine.start()
+        except BaseException:
+            self._state = "failed"
+            await self._close()
+            raise
+        self._state = "serving"
+        self.accepting = True
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("serving on %s", self.address)
+
+    async def shutdown(self, grace_period: float | None = None,
+                       abort_now: asyncio.Event | None = None) -> None:
+        """Refuse new requests, give streams in flight ``grace_period`` seconds
+        (or until ``abort_now`` is set), abort the rest, stop the engines."""
+        if self._state == "stopped":
+            return
+        grace = self.grace_period if grace_period is None else grace_period
+        self.accepting = False
+        self._state = "stopping"
+        await self.health.enter_graceful_shutdown()
+        if self._active_calls:
+            logger.info("waiting up to %.1fs for %d stream(s) to finish", grace,
+                        self._active_calls)
+            waits = [asyncio.ensure_future(self._idle.wait())]
+            if abort_now is not None:
+                waits.append(asyncio.ensure_future(abort_now.wait()))
+            _done, pending = await asyncio.wait(waits, timeout=grace,
+                                                return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+        aborted = self.engine.abort_all()
+        if aborted:
+            logger.info("aborted %d request(s) still in flight", aborted)
+            try:  # let the handlers write their last (ABORTED) message
+                await asyncio.wait_for(self._idle.wait(), timeout=5.0)
+            except asyncio.TimeoutError:
+                pass
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(1.0)
+        await self.engine.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        self._state = "stopped"
+
+    # -- information ---------------------------------------------------------------
+    def get_stats(self) -> EngineStatsSnapshot:
+        """The engines' latest statistics, summed over replicas (any thread)."""
+        return self.engine.get_stats()
+
+    def unavailable_reason(self) -> str:
+        return {"starting": "the server is loading its models",
+                "failed": "the server failed to start"}.get(self._state,
+                                                            "the server is shutting down")
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _call_started(self) -> None:
+        self._active_calls += 1
+        self._idle.clear()
+
+    def _call_ended(self) -> None:
+        self._active_calls -= 1
+        if self._active_calls == 0:
+            self._idle.set()
+
+    def _on_step(self, seconds: float) -> None:  # from an engine thread
+        if self.metrics is not None:
+            self.metrics.step_time.observe(seconds)
+
+
+async def serve_until_signal(server: SpecServer) -> None:
+    """Start ``server`` and run until SIGINT/SIGTERM, then shut down gracefully.
+    A second signal cuts the grace period short."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    abort_now = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            logger.warning("second %s: aborting streams in flight now",
+                           signal.Signals(signum).name)
+            abort_now.set()
+        else:
+            logger.warning("%s: shutting down (grace period %.1fs)",
+                           signal.Signals(signum).name, server.grace_period)
+            stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        start = asyncio.ensure_future(server.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()  # raises when loading failed
+            await stopped
+        else:
+            start.cancel()
+            try:
+                await start
+            except (asyncio.CancelledError, Exception):
+                pass
+        await server.shutdown(abort_now=abort_now)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+class BackgroundServer:
+    """A `SpecServer` on an event loop of its own in a background thread: for
+    tests, benchmarks and notebooks. ``with BackgroundServer(config, port=0) as s:``
+    then connect to ``s.address``."""
+
+    def __init__(self, config: EngineConfig, **server_kwargs: Any) -> None:
+        self.server = SpecServer(config, **server_kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="specserve-server",
+                                        daemon=True)
+
+    def start(self, timeout: float | None = 300.0) -> "BackgroundServer":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout)
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def get_stats(self) -> EngineStatsSnapshot:
+        return self.server.get_stats()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the server's event loop and return its result."""
+        async def run():
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def stop(self, grace_period: float | None = 0.0, timeout: float | None = 60.0) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.shutdown(grace_period),
+                                             self._loop).result(timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            self._loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

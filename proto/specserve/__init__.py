@@ -1,0 +1,1 @@
+"""Generated Python stubs of the specserve wire contract (see proto/)."""
