@@ -47,6 +47,9 @@ ENGINE_OPTION_HELP = {
     "seed": "Seed of the engine's random state (weights with load_format=dummy, unseeded "
             "requests).",
     # SpeculativeConfig
+    "adaptive_speculation": "Choose k per step (up to --num-speculative-tokens, 0 included) "
+                            "from the measured acceptance rate and the measured cost of steps "
+                            "at the current batch size.",
     "draft_model": "Hugging Face model directory of the draft model; speculative decoding is "
                    "off without one.",
     "num_speculative_tokens": "Tokens the draft proposes per step (k), 0 to 16; 0 turns "

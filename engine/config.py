@@ -46,6 +46,7 @@ class SpeculativeConfig:
 
     draft_model: str | None = None
     num_speculative_tokens: int = 4
+    adaptive_speculation: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.num_speculative_tokens <= 16,

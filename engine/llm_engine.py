@@ -16,6 +16,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from scheduler.adaptive_k import AdaptiveSpeculation
 from scheduler.block_manager import BlockAllocator
 from scheduler.output import ModelRunnerOutput, SchedulerOutput
 from scheduler.scheduler import Scheduler, SchedulerLimits
@@ -36,6 +37,7 @@ class EngineStats:
     draft_tokens_proposed_total: int
     draft_tokens_accepted_total: int
     last_step_time: float
+    num_speculative_tokens: int  # k of the last step (adaptive speculation moves it)
 
 
 def resolve_default_models(config: EngineConfig) -> None:
@@ -87,6 +89,9 @@ class LLMEngine:
             BlockAllocator(num_blocks, block_size),
         )
         self.requests: dict[str, Request] = {}
+        self.adaptive = (AdaptiveSpeculation(self.num_speculative_tokens)
+                         if sc.adaptive_speculation and self.num_speculative_tokens else None)
+        self._last_k = self.num_speculative_tokens
         self._ids = itertools.count()
         self._proposed_total = 0
         self._accepted_total = 0
@@ -132,12 +137,19 @@ class LLMEngine:
     # -- one step --------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        if self.adaptive is not None:
+            batch = max(1, len(self.scheduler.running))
+            self.scheduler.step_k_cap = self.adaptive.choose(batch)
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self._apply(scheduler_output, runner_output)
         self._last_step_time = time.perf_counter() - start
+        self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences), default=0)
+        if self.adaptive is not None:
+            self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
+                                       self._last_step_time)
         return outputs
 
     def _apply(self, scheduler_output: SchedulerOutput,
@@ -157,6 +169,8 @@ class LLMEngine:
             if proposed:
                 self._proposed_total += proposed
                 self._accepted_total += num_accepted
+                if self.adaptive is not None:
+                    self.adaptive.observe_acceptance(proposed, num_accepted)
             output = request.append(emitted, proposed, lps)
             if request.finished:
                 self.scheduler.finish(request.seq)
@@ -175,6 +189,7 @@ class LLMEngine:
             draft_tokens_proposed_total=self._proposed_total,
             draft_tokens_accepted_total=self._accepted_total,
             last_step_time=self._last_step_time,
+            num_speculative_tokens=self._last_k,
         )
 
     def model_info(self) -> dict:

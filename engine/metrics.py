@@ -31,6 +31,9 @@ class _EngineStatsCollector(Collector):
             ("specserve_num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
             ("specserve_kv_blocks_used", "KV cache blocks in use.", s.kv_blocks_used),
             ("specserve_kv_blocks_total", "KV cache blocks in all.", s.kv_blocks_total),
+            ("specserve_num_speculative_tokens",
+             "k of each replica's last step (mean over replicas; adaptive speculation moves it).",
+             s.num_speculative_tokens),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("specserve_draft_tokens_proposed_total",

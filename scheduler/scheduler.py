@@ -37,6 +37,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by (priority, arrival_order)
         self.running: list[Sequence] = []  # sorted by arrival_order
         self._arrivals = 0
+        self.step_k_cap: int | None = None  # set per step by adaptive speculation
 
     # -- queue changes -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -113,8 +114,10 @@ class Scheduler:
         past max_tokens, the context length or the token budget."""
         remaining_outputs = seq.max_tokens - seq.num_output_tokens - 1
         room_in_context = self.limits.max_model_len - seq.num_tokens
-        return max(0, min(seq.num_speculative_tokens, remaining_outputs,
-                          room_in_context, budget_left))
+        k = seq.num_speculative_tokens
+        if self.step_k_cap is not None:
+            k = min(k, self.step_k_cap)
+        return max(0, min(k, remaining_outputs, room_in_context, budget_left))
 
     def _work(self, seq: Sequence, chunk: int, sample: bool, k: int) -> ScheduledSequence:
         start = seq.num_computed_tokens

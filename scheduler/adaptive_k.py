@@ -1,0 +1,82 @@
+"""Adaptive speculation: choose k for each step from measurements.
+
+Two things are measured as the engine runs: the draft's per-token acceptance
+rate alpha (each step with k proposals and a accepted tries a + [a < k]
+positions and wins a), and the wall time of a step at each (batch-size
+bucket, k). A step with k proposals emits on average
+E(k) = 1 + alpha + ... + alpha^k tokens per sequence, so k is chosen to
+maximise E(k) / T(bucket, k): speculation is used where it raises goodput and
+backs off (to k = 0) where the device is already saturated and verifying k
+extra positions costs more than it returns. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Mean tokens a step emits per sequence with k proposals."""
+    return sum(alpha ** i for i in range(k + 1))
+
+
+def batch_bucket(batch_size: int) -> int:
+    """Batch sizes are grouped in powers of two: costs within one are alike."""
+    return 1 << max(0, batch_size - 1).bit_length()
+
+
+class AdaptiveSpeculation:
+    def __init__(self, max_k: int, smoothing: float = 0.2, explore_every: int = 32,
+                 prior_alpha: float = 0.7) -> None:
+        self.max_k = max_k
+        self.smoothing = smoothing
+        self.explore_every = explore_every
+        self._wins = prior_alpha * 10.0  # a prior worth ten tries
+        self._tries = 10.0
+        self._cost: dict[tuple[int, int], float] = {}
+        self._steps: dict[int, int] = {}
+        self.last_k = max_k
+
+    @property
+    def alpha(self) -> float:
+        return self._wins / self._tries
+
+    def observe_acceptance(self, num_proposed: int, num_accepted: int) -> None:
+        """One sequence's step: ``num_accepted`` of ``num_proposed`` kept."""
+        if num_proposed <= 0:
+            return
+        tries = num_accepted + (1 if num_accepted < num_proposed else 0)
+        decay = 1.0 - self.smoothing / 8  # per sequence: slower than per step
+        self._wins = self._wins * decay + num_accepted
+        self._tries = self._tries * decay + tries
+
+    def observe_step(self, batch_size: int, k: int, seconds: float) -> None:
+        key = (batch_bucket(batch_size), k)
+        old = self._cost.get(key)
+        self._cost[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def choose(self, batch_size: int) -> int:
+        """k for the next step at this batch size."""
+        bucket = batch_bucket(batch_size)
+        n = self._steps[bucket] = self._steps.get(bucket, 0) + 1
+        unmeasured = [k for k in (self.max_k, 0) if (bucket, k) not in self._cost]
+        if unmeasured:  # measure both ends first: they anchor the cost line
+            self.last_k = unmeasured[0]
+            return self.last_k
+        best = max(range(self.max_k + 1), key=lambda k: self.goodput(bucket, k))
+        if n % self.explore_every == 0:  # re-measure a neighbour now and then
+            best = min(self.max_k, best + 1) if (n // self.explore_every) % 2 else max(0, best - 1)
+        self.last_k = best
+        return best
+
+    def goodput(self, bucket: int, k: int) -> float:
+        return expected_tokens(self.alpha, k) / self._estimated_cost(bucket, k)
+
+    def _estimated_cost(self, bucket: int, k: int) -> float:
+        measured = self._cost.get((bucket, k))
+        if measured is not None:
+            return measured
+        # Linear in k between the nearest measured points on either side.
+        ks = sorted(j for (b, j) in self._cost if b == bucket)
+        lo = max(j for j in ks if j < k)
+        hi = min(j for j in ks if j > k)
+        t_lo, t_hi = self._cost[(bucket, lo)], self._cost[(bucket, hi)]
+        return t_lo + (t_hi - t_lo) * (k - lo) / (hi - lo)

@@ -1,0 +1,73 @@
+"""Adaptive speculation: the controller's choices under known costs and
+acceptance, and the engine staying lossless while k moves."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.adaptive_k import AdaptiveSpeculation, batch_bucket, expected_tokens
+
+
+def drive(ctl: AdaptiveSpeculation, batch: int, cost, alpha: float, steps: int = 200) -> list[int]:
+    """Feed the controller a synthetic device: step time cost(k), acceptance alpha."""
+    chosen = []
+    for _ in range(steps):
+        k = ctl.choose(batch)
+        chosen.append(k)
+        ctl.observe_step(batch, k, cost(k))
+        if k:
+            accepted = min(k, int(alpha * 10) * k // 10)
+            for _ in range(batch):
+                ctl.observe_acceptance(k, accepted)
+    return chosen
+
+
+def test_expected_tokens_and_buckets():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert [batch_bucket(b) for b in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+
+
+def test_cheap_draft_and_high_acceptance_speculates_fully():
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 1, cost=lambda k: 1.0 + 0.05 * k, alpha=0.9)
+    assert chosen[-1] == 4 and chosen[-20:].count(4) >= 15
+
+
+def test_saturated_device_backs_off_to_zero():
+    # Verifying k extra positions costs as much as k whole steps: never worth it.
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 64, cost=lambda k: 1.0 + 1.0 * k, alpha=0.6)
+    assert chosen[-1] == 0 and chosen[-20:].count(0) >= 15
+
+
+def test_low_acceptance_backs_off():
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 1, cost=lambda k: 1.0 + 0.3 * k, alpha=0.0)
+    assert ctl.alpha < 0.3
+    assert chosen[-40:].count(0) >= 35  # only the occasional exploration step
+
+
+def test_batch_buckets_are_independent():
+    ctl = AdaptiveSpeculation(max_k=4)
+    drive(ctl, 1, cost=lambda k: 1.0 + 0.05 * k, alpha=0.9)
+    assert ctl.choose(256) == 4  # unmeasured bucket: measures k = max first
+
+
+def test_engine_with_adaptive_k_is_lossless(tmp_path):
+    from engine import LLM, SamplingParams
+    from tests.pair_factory import make_pair
+
+    target, draft = make_pair(tmp_path)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompts = ["def add(a, b):", "import os\n", "x = 1\n"]
+    plain = LLM(model=target, dtype="float32", kv_cache_memory=1 << 24)
+    adaptive = LLM(model=target, draft_model=draft, num_speculative_tokens=4,
+                   adaptive_speculation=True, dtype="float32", kv_cache_memory=1 << 24)
+    expected = [o.token_ids for o in plain.generate(prompts, params)]
+    assert [o.token_ids for o in adaptive.generate(prompts, params)] == expected
+    engine = adaptive.engine
+    # The random draft is almost never accepted, so the controller learns it.
+    assert engine.adaptive.alpha < 0.3
+    assert 0 <= engine.get_stats().num_speculative_tokens <= 4
