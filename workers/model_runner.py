@@ -17,6 +17,7 @@ import torch
 from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput, TokenLogprobs
 from workers.attention.metadata import AttentionMetadata
 from workers.attention.metadata_builder import build_attention_metadata, token_positions
+from workers.host_transfer import to_device
 from workers.models.llama import LlamaForCausalLM
 from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
 from workers.rejection_sampler import rejection_sample
@@ -82,9 +83,9 @@ class ModelRunner:
         for row, s in enumerate(seqs):
             if s.prompt_token_ids is None:
                 continue
-            mask[row, torch.tensor(s.prompt_token_ids, device=self.device)] = True
+            mask[row, to_device(s.prompt_token_ids, self.device)] = True
             if s.output_token_ids:
-                out = torch.tensor(s.output_token_ids, device=self.device)
+                out = to_device(s.output_token_ids, self.device)
                 counts[row].index_add_(0, out, torch.ones_like(out))
         return mask, counts
 
@@ -112,7 +113,7 @@ class ModelRunner:
             offset += len(s.draft_token_ids)
             ends[id(s)] = offset - 1
         active = [r for r in range(S) if batch.ks[r] > 0]
-        rows = torch.tensor([ends[id(batch.seqs[r])] for r in active], device=self.device)
+        rows = to_device([ends[id(batch.seqs[r])] for r in active], self.device)
         last_hidden = hidden[rows]
         for j in range(K):
             if j > 0:
@@ -120,13 +121,13 @@ class ModelRunner:
                 if not active:
                     break
                 step_seqs = [batch.seqs[r] for r in active]
-                act = torch.tensor(active, device=self.device)
+                act = to_device(active, self.device)
                 last_hidden = self._forward(
                     self.draft, self.draft_caches, step_seqs,
                     token_tensor=tokens[act, j - 1],
                     starts=[s.num_computed_tokens + len(s.token_ids) + j - 1 for s in step_seqs],
                     query_len=1)
-            act = torch.tensor(active, device=self.device)
+            act = to_device(active, self.device)
             logits = torch.zeros((S, self.vocab_size), dtype=torch.float32, device=self.device)
             logits[act] = self.draft.compute_logits(last_hidden)
             logits = self._penalise(logits, params, batch, tokens[:, :j].unsqueeze(1))
@@ -155,15 +156,15 @@ class ModelRunner:
                 logit_rows.append([min(offset + n - 1 + j, last) for j in range(batch.K + 1)])
             offset += n + k
             starts_flat.append(s.num_computed_tokens)
-        input_ids = input_ids.to(self.device)
+        input_ids = to_device(input_ids, self.device)
         if draft_at:
-            src = torch.tensor(draft_src, device=self.device)
-            input_ids[torch.tensor(draft_at, device=self.device)] = draft_tokens[src[:, 0], src[:, 1]]
+            src = to_device(draft_src, self.device)
+            input_ids[to_device(draft_at, self.device)] = draft_tokens[src[:, 0], src[:, 1]]
         hidden = self._forward(self.target, self.target_caches, seqs, token_tensor=input_ids,
                                starts=starts_flat, query_lens=[len(t) for t in token_lists])
         if not logit_rows:
             return hidden.new_empty((0, batch.K + 1, self.vocab_size), dtype=torch.float32)
-        rows = torch.tensor(logit_rows, device=self.device)
+        rows = to_device(logit_rows, self.device)
         return self.target.compute_logits(hidden[rows.flatten()]).view(
             len(logit_rows), batch.K + 1, self.vocab_size)
 
@@ -181,7 +182,7 @@ class ModelRunner:
                                     _draft_prefixes(draft_tokens, K1))
             target_probs = logits_to_probs(logits, params).view(S, K1, V)
             out, num = rejection_sample(
-                draft_tokens, torch.tensor(batch.ks, device=self.device), draft_probs,
+                draft_tokens, to_device(batch.ks, self.device), draft_probs,
                 target_probs, batch.uniforms[:, :-1, TAG_ACCEPT],
                 batch.uniforms[:, :, TAG_RECOVER])
             host = torch.cat([num.unsqueeze(1), out], dim=1).tolist()  # the step's one sync
@@ -214,7 +215,7 @@ class ModelRunner:
         if not wanted:
             return
         n_top = max(batch.seqs[r].sampling_params.logprobs for r in wanted)
-        w = torch.tensor(wanted, device=self.device)
+        w = to_device(wanted, self.device)
         logits = target_logits[w].flatten(0, 1)
         tok, ids, lps = compute_logprobs(logits, out[w].clamp(min=0).flatten(), n_top)
         K1 = target_logits.shape[1]
@@ -236,12 +237,11 @@ class ModelRunner:
             query_lens = ([len(t) for t in token_lists] if token_lists is not None
                           else [query_len] * len(seqs))
         if token_tensor is None:
-            token_tensor = torch.tensor([t for lst in token_lists for t in lst],
-                                        dtype=torch.int64, device=self.device)
+            token_tensor = to_device([t for lst in token_lists for t in lst], self.device)
         seq_lens = [st + q for st, q in zip(starts, query_lens)]
         meta = build_attention_metadata(query_lens, seq_lens, [s.block_ids for s in seqs],
                                         self.block_size, self.device)
-        positions = token_positions(query_lens, seq_lens).to(self.device)
+        positions = to_device(token_positions(query_lens, seq_lens), self.device)
         return model(token_tensor, positions, caches, meta)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from workers.host_transfer import to_device
+
 TAG_DRAFT = 0  # the draft's proposal at this position
 TAG_ACCEPT = 1  # the acceptance test of the draft token at this position
 TAG_RECOVER = 2  # the target's token: correction, bonus, or a plain decode
@@ -53,10 +55,9 @@ def draw_uniforms(seeds: list[int | None], first_positions: list[int], width: in
     u = torch.rand(shape, generator=generator, device=device)
     seeded = [i for i, s in enumerate(seeds) if s is not None]
     if seeded:
-        rows = torch.tensor(seeded, device=device)
-        seed_t = torch.tensor([seeds[i] for i in seeded], dtype=torch.int64, device=device)
-        first = torch.tensor([first_positions[i] for i in seeded], dtype=torch.int64,
-                             device=device)
+        rows = to_device(seeded, device)
+        seed_t = to_device([seeds[i] for i in seeded], device)
+        first = to_device([first_positions[i] for i in seeded], device)
         pos = first.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
         u[rows] = keyed_uniforms(seed_t, pos)
     return u

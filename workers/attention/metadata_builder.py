@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from workers.attention.metadata import AttentionMetadata
+from workers.host_transfer import to_device
 
 
 def _check_inputs(query_lens: list[int], seq_lens: list[int],
@@ -73,10 +74,10 @@ def build_attention_metadata(query_lens: list[int], seq_lens: list[int],
 
     device = torch.device(device)
     return AttentionMetadata(
-        query_start_loc=torch.tensor(query_start_loc_cpu, dtype=torch.int32).to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
-        block_tables=table.to(device),
-        slot_mapping=slot_mapping.to(device),
+        query_start_loc=to_device(query_start_loc_cpu, device, torch.int32),
+        seq_lens=to_device(seq_lens, device, torch.int32),
+        block_tables=to_device(table, device),
+        slot_mapping=to_device(slot_mapping, device),
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(seq_lens, default=0),
         query_start_loc_cpu=query_start_loc_cpu,
