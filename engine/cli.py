@@ -73,6 +73,8 @@ ENGINE_OPTION_HELP = {
                           "replica with the fewest unfinished requests.",
     "ray_address": "Address of an existing Ray cluster to join (executor=ray); default: start "
                    "a local one.",
+    "enforce_eager": "Never capture CUDA graphs (they are used on CUDA for decode, "
+                     "verification and draft steps where the attention backend allows).",
 }
 
 ENGINE_OPTION_CHOICES = {

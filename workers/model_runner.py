@@ -17,6 +17,7 @@ import torch
 from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput, TokenLogprobs
 from workers.attention.metadata import AttentionMetadata
 from workers.attention.metadata_builder import build_attention_metadata, token_positions
+from workers.cuda_graphs import GraphedModel
 from workers.host_transfer import to_device
 from workers.models.llama import LlamaForCausalLM
 from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
@@ -53,6 +54,20 @@ class ModelRunner:
         self.device = device
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.graphed: dict[int, GraphedModel] = {}  # id(model) -> its captured forwards
+
+    def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int, pad_block: int,
+                           max_num_speculative_tokens: int) -> None:
+        """Replay captured graphs for uniform-length forwards from now on.
+        ``pad_block`` is a KV block no sequence owns: padding rows write there."""
+        pool = torch.cuda.graph_pool_handle()
+        models = [(self.target, self.target_caches, max_num_speculative_tokens + 1)]
+        if self.draft is not None:
+            models.append((self.draft, self.draft_caches, 2))  # catch-up is 1 or 2 tokens
+        for model, caches, max_q in models:
+            self.graphed[id(model)] = GraphedModel(model, caches, self.block_size,
+                                                   max_blocks_per_seq, pad_block, max_batch,
+                                                   max_q, self.device, pool)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -238,6 +253,11 @@ class ModelRunner:
                           else [query_len] * len(seqs))
         if token_tensor is None:
             token_tensor = to_device([t for lst in token_lists for t in lst], self.device)
+        graphed = self.graphed.get(id(model))
+        q = query_lens[0]
+        if (graphed is not None and all(n == q for n in query_lens)
+                and graphed.can_run(len(seqs), q)):
+            return graphed.forward(token_tensor, starts, q, [s.block_ids for s in seqs])
         seq_lens = [st + q for st, q in zip(starts, query_lens)]
         meta = build_attention_metadata(query_lens, seq_lens, [s.block_ids for s in seqs],
                                         self.block_size, self.device)

@@ -60,14 +60,28 @@ class Worker:
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget fits no block of {per_block} bytes; "
                              "raise kv_cache_memory or gpu_memory_utilization")
-        caches = [allocate_kv_caches(s.num_layers, num_blocks, cc.block_size, s.num_kv_heads,
-                                     s.head_dim, dtype, self.device) for s in shapes]
+        graphs = self._use_cuda_graphs(target)
+        # With CUDA graphs one more block is allocated: the padding rows' block.
+        caches = [allocate_kv_caches(s.num_layers, num_blocks + graphs, cc.block_size,
+                                     s.num_kv_heads, s.head_dim, dtype, self.device)
+                  for s in shapes]
         self.runner = ModelRunner(target, caches[0], draft, caches[1] if draft else None,
                                   cc.block_size, target_cfg.vocab_size, self.device, mc.seed)
+        if graphs:
+            max_len = mc.max_model_len or getattr(target_cfg, "max_position_embeddings", 2048)
+            max_len = min(max_len, num_blocks * cc.block_size)
+            self.runner.enable_cuda_graphs(
+                max_batch=self.config.scheduler_config.max_num_seqs,
+                max_blocks_per_seq=-(-max_len // cc.block_size), pad_block=num_blocks,
+                max_num_speculative_tokens=sc.num_speculative_tokens if draft else 0)
         self.num_kv_blocks = num_blocks
         logger.info("worker on %s: %d KV blocks of %d tokens (%.1f MiB)", self.device,
                     num_blocks, cc.block_size, num_blocks * per_block / 2**20)
         return num_blocks
+
+    def _use_cuda_graphs(self, target) -> bool:
+        return (self.device.type == "cuda" and not self.config.parallel_config.enforce_eager
+                and target.attention_backend.supports_cuda_graphs)
 
     def _blocks_that_fit(self, bytes_per_block: int) -> int:
         cc = self.config.cache_config

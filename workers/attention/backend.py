@@ -23,6 +23,9 @@ class AttentionBackend(ABC):
     """One way to run paged attention. Stateless: safe to share across layers."""
 
     name: str = "abstract"
+    # True where forward reads sequence data only from device tensors (no
+    # host lists), so a captured CUDA graph replays it correctly.
+    supports_cuda_graphs: bool = False
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
