@@ -1,0 +1,284 @@
+"""The Ray executor: the models run in Ray actors, one per GPU.
+
+Each actor (`RayWorker`) holds a `Worker`: the target, the draft and their KV
+caches. A replica is a list of actors, its ranks; today a replica has one
+rank (tensor parallelism across ranks is a later step), but every call already
+goes to all ranks and the engine reads rank 0's answer. Data-parallel replicas
+are separate `RayExecutor`s in one process; they share the Ray connection,
+which the last of them to shut down closes, if one of them opened it.
+
+The per-step path matters: every engine step sends a `SchedulerOutput` out
+and waits for the sampled tokens. By default it is a Ray compiled graph
+(shared-memory channels set up once, so a step costs tens of microseconds
+instead of a task submission through the object store); where compiling fails
+the executor logs why and uses plain actor calls. ``SPECSERVE_RAY_COMPILED_GRAPH=0``
+turns compiled graphs off. `benchmarks/executor_overhead.py` measures both.
+
+Environment:
+    SPECSERVE_RAY_COMPILED_GRAPH   1 (default) or 0
+    SPECSERVE_RAY_START_TIMEOUT    seconds to wait for the actors to be placed (120)
+    SPECSERVE_RAY_CPU_THREADS      torch threads of a CPU actor (default: the node's cores,
+                                   less one for the driver when it shares the node and
+                                   busy-waits on a compiled graph)
+    SPECSERVE_RAY_LOG_TO_DRIVER    1 to show the actors' output here (default 0)
+
+On a Ray cluster (``ray_address``) every node must have specserve installed,
+at the same version as the driver.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayChannelError, RayTaskError
+
+from engine.config import EngineConfig
+from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from workers.executor import Executor
+
+logger = logging.getLogger(__name__)
+
+RAY_NAMESPACE = "specserve"
+ENV_COMPILED_GRAPH = "SPECSERVE_RAY_COMPILED_GRAPH"
+ENV_START_TIMEOUT = "SPECSERVE_RAY_START_TIMEOUT"
+ENV_CPU_THREADS = "SPECSERVE_RAY_CPU_THREADS"
+ENV_LOG_TO_DRIVER = "SPECSERVE_RAY_LOG_TO_DRIVER"
+
+
+class WorkerError(RuntimeError):
+    """A worker actor failed or died; the message carries the actor's own."""
+
+
+def compiled_graph_enabled() -> bool:
+    return os.environ.get(ENV_COMPILED_GRAPH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# -- the actor -------------------------------------------------------------------------
+
+class RayWorker:
+    """The body of one rank's actor: a `Worker` behind Ray method calls."""
+
+    def __init__(self, config: EngineConfig, rank: int, driver_node_id: str | None = None,
+                 driver_spins: bool = False, cpu_threads: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        self.worker = None
+        if config.parallel_config.device == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a CPU worker
+            # wants the node's cores, less one where the driver busy-waits on
+            # this node (it does with a compiled graph): sharing that core
+            # with the model's threads costs more than the core is worth.
+            import torch  # noqa: PLC0415
+
+            threads = cpu_threads
+            if threads <= 0:
+                threads = len(os.sched_getaffinity(0))
+                if driver_spins and ray.get_runtime_context().get_node_id() == driver_node_id:
+                    threads -= 1
+            torch.set_num_threads(max(1, threads))
+
+    def ready(self) -> str:
+        """Where this actor runs, once it is placed and started."""
+        import torch  # noqa: PLC0415
+
+        return (f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}, "
+                f"{torch.get_num_threads()} torch threads)")
+
+    def load(self) -> int:
+        from workers.worker import Worker  # noqa: PLC0415 (torch and the models: actor side only)
+
+        self.worker = Worker(self.config)
+        return self.worker.load()
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        output = self.worker.execute_model(scheduler_output)
+        return output if self.rank == 0 else None  # the other ranks' answers are the same
+
+
+_RayWorkerActor = ray.remote(RayWorker)
+
+
+# -- one Ray connection shared by every executor of the process --------------------------
+
+_ray_lock = threading.Lock()
+_ray_users = 0
+_ray_started_here = False
+
+
+def _acquire_ray(config: EngineConfig) -> None:
+    """Connect to (or start) Ray unless it is already up; count this executor as a user."""
+    global _ray_users, _ray_started_here
+    pc = config.parallel_config
+    with _ray_lock:
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = dict(
+                address=pc.ray_address, namespace=RAY_NAMESPACE, ignore_reinit_error=True,
+                include_dashboard=False, logging_level=logging.WARNING,
+                log_to_driver=os.environ.get(ENV_LOG_TO_DRIVER, "0") == "1")
+            if pc.ray_address is None and not os.environ.get("RAY_ADDRESS"):
+                # A local start: room for one CPU actor per replica even on a small machine.
+                kwargs["num_cpus"] = max(os.cpu_count() or 1, pc.data_parallel_size)
+            ray.init(**kwargs)
+            _ray_started_here = True
+            logger.info("started Ray (%s)", pc.ray_address or "local")
+        _ray_users += 1
+
+
+def _release_ray() -> None:
+    global _ray_users, _ray_started_here
+    with _ray_lock:
+        _ray_users -= 1
+        if _ray_users == 0 and _ray_started_here:
+            _ray_started_here = False
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+# -- the executor ----------------------------------------------------------------------
+
+class RayExecutor(Executor):
+    """One replica: a list of rank actors that each run the whole step.
+
+    A replica has one rank today; tensor parallelism will give it several.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.workers: list[Any] = []  # ActorHandle per rank
+        self.uses_compiled_graph = False
+        self._compiled = None
+        self._failure: str | None = None  # set once an actor died: the replica is gone
+        self._closed = False
+        _acquire_ray(config)
+        self._holds_ray = True
+        try:
+            self._start_actors(num_ranks=1)
+            blocks = self._get([w.load.remote() for w in self.workers], "loading the models")
+            self._num_kv_blocks = min(blocks)
+            if compiled_graph_enabled():
+                self._compile()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- set-up ----------------------------------------------------------
+    def _start_actors(self, num_ranks: int) -> None:
+        device, options = self._placement()
+        actor_config = copy.deepcopy(self.config)
+        actor_config.parallel_config.device = device
+        actor_config.parallel_config.executor = "local"  # inside the actor the worker is local
+        driver_node = ray.get_runtime_context().get_node_id()
+        spins = compiled_graph_enabled()
+        threads = int(os.environ.get(ENV_CPU_THREADS, "0"))  # read here: actors get Ray's env
+        self.workers = [_RayWorkerActor.options(max_restarts=0, **options)
+                        .remote(actor_config, rank, driver_node, spins, threads)
+                        for rank in range(num_ranks)]
+        timeout = float(os.environ.get(ENV_START_TIMEOUT, "120"))
+        refs = [w.ready.remote() for w in self.workers]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(done) < len(refs):
+            raise WorkerError(
+                f"Ray could not start {len(refs) - len(done)} of {len(refs)} worker actors "
+                f"(each needs {options}) within {timeout:.0f} s; the cluster has "
+                f"{ray.available_resources()} free of {ray.cluster_resources()} "
+                f"(raise {ENV_START_TIMEOUT} if it is scaling up)")
+        for where in self._get(refs, "starting"):
+            logger.info("Ray worker %s, device %s", where, device)
+
+    def _placement(self) -> tuple[str, dict[str, Any]]:
+        """The actors' device and resources: a GPU each where the cluster has them."""
+        wanted = self.config.parallel_config.device
+        num_gpus = ray.cluster_resources().get("GPU", 0)
+        if wanted == "cpu" or (wanted == "auto" and num_gpus == 0):
+            return "cpu", {"num_cpus": 1, "num_gpus": 0}
+        if num_gpus == 0:
+            raise ValueError("device 'cuda' was asked for, but the Ray cluster has no GPU")
+        return "cuda", {"num_cpus": 0, "num_gpus": 1}
+
+    def _compile(self) -> None:
+        from ray.dag import InputNode, MultiOutputNode  # noqa: PLC0415
+
+        try:
+            with InputNode() as scheduler_output:
+                dag = MultiOutputNode([w.execute_model.bind(scheduler_output)
+                                       for w in self.workers])
+            self._compiled = dag.experimental_compile()
+            self.uses_compiled_graph = True
+        except Exception as e:  # noqa: BLE001 (any failure: fall back to plain calls)
+            logger.warning("Ray compiled graph unavailable (%s: %s); using plain actor calls",
+                           type(e).__name__, e)
+            self._compiled = None
+
+    # -- the executor interface -------------------------------------------
+    @property
+    def num_kv_blocks(self) -> int:
+        return self._num_kv_blocks
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if self._closed:
+            raise WorkerError("the Ray executor was shut down")
+        if self._failure is not None:
+            raise WorkerError(self._failure)
+        what = "running a step"
+        if self._compiled is not None:
+            try:
+                outputs = ray.get(self._compiled.execute(scheduler_output), timeout=-1)
+            except Exception as e:  # noqa: BLE001
+                self._raise_from_actor(e, 0, what)
+        else:
+            outputs = self._get([w.execute_model.remote(scheduler_output) for w in self.workers],
+                                what)
+        return outputs[0]
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        compiled, self._compiled = self._compiled, None
+        if compiled is not None:
+            try:
+                compiled.teardown()
+            except Exception as e:  # noqa: BLE001 (an actor may be dead already)
+                logger.debug("compiled graph teardown: %s", e)
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception as e:  # noqa: BLE001
+                logger.debug("ray.kill: %s", e)
+        self.workers = []
+        if self._holds_ray:
+            self._holds_ray = False
+            _release_ray()
+
+    # -- errors ----------------------------------------------------------
+    def _get(self, refs: list, what: str) -> list:
+        """Each rank's result, in rank order; an actor's failure raised here."""
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001
+                self._raise_from_actor(e, rank, what)
+        return results
+
+    def _raise_from_actor(self, err: Exception, rank: int, what: str) -> None:
+        """Raise the driver-side exception for an actor's failure.
+
+        An exception raised in the actor comes back as its own message (a
+        ValueError stays a ValueError: a bad model directory is a bad argument
+        either way); a dead actor makes the replica unusable from then on.
+        """
+        if isinstance(err, RayTaskError):
+            cause = err.cause if err.cause is not None else err
+            msg = f"Ray worker rank {rank} failed while {what}: {type(cause).__name__}: {cause}"
+            raise (ValueError(msg) if isinstance(cause, ValueError) else WorkerError(msg)) from err
+        if isinstance(err, (RayActorError, RayChannelError)):
+            self._failure = f"Ray worker rank {rank} died while {what}: {err}"
+            raise WorkerError(self._failure) from err
+        raise err
