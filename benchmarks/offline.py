@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--device", default="auto")
+    p.add_argument("--adaptive-speculation", action="store_true",
+                   help="let the engine choose k per step (up to the largest of --ks)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     return p.parse_args()
 
@@ -67,7 +69,8 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams, k: int, batch: int
 def main() -> None:
     args = parse_args()
     ks = [int(k) for k in args.ks.split(",")]
-    kw = dict(dtype=args.dtype, load_format=args.load_format, device=args.device)
+    kw = dict(dtype=args.dtype, load_format=args.load_format, device=args.device,
+              adaptive_speculation=args.adaptive_speculation)
     llm = LLM(model=args.model, draft_model=args.draft_model,
               num_speculative_tokens=max(ks), **kw)
     if max(ks) > 0 and llm.engine.num_speculative_tokens == 0:

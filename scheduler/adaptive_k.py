@@ -57,11 +57,14 @@ class AdaptiveSpeculation:
         """k for the next step at this batch size."""
         bucket = batch_bucket(batch_size)
         n = self._steps[bucket] = self._steps.get(bucket, 0) + 1
-        unmeasured = [k for k in (self.max_k, 0) if (bucket, k) not in self._cost]
-        if unmeasured:  # measure both ends first: they anchor the cost line
-            self.last_k = unmeasured[0]
+        curve = self._curve_bucket(bucket)
+        missing = [k for k in (self.max_k, 0) if (bucket, k) not in self._cost]
+        # Both ends anchor a bucket's cost line: measured at once when nothing
+        # is known, else on the bucket's own schedule while a neighbour's stands in.
+        if missing and (curve is None or n in (self.explore_every // 8, self.explore_every // 4)):
+            self.last_k = missing[0]
             return self.last_k
-        best = max(range(self.max_k + 1), key=lambda k: self.goodput(bucket, k))
+        best = max(range(self.max_k + 1), key=lambda k: self.goodput(curve, k))
         if n % self.explore_every == 0:  # re-measure a neighbour now and then
             best = min(self.max_k, best + 1) if (n // self.explore_every) % 2 else max(0, best - 1)
         self.last_k = best
@@ -69,6 +72,15 @@ class AdaptiveSpeculation:
 
     def goodput(self, bucket: int, k: int) -> float:
         return expected_tokens(self.alpha, k) / self._estimated_cost(bucket, k)
+
+    def _curve_bucket(self, bucket: int) -> int | None:
+        """The bucket whose costs stand for this one's: itself once both ends
+        are measured there, else the nearest such bucket. Only relative costs
+        matter to the choice, and they change slowly with batch size."""
+        anchored = [b for (b, k) in self._cost if k == 0 and (b, self.max_k) in self._cost]
+        if not anchored:
+            return None
+        return min(anchored, key=lambda b: (abs(b.bit_length() - bucket.bit_length()), -b))
 
     def _estimated_cost(self, bucket: int, k: int) -> float:
         measured = self._cost.get((bucket, k))

@@ -3,6 +3,8 @@ acceptance, and the engine staying lossless while k moves."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from scheduler.adaptive_k import AdaptiveSpeculation, batch_bucket, expected_tokens
@@ -10,15 +12,17 @@ from scheduler.adaptive_k import AdaptiveSpeculation, batch_bucket, expected_tok
 
 def drive(ctl: AdaptiveSpeculation, batch: int, cost, alpha: float, steps: int = 200) -> list[int]:
     """Feed the controller a synthetic device: step time cost(k), acceptance alpha."""
+    rng = random.Random(0)
     chosen = []
     for _ in range(steps):
         k = ctl.choose(batch)
         chosen.append(k)
         ctl.observe_step(batch, k, cost(k))
-        if k:
-            accepted = min(k, int(alpha * 10) * k // 10)
-            for _ in range(batch):
-                ctl.observe_acceptance(k, accepted)
+        for _ in range(batch if k else 0):
+            accepted = 0
+            while accepted < k and rng.random() < alpha:
+                accepted += 1
+            ctl.observe_acceptance(k, accepted)
     return chosen
 
 
@@ -49,10 +53,12 @@ def test_low_acceptance_backs_off():
     assert chosen[-40:].count(0) >= 35  # only the occasional exploration step
 
 
-def test_batch_buckets_are_independent():
+def test_unmeasured_bucket_borrows_the_nearest_cost_curve():
     ctl = AdaptiveSpeculation(max_k=4)
+    drive(ctl, 64, cost=lambda k: 1.0 + 1.0 * k, alpha=0.6)
+    assert ctl.choose(32) == 0  # no fresh exploration of k = 4 at a nearby batch size
     drive(ctl, 1, cost=lambda k: 1.0 + 0.05 * k, alpha=0.9)
-    assert ctl.choose(256) == 4  # unmeasured bucket: measures k = max first
+    assert ctl.choose(2) == 4  # batch 2 is nearer batch 1's curve than batch 64's
 
 
 def test_engine_with_adaptive_k_is_lossless(tmp_path):
@@ -68,6 +74,6 @@ def test_engine_with_adaptive_k_is_lossless(tmp_path):
     expected = [o.token_ids for o in plain.generate(prompts, params)]
     assert [o.token_ids for o in adaptive.generate(prompts, params)] == expected
     engine = adaptive.engine
-    # The random draft is almost never accepted, so the controller learns it.
-    assert engine.adaptive.alpha < 0.3
+    # Which k it picks depends on measured step times; the tokens may not.
     assert 0 <= engine.get_stats().num_speculative_tokens <= 4
+    assert engine.get_stats().kv_blocks_used == 0
