@@ -147,7 +147,7 @@ class LLMEngine:
         outputs = self._apply(scheduler_output, runner_output)
         self._last_step_time = time.perf_counter() - start
         self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences), default=0)
-        if self.adaptive is not None:
+        if self.adaptive is not None and _is_steady(scheduler_output):
             self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
                                        self._last_step_time)
         return outputs
@@ -232,6 +232,15 @@ class LLMEngine:
             raise ValueError(f"num_speculative_tokens={requested} exceeds this engine's "
                              f"{self.num_speculative_tokens} (it can only be lowered per request)")
         return requested
+
+
+def _is_steady(scheduler_output: SchedulerOutput) -> bool:
+    """A step that costs what its k costs, a fair sample for the cost model:
+    decode only (no prompt chunk), and no draft catching up on more than the
+    one token it lags by after a fully accepted step (longer catch-ups follow
+    steps that did not speculate)."""
+    return all(len(s.token_ids) == 1 and len(s.draft_token_ids) <= 2
+               for s in scheduler_output.sequences)
 
 
 def _load_hf_config(model_dir: str):

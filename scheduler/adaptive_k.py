@@ -33,7 +33,9 @@ class AdaptiveSpeculation:
         self._tries = 10.0
         self._cost: dict[tuple[int, int], float] = {}
         self._steps: dict[int, int] = {}
+        self._seen: dict[tuple[int, int], int] = {}  # (bucket, k) -> step of its last sample
         self.last_k = max_k
+        self._repeat = 0
 
     @property
     def alpha(self) -> float:
@@ -49,9 +51,14 @@ class AdaptiveSpeculation:
         self._tries = self._tries * decay + tries
 
     def observe_step(self, batch_size: int, k: int, seconds: float) -> None:
-        key = (batch_bucket(batch_size), k)
+        bucket = batch_bucket(batch_size)
+        key = (bucket, k)
         old = self._cost.get(key)
-        self._cost[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+        # Step-time noise is one-sided (warm-ups, hiccups): a faster sample
+        # is believed at once, a slower one only gradually.
+        self._cost[key] = seconds if old is None or seconds < old else \
+            old + self.smoothing * (seconds - old)
+        self._seen[key] = self._steps.get(bucket, 0)
 
     def choose(self, batch_size: int) -> int:
         """k for the next step at this batch size."""
@@ -64,11 +71,16 @@ class AdaptiveSpeculation:
         if missing and (curve is None or n in (self.explore_every // 8, self.explore_every // 4)):
             self.last_k = missing[0]
             return self.last_k
-        best = max(range(self.max_k + 1), key=lambda k: self.goodput(curve, k))
-        if n % self.explore_every == 0:  # re-measure a neighbour now and then
-            best = min(self.max_k, best + 1) if (n // self.explore_every) % 2 else max(0, best - 1)
-        self.last_k = best
-        return best
+        if n % self.explore_every == 0:  # now and then, re-measure the stalest k
+            self.last_k = min(range(self.max_k + 1), key=lambda k: self._seen.get((bucket, k), -1))
+            # Twice in a row: the first such step pays the draft's catch-up on
+            # the steps it skipped, so only the second is a fair sample.
+            self._repeat = 1
+        elif self._repeat:
+            self._repeat -= 1
+        else:
+            self.last_k = max(range(self.max_k + 1), key=lambda k: self.goodput(curve, k))
+        return self.last_k
 
     def goodput(self, bucket: int, k: int) -> float:
         return expected_tokens(self.alpha, k) / self._estimated_cost(bucket, k)

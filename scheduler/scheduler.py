@@ -121,7 +121,9 @@ class Scheduler:
 
     def _work(self, seq: Sequence, chunk: int, sample: bool, k: int) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        uses_draft = seq.num_speculative_tokens > 0
+        # The draft runs only on steps that speculate; it catches up on
+        # whatever it missed the next time one does.
+        uses_draft = k > 0
         params = seq.sampling_params
         penalties = params is not None and getattr(params, "has_penalties", False)
         return ScheduledSequence(
