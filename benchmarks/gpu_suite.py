@@ -1,0 +1,244 @@
+"""The GPU benchmark suite: one run, one table (issue: fast on the GPU).
+
+    python benchmarks/gpu_suite.py --out DIR [--pair engine/default_models]
+
+1. batch-1 decode, target only: Llama-2-7B shapes (dummy weights, bf16),
+   128-token prompt, 256 new tokens, against the HBM floor (weight bytes over
+   the measured copy bandwidth, per token);
+2. throughput: N requests of 512-token prompts and 256 output tokens, all at
+   once, through the engine; against the workload's floor (weights plus KV
+   bytes read per decode step over bandwidth);
+3. speculation with a trained pair (default: the embedded one): speedup over
+   target-only at batch sizes 1, 4, 16, 64, fixed k and adaptive k;
+4. KV memory at saturation: fraction of allocated block slots holding tokens,
+   and the most sequences running at once.
+Prints one table last; writes suite.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from engine import LLM, SamplingParams  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    a.random_(0, 255)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / sorted(times)[len(times) // 2]
+
+
+def dummy_model_dir(config_name: str, root: str) -> str:
+    """A model directory of a checkpoint's config plus a word-level tokenizer
+    of its vocabulary size: enough for load_format=dummy."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = os.path.join(root, config_name)
+    os.makedirs(path, exist_ok=True)
+    shutil.copy(os.path.join(HERE, "configs", config_name, "config.json"), path)
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t2", bos_token="t1",
+                            unk_token="t0").save_pretrained(path)
+    return path
+
+
+def weight_bytes(llm: LLM) -> int:
+    runner = llm.engine.executor.worker.runner
+    return sum(p.numel() * p.element_size() for p in runner.target.parameters())
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g).tolist()
+
+
+def timed_generate(llm: LLM, prompts, params, k=None) -> tuple[float, list]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, num_speculative_tokens=k)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, outs
+
+
+def batch1_decode(llm: LLM, bw: float) -> dict:
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    prompt = random_prompts(1, 128, 32000)
+    timed_generate(llm, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    secs, outs = timed_generate(llm, prompt, params)
+    tps = len(outs[0].token_ids) / secs
+    floor = bw / weight_bytes(llm)
+    return {"tokens_per_s": tps, "floor_tokens_per_s": floor, "fraction_of_floor": tps / floor}
+
+
+def throughput(llm: LLM, bw: float, n: int) -> dict:
+    engine = llm.engine
+    prompts = random_prompts(n, 512, 32000, seed=1)
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"tp-{i}", p, params)
+    alloc = engine.scheduler.allocator
+    bs = alloc.block_size
+    peak_running, best_fill, fills, tokens = 0, 0.0, [], 0
+    step_bytes = []
+    wbytes = weight_bytes(llm)
+    kv_per_token = _kv_bytes_per_token(llm)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        running = engine.scheduler.running
+        if running:
+            held = sum(len(s.block_ids) for s in running) * bs
+            used = sum(s.num_tokens for s in running)
+            fills.append(used / held)
+            peak_running = max(peak_running, len(running))
+            step_bytes.append(wbytes + kv_per_token * used)
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - start
+    # Floor: each decode step reads the weights once and every running
+    # sequence's KV once; it emits one token per running sequence.
+    floor_secs = sum(step_bytes) / bw
+    saturated = fills[len(fills) // 4: 3 * len(fills) // 4] or fills
+    return {"requests": n, "output_tokens": tokens, "seconds": secs,
+            "output_tokens_per_s": tokens / secs,
+            "floor_output_tokens_per_s": tokens / floor_secs if floor_secs else None,
+            "fraction_of_floor": floor_secs / secs,
+            "kv_fill_at_saturation": sum(saturated) / len(saturated),
+            "peak_running_sequences": peak_running, "kv_blocks": alloc.num_blocks,
+            "block_size": bs}
+
+
+def _kv_bytes_per_token(llm: LLM) -> int:
+    caches = llm.engine.executor.worker.runner.target_caches
+    per_layer = caches[0][0, 0, 0].numel() * caches[0].element_size() * 2
+    return per_layer * len(caches)
+
+
+def speculation(pair_dir: str, batch_sizes: list[int], k: int) -> list[dict]:
+    target, draft = os.path.join(pair_dir, "target"), os.path.join(pair_dir, "draft")
+    rows = []
+    fixed = LLM(model=target, draft_model=draft, num_speculative_tokens=k, dtype="bfloat16",
+                max_num_seqs=max(batch_sizes))
+    adaptive = LLM(model=target, draft_model=draft, num_speculative_tokens=k, dtype="bfloat16",
+                   max_num_seqs=max(batch_sizes), adaptive_speculation=True)
+    from benchmarks.offline import CODE_PROMPTS
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    for b in batch_sizes:
+        prompts = (CODE_PROMPTS * (b // len(CODE_PROMPTS) + 1))[:b]
+        row = {"batch": b}
+        for name, llm, kk in (("target_only", fixed, 0), ("speculative", fixed, None),
+                              ("adaptive", adaptive, None)):
+            timed_generate(llm, prompts, params, kk)  # warm-up and graph capture
+            secs, outs = timed_generate(llm, prompts, params, kk)
+            tokens = sum(len(o.token_ids) for o in outs)
+            row[name] = tokens / secs
+            if name == "speculative":
+                prop = sum(o.metrics.draft_tokens_proposed for o in outs)
+                acc = sum(o.metrics.draft_tokens_accepted for o in outs)
+                row["acceptance"] = acc / prop if prop else 0.0
+                row["tokens_per_step"] = tokens / sum(o.metrics.num_steps for o in outs)
+        row["speedup"] = row["speculative"] / row["target_only"]
+        row["adaptive_speedup"] = row["adaptive"] / row["target_only"]
+        rows.append(row)
+    fixed.shutdown()
+    adaptive.shutdown()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--pair", default=os.path.join(os.path.dirname(HERE), "engine", "default_models"))
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--batch-sizes", default="1,4,16,64")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: "
+                                               "batch1,throughput,speculation")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    bw = copy_bandwidth()
+    results["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    root = tempfile.mkdtemp()
+    if not {"batch1", "throughput"} <= skip:
+        model = dummy_model_dir("llama-2-7b", root)
+        llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
+                  max_num_batched_tokens=8192)
+        print(f"attention backend: {llm.engine.executor.worker.runner.target.attention_backend.name}",
+              flush=True)
+        if "batch1" not in skip:
+            results["batch1"] = batch1_decode(llm, bw)
+            print("batch1", results["batch1"], flush=True)
+        if "throughput" not in skip:
+            results["throughput"] = throughput(llm, bw, args.requests)
+            print("throughput", results["throughput"], flush=True)
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    if "speculation" not in skip:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        results["speculation"] = speculation(args.pair, sizes, args.k)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "suite.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+
+
+def print_table(r: dict) -> None:
+    print(f"\n== specserve GPU suite: {r['device']}, torch {r['torch']}, "
+          f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s ==")
+    if "batch1" in r:
+        b = r["batch1"]
+        print(f"batch-1 decode (Llama-2-7B shapes, bf16): {b['tokens_per_s']:.1f} tok/s; "
+              f"floor {b['floor_tokens_per_s']:.1f} tok/s; {100 * b['fraction_of_floor']:.0f}% of floor")
+    if "throughput" in r:
+        t = r["throughput"]
+        print(f"throughput ({t['requests']} x 512 in / 256 out): {t['output_tokens_per_s']:.0f} "
+              f"output tok/s; floor {t['floor_output_tokens_per_s']:.0f}; "
+              f"{100 * t['fraction_of_floor']:.0f}% of floor")
+        print(f"KV memory: {100 * t['kv_fill_at_saturation']:.1f}% of allocated slots hold tokens; "
+              f"peak {t['peak_running_sequences']} sequences in {t['kv_blocks']} blocks of {t['block_size']}")
+    if "speculation" in r:
+        print(f"{'batch':>5} {'target tok/s':>12} {'spec tok/s':>10} {'speedup':>8} "
+              f"{'adaptive':>9} {'accept':>7} {'tok/step':>8}")
+        for s in r["speculation"]:
+            print(f"{s['batch']:>5} {s['target_only']:>12.0f} {s['speculative']:>10.0f} "
+                  f"{s['speedup']:>7.2f}x {s['adaptive_speedup']:>8.2f}x "
+                  f"{s['acceptance']:>7.3f} {s['tokens_per_step']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
