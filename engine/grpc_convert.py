@@ -105,6 +105,7 @@ def usage_from_metrics(metrics: RequestMetrics | None, completion_tokens: int | 
         completion_tokens=m.completion_tokens if completion_tokens is None else completion_tokens,
         draft_tokens_proposed=m.draft_tokens_proposed,
         draft_tokens_accepted=m.draft_tokens_accepted,
+        num_steps=m.num_steps,
     )
 
 

@@ -1,0 +1,853 @@
+"""Load-test a specserve server over gRPC: request throughput, tokens/s and
+latency (TTFT, TPOT, ITL, end to end), with the draft's acceptance.
+
+    # a running server
+    python benchmarks/throughput.py --target-address 127.0.0.1:50051 \\
+        --num-requests 200 --request-rate 20 --max-concurrency 64 \\
+        --input-len 128:1024 --output-len 256
+    # start one from the same flags as `specserve serve`, and compare speculation on and off
+    python benchmarks/throughput.py --model DIR --draft-model DIR --num-speculative-tokens 4 \\
+        --num-requests 64 --input-len 512 --output-len 128 --compare-speculation --json out.json
+
+The workload: ``--num-requests`` requests arriving all at once
+(``--request-rate inf``) or as a Poisson process at that many requests per
+second (seeded by ``--workload-seed``), at most ``--max-concurrency`` in
+flight. Synthetic prompts are random token ids in [3, vocab_size) (the server's
+GetModelInfo gives the vocabulary; the lowest ids are usually special tokens),
+sent as ``token_ids`` with ``ignore_eos`` so every output has exactly its
+``max_tokens``; lengths are fixed (``--input-len 512``) or uniform in a range
+(``--input-len 128:1024``). ``--dataset FILE.jsonl`` takes prompts from a file
+instead: one JSON object a line, ``{"prompt": "...", "max_tokens": N}`` or
+``{"token_ids": [...], "max_tokens": N}`` (``max_tokens`` optional, else drawn
+from ``--output-len``).
+
+Without ``--target-address`` the benchmark starts a server itself, from the
+engine flags of ``specserve serve`` (``--model``, ``--draft-model``, ...; no
+``--model`` serves the embedded default pair): by default as a child process
+(``specserve serve`` on a free loopback port), so that the client and the
+server do not share an interpreter; ``--server-in-process`` runs it on a
+thread of this process instead (quicker to start, but the two then compete for
+the GIL, which the figures show).
+
+What is measured, per request, from the moment it is sent (after waiting for a
+concurrency slot; that wait is recorded separately as ``queued``):
+
+- TTFT: until the first stream message that carries tokens.
+- E2E: until the stream ends.
+- TPOT: (E2E - TTFT) / (output tokens - 1), for outputs of 2 tokens or more.
+- ITL: the gaps between consecutive token-carrying messages. With speculation
+  one message carries every token a step accepted, so a gap g before a
+  message of n tokens counts as n inter-token latencies of g / n each: the ITL
+  distribution is per token, and its mean over a request is close to TPOT.
+  Tokens that arrive with the first token are covered by TTFT and add no ITL.
+- Tokens per step: output tokens / engine steps that produced tokens. The
+  wire's Usage has no step count (yet: a ``num_steps`` field there is used when
+  the stubs have one), so token-carrying messages stand in for steps. The
+  server sends one message per step that produced tokens for the request (the
+  prefill step, which yields the first token, counts as one), but merges the
+  deltas of several steps into one message when the stream's reader falls
+  behind; under heavy load the figure therefore overestimates (even with
+  speculation off it can exceed 1).
+- Acceptance rate: draft tokens accepted / proposed, from the ``usage`` of each
+  stream's last message, summed over requests.
+
+Throughputs divide by the wall time from the first request sent to the last
+stream ended. Latency figures cover successful requests only; failed ones
+(a gRPC status other than OK, ``--timeout`` passed as DEADLINE_EXCEEDED, or a
+stream ended as aborted) are counted by status code and reported; the exit code
+is 1 if any request failed, unless ``--allow-errors``.
+
+Before each run, ``--warmup-requests`` (default 8) of the workload's requests
+are sent and not measured: a fresh server's first steps are several times
+slower (lazy initialisation, allocator growth, graph capture), which would
+otherwise weigh on whichever run comes first.
+
+``--compare-speculation`` sends the same workload twice: with speculation on
+(the request leaves ``num_speculative_tokens`` unset, so the server's k
+applies) and off (``num_speculative_tokens=0``), and adds the ratio on/off of
+every figure. ``--json FILE`` writes every figure and one record per request;
+``--plot FILE.png`` draws the latency distributions and the output throughput
+over time (needs matplotlib). The table is the last thing printed (stdout);
+progress and warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.join(ROOT, "proto")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine import cli  # noqa: E402
+from specserve.v1 import generation_pb2 as pb  # noqa: E402
+from specserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+USAGE_HAS_STEPS = "num_steps" in pb.Usage.DESCRIPTOR.fields_by_name
+FIRST_TOKEN_ID = 3  # synthetic prompts avoid the lowest ids (usually special tokens)
+FALLBACK_VOCAB = 256  # synthetic ids when the server gives no vocabulary (see probe_server)
+PERCENTILES = (50, 90, 99)
+
+
+# -- the workload ---------------------------------------------------------------------------
+def parse_length(text: str) -> tuple[int, int]:
+    """'512' -> (512, 512); '128:1024' -> (128, 1024), both ends included."""
+    try:
+        lo, _, hi = text.partition(":")
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a length or LO:HI range: {text!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"need 1 <= LO <= HI, got {text!r}")
+    return bounds
+
+
+def load_dataset(path: str) -> list[dict[str, Any]]:
+    """The JSONL file's objects, checked: each has a non-empty "prompt" or "token_ids"."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+            ok = isinstance(item, dict) and (
+                (isinstance(item.get("prompt"), str) and item["prompt"])
+                or (isinstance(item.get("token_ids"), list) and item["token_ids"]))
+            if not ok:
+                raise ValueError(f'{path}:{lineno}: need {{"prompt": "..."}} or '
+                                 f'{{"token_ids": [...]}}, optionally with "max_tokens"')
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no prompts")
+    return items
+
+
+def build_requests(args: argparse.Namespace, vocab_size: int,
+                   rng: random.Random) -> list[pb.GenerateRequest]:
+    """The workload's requests, built before the clock starts."""
+    out_lo, out_hi = args.output_len
+    dataset = load_dataset(args.dataset) if args.dataset else None
+    ignore_eos = args.ignore_eos if args.ignore_eos is not None else dataset is None
+    requests = []
+    for i in range(args.num_requests):
+        req = pb.GenerateRequest()
+        if dataset is None:
+            in_len = rng.randint(*args.input_len)
+            req.token_ids.ids.extend(rng.randrange(FIRST_TOKEN_ID, vocab_size)
+                                     for _ in range(in_len))
+            max_tokens = rng.randint(out_lo, out_hi)
+        else:
+            item = dataset[i % len(dataset)]
+            if "token_ids" in item:
+                req.token_ids.ids.extend(int(t) for t in item["token_ids"])
+            else:
+                req.text = item["prompt"]
+            max_tokens = int(item.get("max_tokens") or rng.randint(out_lo, out_hi))
+        sp = req.sampling_params
+        sp.max_tokens = max_tokens
+        sp.temperature = args.temperature
+        sp.ignore_eos = ignore_eos
+        requests.append(req)
+    return requests
+
+
+def arrival_times(n: int, rate: float, rng: random.Random) -> list[float]:
+    """Seconds after the start at which each request arrives: all at 0 for an
+    infinite rate, else a Poisson process (exponential gaps of mean 1/rate)."""
+    if math.isinf(rate):
+        return [0.0] * n
+    t, times = 0.0, []
+    for _ in range(n):
+        times.append(t)
+        t += rng.expovariate(rate)
+    return times
+
+
+# -- measuring ------------------------------------------------------------------------------
+@dataclass
+class RequestRecord:
+    """One request as the client saw it. Times are seconds; ``scheduled`` and
+    ``start`` are since the run began, the rest since ``start``."""
+
+    index: int
+    max_tokens: int
+    ignore_eos: bool
+    scheduled: float = 0.0  # planned arrival
+    start: float = 0.0  # sent (after waiting for a concurrency slot)
+    ttft: float | None = None
+    e2e: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0  # token ids received
+    completion_tokens: int = 0  # as the server's usage reports them
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+    finish_reason: str = ""
+    error: str | None = None  # gRPC status code name, or ABORTED / CLIENT_ERROR
+    error_details: str = ""
+    steps: int = 0  # usage.num_steps where the wire has it, else token-carrying messages
+    message_times: list[float] = field(default_factory=list)  # token-carrying messages
+    message_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def queued(self) -> float:
+        return self.start - self.scheduled
+
+    @property
+    def tpot(self) -> float | None:
+        if self.e2e is None or self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+    def itls(self) -> np.ndarray:
+        """Per-token inter-token latencies (see the module docstring)."""
+        if len(self.message_times) < 2:
+            return np.empty(0)
+        gaps = np.diff(np.asarray(self.message_times))
+        counts = np.asarray(self.message_tokens[1:])
+        return np.repeat(gaps / counts, counts)
+
+
+async def send_one(stub: pb_grpc.GenerationStub, req: pb.GenerateRequest,
+                   record: RequestRecord, timeout: float | None, t0: float) -> None:
+    """Send ``req``, read its stream, fill ``record``. The loop over messages
+    does no more than take the time and count the tokens."""
+    times: list[float] = []
+    counts: list[int] = []
+    last = None
+    clock = time.perf_counter
+    start = clock()
+    record.start = start - t0
+    try:
+        async for resp in stub.Generate(req, timeout=timeout):
+            n = len(resp.token_ids)
+            if n:
+                times.append(clock())
+                counts.append(n)
+            last = resp
+    except grpc.aio.AioRpcError as exc:
+        record.error, record.error_details = exc.code().name, exc.details() or ""
+    except Exception as exc:  # noqa: BLE001 - a broken client is a failed request too
+        record.error, record.error_details = "CLIENT_ERROR", f"{type(exc).__name__}: {exc}"
+    end = clock()
+    record.message_times = [t - start for t in times]
+    record.message_tokens = counts
+    record.output_tokens = sum(counts)
+    if times:
+        record.ttft = times[0] - start
+    if last is not None:
+        record.finish_reason = pb.FinishReason.Name(last.finish_reason).removeprefix(
+            "FINISH_REASON_").lower()
+        u = last.usage
+        record.prompt_tokens = u.prompt_tokens
+        record.completion_tokens = u.completion_tokens
+        record.draft_tokens_proposed = u.draft_tokens_proposed
+        record.draft_tokens_accepted = u.draft_tokens_accepted
+    record.steps = last.usage.num_steps if USAGE_HAS_STEPS and last is not None else len(counts)
+    if record.error is None:
+        if last is None or last.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+            record.error = "NO_FINISH"
+            record.error_details = "the stream ended without a finish reason"
+        elif last.finish_reason == pb.FINISH_REASON_ABORTED:
+            record.error, record.error_details = "ABORTED", "the server aborted the request"
+        else:
+            record.e2e = end - start
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn by a timer (not per message).
+    Off a terminal it prints a line every tenth of the way instead."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done = self.failed = 0
+        self.tty = sys.stderr.isatty()
+        self._t0 = time.perf_counter()
+        self._last_tenth = -1
+
+    def draw(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        frac = self.done / self.total if self.total else 1.0
+        elapsed = time.perf_counter() - self._t0
+        text = (f"{self.label} [{'#' * int(frac * 30):<30}] {self.done}/{self.total}"
+                f" failed {self.failed}  {elapsed:6.1f}s")
+        if self.tty:
+            sys.stderr.write("\r" + text + ("\n" if final else ""))
+            sys.stderr.flush()
+        else:
+            tenth = int(frac * 10)
+            if tenth > self._last_tenth or (final and self._last_tenth < 10):
+                self._last_tenth = tenth
+                print(text, file=sys.stderr)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            self.draw()
+            await asyncio.sleep(interval)
+
+
+async def run_load(address: str, requests: list[pb.GenerateRequest], arrivals: list[float],
+                   *, max_concurrency: int | None, timeout: float | None, num_channels: int = 1,
+                   label: str = "", progress: bool = True) -> tuple[list[RequestRecord], float]:
+    """Send the requests at their arrival times, at most ``max_concurrency`` in
+    flight, over ``num_channels`` connections. Returns the records (in request
+    order) and the wall time from the first send to the last stream's end."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(num_channels)]
+    stubs = [pb_grpc.GenerationStub(ch) for ch in channels]
+    records = [RequestRecord(i, r.sampling_params.max_tokens, r.sampling_params.ignore_eos,
+                             scheduled=arrivals[i]) for i, r in enumerate(requests)]
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = Progress(len(requests), label, progress)
+    ticker = asyncio.ensure_future(bar.run(0.1 if bar.tty else 0.5))
+    tasks = []
+
+    async def one(i: int) -> None:
+        try:
+            await send_one(stubs[i % num_channels], requests[i], records[i], timeout, t0)
+        finally:
+            if slots is not None:
+                slots.release()
+            bar.done += 1
+            bar.failed += records[i].error is not None
+
+    try:
+        t0 = time.perf_counter()
+        for i, arrival in enumerate(arrivals):
+            delay = arrival - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if slots is not None:
+                await slots.acquire()
+            tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+    finally:
+        for task in tasks:
+            task.cancel()
+        ticker.cancel()
+        bar.draw(final=True)
+        for ch in channels:
+            await ch.close()
+    return records, duration
+
+
+async def probe_server(address: str, timeout: float) -> tuple[pb.ModelInfo | None, str]:
+    """The server's ModelInfo, or (None, "CODE: details") when it does not answer."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            info = await pb_grpc.GenerationStub(channel).GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=timeout)
+            return info, ""
+        except grpc.aio.AioRpcError as exc:
+            return None, f"{exc.code().name}: {exc.details()}"
+
+
+# -- summarising ----------------------------------------------------------------------------
+@dataclass
+class Stats:
+    """Mean and percentiles of one latency, in milliseconds."""
+
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, seconds: Any) -> "Stats | None":
+        a = np.asarray(seconds, dtype=float) * 1000.0
+        if a.size == 0:
+            return None
+        p = np.percentile(a, PERCENTILES)
+        return cls(float(a.mean()), *(float(x) for x in p))
+
+
+@dataclass
+class Summary:
+    label: str
+    num_requests: int
+    completed: int
+    failed: int
+    errors: dict[str, int]  # status code name -> requests
+    duration_s: float
+    request_throughput: float  # completed requests / s
+    output_throughput: float  # output tokens / s
+    total_token_throughput: float  # (prompt + output) tokens / s
+    total_prompt_tokens: int
+    total_output_tokens: int
+    ttft_ms: Stats | None
+    tpot_ms: Stats | None
+    itl_ms: Stats | None
+    e2e_ms: Stats | None
+    queued_ms: Stats | None  # waiting for a concurrency slot before being sent
+    acceptance_rate: float | None  # accepted / proposed draft tokens; None without speculation
+    tokens_per_step: float | None  # output tokens / steps (see RequestRecord.steps)
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int
+    outputs_short_of_max_tokens: int  # ignore_eos requests that got fewer tokens than asked
+
+
+def summarize(label: str, records: list[RequestRecord], duration: float) -> Summary:
+    good = [r for r in records if r.ok]
+    errors: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            errors[r.error] = errors.get(r.error, 0) + 1
+    prompt = sum(r.prompt_tokens for r in good)
+    output = sum(r.output_tokens for r in good)
+    proposed = sum(r.draft_tokens_proposed for r in good)
+    accepted = sum(r.draft_tokens_accepted for r in good)
+    steps = sum(r.steps for r in good)
+    rate = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
+    itls = [r.itls() for r in good]
+    return Summary(
+        label=label, num_requests=len(records), completed=len(good),
+        failed=len(records) - len(good), errors=dict(sorted(errors.items())),
+        duration_s=duration, request_throughput=rate(len(good)),
+        output_throughput=rate(output), total_token_throughput=rate(prompt + output),
+        total_prompt_tokens=prompt, total_output_tokens=output,
+        ttft_ms=Stats.of([r.ttft for r in good if r.ttft is not None]),
+        tpot_ms=Stats.of([r.tpot for r in good if r.tpot is not None]),
+        itl_ms=Stats.of(np.concatenate(itls) if itls else []),
+        e2e_ms=Stats.of([r.e2e for r in good]),
+        queued_ms=Stats.of([r.queued for r in records]),
+        acceptance_rate=accepted / proposed if proposed else None,
+        tokens_per_step=output / steps if steps else None,
+        draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
+        outputs_short_of_max_tokens=sum(r.ignore_eos and r.output_tokens < r.max_tokens
+                                        for r in good))
+
+
+def figures(s: Summary) -> dict[str, float | None]:
+    """The table's rows: name -> value (None: not applicable)."""
+    rows: dict[str, float | None] = {
+        "Successful requests": s.completed,
+        "Failed requests": s.failed,
+        "Duration (s)": s.duration_s,
+        "Prompt tokens": s.total_prompt_tokens,
+        "Output tokens": s.total_output_tokens,
+        "Request throughput (req/s)": s.request_throughput,
+        "Output token throughput (tok/s)": s.output_throughput,
+        "Total token throughput (tok/s)": s.total_token_throughput,
+    }
+    for name, st in (("TTFT", s.ttft_ms), ("TPOT", s.tpot_ms), ("ITL", s.itl_ms),
+                     ("E2E latency", s.e2e_ms)):
+        for key in ("mean", "p50", "p90", "p99"):
+            rows[f"{name} {key} (ms)"] = None if st is None else getattr(st, key)
+    rows["Draft acceptance rate"] = s.acceptance_rate
+    rows["Tokens per step"] = s.tokens_per_step
+    return rows
+
+
+_COUNTS = {"Successful requests", "Failed requests", "Prompt tokens", "Output tokens"}
+
+
+def ratios(on: Summary, off: Summary) -> dict[str, float | None]:
+    """Speculation on / off, figure by figure (None where either is missing or 0)."""
+    a, b = figures(on), figures(off)
+    return {k: (a[k] / b[k] if a[k] is not None and b[k] else None) for k in a}
+
+
+# -- printing -------------------------------------------------------------------------------
+def _fmt(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if name in _COUNTS:
+        return f"{int(value)}"
+    if name == "Draft acceptance rate":
+        return f"{value:.1%}"
+    return f"{value:.2f}"
+
+
+def format_table(summaries: list[Summary], ratio: dict[str, float | None] | None = None,
+                 title: str = "specserve throughput") -> str:
+    """One column per run (and an on/off column when comparing)."""
+    names = list(figures(summaries[0]))
+    cols = [figures(s) for s in summaries]
+    heads = [s.label for s in summaries] + (["on/off"] if ratio is not None else [])
+    width = max(len(n) for n in names) + 2
+    colw = max(14, *(len(h) + 2 for h in heads))
+    rule = "=" * (width + colw * len(heads))
+    lines = [rule, title.center(len(rule)), rule,
+             " " * width + "".join(h.rjust(colw) for h in heads), "-" * len(rule)]
+    for name in names:
+        cells = [_fmt(name, c[name]) for c in cols]
+        if ratio is not None:
+            cells.append("-" if ratio[name] is None else f"{ratio[name]:.2f}x")
+        lines.append(name.ljust(width) + "".join(c.rjust(colw) for c in cells))
+    for s in summaries:
+        for code, n in s.errors.items():
+            who = f" ({s.label})" if len(summaries) > 1 else ""
+            lines.append(f"  failed{who}: {code}".ljust(width) + f"{n}".rjust(colw))
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def describe_server(address: str, info: pb.ModelInfo | None) -> str:
+    if info is None:
+        return f"server {address}: no model info"
+    draft = f"draft {info.draft} (k={info.num_speculative_tokens})" if info.draft else "no draft"
+    return (f"server {address}: target {info.target}, {draft}, max_model_len "
+            f"{info.max_model_len}, vocab {info.vocab_size}, replicas {info.data_parallel_size}")
+
+
+def write_json(path: str, args: argparse.Namespace, info: pb.ModelInfo | None,
+               runs: list[tuple[Summary, list[RequestRecord]]],
+               ratio: dict[str, float | None] | None) -> None:
+    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+
+    doc = {
+        "workload": {k: getattr(args, k) for k in (
+            "num_requests", "request_rate", "max_concurrency", "input_len", "output_len",
+            "dataset", "temperature", "ignore_eos", "timeout", "workload_seed", "num_channels",
+            "warmup_requests", "compare_speculation")},
+        "server": MessageToDict(info, preserving_proto_field_name=True) if info else None,
+        "runs": [{"summary": asdict(s), "figures": figures(s),
+                  "requests": [dict(asdict(r), tpot=r.tpot, queued=r.queued) for r in recs]}
+                 for s, recs in runs],
+        "ratio_on_off": ratio,
+    }
+    if math.isinf(args.request_rate):
+        doc["workload"]["request_rate"] = "inf"
+    text = json.dumps(doc, indent=1, allow_nan=False)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_plot(path: str, runs: list[tuple[Summary, list[RequestRecord]]]) -> None:
+    """TTFT, ITL and E2E distributions (CDFs) and output tokens/s over time."""
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    panels = [("TTFT (ms)", lambda rs: [r.ttft for r in rs if r.ttft is not None]),
+              ("ITL (ms)", lambda rs: np.concatenate([r.itls() for r in rs] or [np.empty(0)])),
+              ("E2E latency (ms)", lambda rs: [r.e2e for r in rs])]
+    for ax, (name, values) in zip(axes.flat, panels):
+        for s, recs in runs:
+            v = np.sort(np.asarray(values([r for r in recs if r.ok]), dtype=float)) * 1000
+            if v.size:
+                ax.plot(v, np.arange(1, v.size + 1) / v.size, label=s.label)
+        ax.set(xlabel=name, ylabel="fraction of " + ("tokens" if name.startswith("ITL")
+                                                      else "requests"), title=name + " CDF")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes.flat[3]
+    for s, recs in runs:
+        times = [r.start + t for r in recs for t in r.message_times]
+        tokens = [n for r in recs for n in r.message_tokens]
+        if not times:
+            continue
+        width = max(s.duration_s / 50, 1e-3)
+        bins = np.arange(0, max(times) + width, width)
+        hist, edges = np.histogram(times, bins=bins, weights=tokens)
+        ax.step(edges[:-1], hist / width, where="post", label=s.label)
+    ax.set(xlabel="time since start (s)", ylabel="output tokens/s", title="Output throughput")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- a server of our own --------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags given to the benchmark, as `specserve serve` arguments."""
+    argv = []
+    for f in cli.engine_fields():
+        if not hasattr(args, f.name):
+            continue
+        flag, value = "--" + f.name.replace("_", "-"), getattr(args, f.name)
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode}")
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"the server was not serving after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def own_server(args: argparse.Namespace) -> Iterator[str]:
+    """Start a server from the engine flags; yields its address."""
+    config = cli.engine_config_from_args(args)  # checks the flags (SystemExit with a message)
+    if args.server_in_process:
+        from engine.server import BackgroundServer  # noqa: PLC0415
+
+        server = BackgroundServer(config, host="127.0.0.1", port=0)
+        server.start(timeout=args.server_start_timeout)
+        try:
+            yield server.address
+        finally:
+            server.stop()
+        return
+    address = f"127.0.0.1:{_free_port()}"
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1",
+           "--port", address.rsplit(":", 1)[1], "--grace-period", "1", "--log-level", "warning",
+           *serve_argv(args)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.path.join(ROOT, "proto"), os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            print(f"starting a server on {address}: {' '.join(cmd[1:])}", file=sys.stderr)
+            try:
+                _wait_serving(address, proc, args.server_start_timeout)
+            except RuntimeError as exc:
+                log.seek(0)
+                tail = "".join(log.readlines()[-30:])
+                raise SystemExit(f"throughput: {exc}; its output:\n{tail}") from None
+            yield address
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+# -- the benchmark --------------------------------------------------------------------------
+@dataclass
+class BenchmarkResult:
+    info: pb.ModelInfo | None
+    runs: list[tuple[Summary, list[RequestRecord]]]
+    ratio: dict[str, float | None] | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(s.failed for s, _ in self.runs)
+
+
+async def benchmark(address: str, args: argparse.Namespace) -> BenchmarkResult:
+    """Probe the server, build the workload, run it (twice with
+    --compare-speculation) and summarise."""
+    probe_timeout = min(args.timeout or 10.0, 10.0)
+    info, why = await probe_server(address, probe_timeout)
+    vocab = info.vocab_size if info is not None and info.vocab_size else 0
+    if info is None:
+        # Send the load anyway, so that every request's failure is counted by its status.
+        print(f"warning: GetModelInfo on {address} failed ({why}); sending the load anyway",
+              file=sys.stderr)
+    else:
+        print(describe_server(address, info), file=sys.stderr)
+    if not vocab and not args.dataset:
+        vocab = FALLBACK_VOCAB
+    rng = random.Random(args.workload_seed)
+    requests = build_requests(args, vocab, rng)
+    arrivals = arrival_times(len(requests), args.request_rate, rng)
+    if info is not None and info.max_model_len and not args.dataset:
+        too_long = sum(len(r.token_ids.ids) + r.sampling_params.max_tokens > info.max_model_len
+                       for r in requests)
+        if too_long:
+            print(f"warning: {too_long} request(s) need more than max_model_len "
+                  f"{info.max_model_len} tokens: refused, or cut short", file=sys.stderr)
+    if args.compare_speculation and info is not None and not info.num_speculative_tokens:
+        print("warning: the server does not speculate; both runs are target-only",
+              file=sys.stderr)
+
+    variants = [("speculation on", None), ("speculation off", 0)] \
+        if args.compare_speculation else [("run", None)]
+    kwargs = dict(max_concurrency=args.max_concurrency, timeout=args.timeout,
+                  num_channels=args.num_channels, progress=not args.no_progress)
+    runs = []
+    for label, k in variants:
+        reqs = requests
+        if k is not None:
+            reqs = [pb.GenerateRequest() for _ in requests]
+            for new, old in zip(reqs, requests):
+                new.CopyFrom(old)
+                new.num_speculative_tokens = k
+        if args.warmup_requests:
+            n = min(args.warmup_requests, len(reqs))
+            await run_load(address, reqs[:n], [0.0] * n, label=f"warmup ({label})", **kwargs)
+        records, duration = await run_load(address, reqs, arrivals, label=label, **kwargs)
+        runs.append((summarize(label, records, duration), records))
+    ratio = ratios(runs[0][0], runs[1][0]) if args.compare_speculation else None
+    return BenchmarkResult(info, runs, ratio)
+
+
+def report(result: BenchmarkResult, args: argparse.Namespace) -> None:
+    """Warnings and files first, the table last (stdout)."""
+    for s, recs in result.runs:
+        if s.outputs_short_of_max_tokens:
+            print(f"warning ({s.label}): {s.outputs_short_of_max_tokens} request(s) with "
+                  "ignore_eos got fewer tokens than max_tokens", file=sys.stderr)
+        shown = {}
+        for r in recs:
+            if not r.ok and r.error not in shown:
+                shown[r.error] = r.error_details
+        for code, details in shown.items():
+            print(f"error ({s.label}) {code}: {details}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, args, result.info, result.runs, result.ratio)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        write_plot(args.plot, result.runs)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    print(format_table([s for s, _ in result.runs], result.ratio))
+
+
+# -- command line ---------------------------------------------------------------------------
+def _rate(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"the request rate must be > 0 (or inf), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="throughput.py", description=__doc__.split("\n\n")[0],
+        epilog="Metric definitions: see the top of benchmarks/throughput.py.")
+    p.add_argument("--target-address", metavar="HOST:PORT",
+                   help="the server to load; without it, one is started from the engine flags")
+    load = p.add_argument_group("workload")
+    load.add_argument("--num-requests", type=int, default=None,
+                      help="requests to send (default: 100, or the dataset's size)")
+    load.add_argument("--request-rate", type=_rate, default=math.inf,
+                      help="Poisson arrivals per second; inf sends all at once")
+    load.add_argument("--max-concurrency", type=int, default=None,
+                      help="most requests in flight (default: no limit)")
+    load.add_argument("--input-len", type=parse_length, default=(128, 128), metavar="N|LO:HI",
+                      help="synthetic prompt tokens, fixed or uniform in [LO, HI] (default 128)")
+    load.add_argument("--output-len", type=parse_length, default=(128, 128), metavar="N|LO:HI",
+                      help="max_tokens, fixed or uniform in [LO, HI] (default 128)")
+    load.add_argument("--dataset", metavar="FILE.jsonl",
+                      help='prompts from a file: {"prompt": ...} or {"token_ids": [...]} a '
+                           'line, optionally with "max_tokens"')
+    load.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature of every request (default 0: greedy)")
+    load.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                      help="generate max_tokens past the end-of-sequence token (default: on "
+                           "for synthetic prompts, off for a dataset)")
+    load.add_argument("--workload-seed", type=int, default=0,
+                      help="seed of the synthetic prompts, lengths and arrival times")
+    load.add_argument("--timeout", type=float, default=None,
+                      help="deadline of each request in seconds (default: none)")
+    load.add_argument("--num-channels", type=int, default=1,
+                      help="gRPC connections the requests are spread over")
+    load.add_argument("--warmup-requests", type=int, default=8,
+                      help="requests of the workload sent (all at once, within "
+                           "--max-concurrency) and not measured before each run; 0: none")
+    load.add_argument("--compare-speculation", action="store_true",
+                      help="run the workload with speculation on and off and print the ratios")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="FILE", help="write every figure and per-request records")
+    out.add_argument("--plot", metavar="FILE.png",
+                     help="latency distributions and throughput over time (needs matplotlib)")
+    out.add_argument("--allow-errors", action="store_true",
+                     help="exit 0 even when requests failed")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    server = p.add_argument_group(
+        "a server of our own (without --target-address): the flags of `specserve serve`")
+    server.add_argument("--server-in-process", action="store_true",
+                        help="run it on a thread of this process instead of a child process")
+    server.add_argument("--server-start-timeout", type=float, default=600.0,
+                        help="seconds to wait for it to load its models")
+    cli.add_dataclass_flags(server, cli.engine_fields(), cli.ENGINE_OPTION_HELP,
+                            cli.ENGINE_OPTION_CHOICES)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    engine_flags = serve_argv(args)
+    if args.target_address and engine_flags:
+        parser.error("engine flags (" + " ".join(a for a in engine_flags if a.startswith("--"))
+                     + ") only apply to a server the benchmark starts; drop --target-address")
+    if args.dataset:
+        try:
+            size = len(load_dataset(args.dataset))
+        except (ValueError, OSError) as exc:
+            parser.error(str(exc))
+    if args.num_requests is None:
+        args.num_requests = size if args.dataset else 100
+    for name in ("num_requests", "max_concurrency", "num_channels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup_requests < 0:
+        parser.error("--warmup-requests must be >= 0")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        with contextlib.ExitStack() as stack:
+            address = args.target_address or stack.enter_context(own_server(args))
+            result = asyncio.run(benchmark(address, args))
+    except (ValueError, OSError) as exc:
+        print(f"throughput: {exc}", file=sys.stderr)
+        return 2
+    report(result, args)
+    if result.failed and not args.allow_errors:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""benchmarks/throughput.py against a real server on loopback (a small random
+target/draft pair on CPU): the workload it sends, the figures it reports, its
+JSON, speculation on/off, and failures counted by status code.
+
+No wall-clock figure is asserted; only counts, orderings and what must hold
+whatever the machine's speed."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks import throughput
+from engine.config import EngineConfig
+from engine.server import BackgroundServer
+from tests.fake_engine import free_port
+
+K = 3
+ENGINE_OPTIONS = dict(num_speculative_tokens=K, num_kv_blocks=128, block_size=16,
+                      max_num_seqs=16, max_queue=64, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from tests.pair_factory import make_pair
+
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def server(pair):
+    target, draft = pair
+    config = EngineConfig.from_kwargs(model=target, draft_model=draft, **ENGINE_OPTIONS)
+    srv = BackgroundServer(config, port=0).start()
+    yield srv
+    srv.stop()
+
+
+def run_main(*argv: str) -> int:
+    return throughput.main([*argv, "--no-progress"])
+
+
+def check_stats(stats: dict | None) -> None:
+    assert stats is not None
+    assert 0 <= stats["p50"] <= stats["p90"] <= stats["p99"]
+    assert stats["mean"] >= 0
+
+
+def most_in_flight(requests: list[dict]) -> int:
+    events = sorted([(r["start"], 1) for r in requests]
+                    + [(r["start"] + r["e2e"], -1) for r in requests])
+    level = peak = 0
+    for _, step in events:  # an end sorts before a start at the same instant
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+# -- pure parts -----------------------------------------------------------------------------
+def test_lengths_and_arrivals():
+    assert throughput.parse_length("512") == (512, 512)
+    assert throughput.parse_length("128:1024") == (128, 1024)
+    for bad in ("0", "9:3", "x", "1:y"):
+        with pytest.raises(Exception):
+            throughput.parse_length(bad)
+    assert throughput.arrival_times(4, float("inf"), random.Random(0)) == [0.0] * 4
+    a = throughput.arrival_times(50, 10.0, random.Random(1))
+    assert a == throughput.arrival_times(50, 10.0, random.Random(1))  # seeded
+    assert a[0] == 0.0 and all(x < y for x, y in zip(a, a[1:]))
+
+
+def test_itl_divides_a_message_gap_across_its_tokens():
+    rec = throughput.RequestRecord(0, max_tokens=6, ignore_eos=True, ttft=0.1, e2e=0.7,
+                                   output_tokens=6, message_times=[0.1, 0.4, 0.7],
+                                   message_tokens=[1, 3, 2])
+    assert rec.itls().tolist() == pytest.approx([0.1, 0.1, 0.1, 0.15, 0.15])
+    assert rec.tpot == pytest.approx(0.6 / 5)
+
+
+def test_engine_flags_reach_the_server_unchanged(pair):
+    target, draft = pair
+    args = throughput.parse_args(["--model", target, "--draft-model", draft,
+                                  "--num-speculative-tokens", "2", "--kv-cache-memory", "64M",
+                                  "--enforce-eager", "--max-num-seqs", "8"])
+    serve = throughput.cli.build_parser().parse_args(["serve", *throughput.serve_argv(args)])
+    assert throughput.cli.engine_config_from_args(serve) == \
+        throughput.cli.engine_config_from_args(args)
+    with pytest.raises(SystemExit):  # engine flags mean nothing for a server we did not start
+        throughput.parse_args(["--target-address", "127.0.0.1:1", "--max-num-seqs", "8"])
+
+
+# -- against the server ---------------------------------------------------------------------
+def test_poisson_load_with_max_concurrency(server, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    rc = run_main("--target-address", server.address, "--num-requests", "12",
+                  "--input-len", "8:24", "--output-len", "6:16", "--request-rate", "40",
+                  "--max-concurrency", "4", "--workload-seed", "3", "--json", str(out))
+    assert rc == 0
+    table = capsys.readouterr().out.rstrip().splitlines()
+    assert table[-1].startswith("====")  # the table is the last thing printed
+    assert any(line.startswith("Output token throughput") for line in table)
+
+    doc = json.loads(out.read_text())
+    assert doc["server"]["vocab_size"] > 0
+    (run,) = doc["runs"]
+    s, requests = run["summary"], run["requests"]
+    assert (s["completed"], s["failed"], s["errors"]) == (12, 0, {})
+    assert len(requests) == 12
+    for r in requests:
+        assert r["error"] is None and r["finish_reason"] == "length"
+        assert 8 <= r["prompt_tokens"] <= 24 and 6 <= r["max_tokens"] <= 16
+        assert r["output_tokens"] == r["completion_tokens"] == r["max_tokens"]  # exact
+        assert sum(r["message_tokens"]) == r["output_tokens"]
+        assert 0 < r["ttft"] <= r["e2e"] and r["queued"] >= 0
+        assert r["draft_tokens_accepted"] <= r["draft_tokens_proposed"]
+    assert len({r["max_tokens"] for r in requests}) > 1  # lengths drawn from the range
+    assert s["total_output_tokens"] == sum(r["max_tokens"] for r in requests)
+    assert s["total_prompt_tokens"] == sum(r["prompt_tokens"] for r in requests)
+    assert s["outputs_short_of_max_tokens"] == 0
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        check_stats(s[name])
+    assert s["draft_tokens_proposed"] > 0 and 0 <= s["acceptance_rate"] <= 1
+    assert s["tokens_per_step"] >= 1
+    scheduled = [r["scheduled"] for r in requests]  # Poisson: spread out, in order
+    assert scheduled[0] == 0 and all(a < b for a, b in zip(scheduled, scheduled[1:]))
+    assert most_in_flight(requests) <= 4
+    assert run["figures"]["Output tokens"] == s["total_output_tokens"]
+
+
+def test_compare_speculation(server, tmp_path, capsys):
+    out, plot = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    argv = ["--target-address", server.address, "--num-requests", "12", "--input-len", "16",
+            "--output-len", "12", "--max-concurrency", "4", "--compare-speculation",
+            "--json", str(out)]
+    try:
+        import matplotlib  # noqa: F401
+        argv += ["--plot", str(plot)]
+    except ImportError:
+        plot = None
+    assert run_main(*argv) == 0
+    table = capsys.readouterr().out
+    assert "speculation on" in table and "speculation off" in table and "on/off" in table
+
+    doc = json.loads(out.read_text())
+    on, off = (run["summary"] for run in doc["runs"])
+    assert (on["label"], off["label"]) == ("speculation on", "speculation off")
+    assert on["completed"] == off["completed"] == 12
+    assert on["total_output_tokens"] == off["total_output_tokens"] == 12 * 12
+    assert on["draft_tokens_proposed"] > 0
+    assert off["draft_tokens_proposed"] == 0 and off["acceptance_rate"] is None
+    # one token per step without a draft, but a busy reader gets several steps in a message
+    assert off["tokens_per_step"] >= 1.0
+    ratio = doc["ratio_on_off"]
+    assert ratio["Output tokens"] == 1.0
+    assert ratio["Output token throughput (tok/s)"] > 0
+    if plot is not None:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dataset_prompts(server, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "def add(a, b):", "max_tokens": 5},
+             {"token_ids": [40, 41, 42, 43], "max_tokens": 7},
+             {"prompt": "import os\n"}]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "ds.json"
+    assert run_main("--target-address", server.address, "--dataset", str(data),
+                    "--output-len", "9", "--ignore-eos", "--json", str(out)) == 0
+    requests = json.loads(out.read_text())["runs"][0]["requests"]
+    assert [r["output_tokens"] for r in requests] == [5, 7, 9]
+    assert requests[1]["prompt_tokens"] == 4
+
+
+def test_unreachable_server_is_reported_as_errors(tmp_path, capsys):
+    out = tmp_path / "bad.json"
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    rc = run_main("--target-address", address, "--num-requests", "5", "--input-len", "4",
+                  "--output-len", "4", "--timeout", "5", "--warmup-requests", "0",
+                  "--json", str(out))
+    assert rc == 1
+    s = json.loads(out.read_text())["runs"][0]["summary"]
+    assert s["completed"] == 0 and s["failed"] == 5
+    assert set(s["errors"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert sum(s["errors"].values()) == 5
+    assert "failed: " in capsys.readouterr().out
+    assert run_main("--target-address", address, "--num-requests", "2", "--input-len", "4",
+                    "--output-len", "4", "--timeout", "5", "--allow-errors") == 0
+
+
+def test_starts_its_own_server(pair, capsys):
+    target, draft = pair
+    rc = run_main("--model", target, "--draft-model", draft, "--num-speculative-tokens", "2",
+                  "--num-kv-blocks", "64", "--device", "cpu", "--dtype", "float32",
+                  "--num-requests", "4", "--input-len", "8", "--output-len", "6")
+    assert rc == 0
+    assert "Successful requests" in capsys.readouterr().out
