@@ -40,14 +40,10 @@ concurrency slot; that wait is recorded separately as ``queued``):
   message of n tokens counts as n inter-token latencies of g / n each: the ITL
   distribution is per token, and its mean over a request is close to TPOT.
   Tokens that arrive with the first token are covered by TTFT and add no ITL.
-- Tokens per step: output tokens / engine steps that produced tokens. The
-  wire's Usage has no step count (yet: a ``num_steps`` field there is used when
-  the stubs have one), so token-carrying messages stand in for steps. The
-  server sends one message per step that produced tokens for the request (the
-  prefill step, which yields the first token, counts as one), but merges the
-  deltas of several steps into one message when the stream's reader falls
-  behind; under heavy load the figure therefore overestimates (even with
-  speculation off it can exceed 1).
+- Tokens per step: output tokens / engine steps that produced tokens, from
+  the last message's ``usage.num_steps``. Against a server whose stubs lack
+  that field, token-carrying messages stand in for steps, which overestimates
+  under load (the server merges a slow reader's deltas into one message).
 - Acceptance rate: draft tokens accepted / proposed, from the ``usage`` of each
   stream's last message, summed over requests.
 
