@@ -11,6 +11,7 @@ A KV cache is one tensor per layer, ``[2, num_blocks, block_size, Hkv, D]``
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -54,6 +55,9 @@ class AttentionBackend(ABC):
 # never needed unless its backend is picked.
 _REGISTRY: dict[str, tuple[str, str, Callable[[torch.device], bool]]] = {
     "torch": ("workers.attention.torch_ref", "TorchReferenceBackend", lambda device: True),
+    "triton": ("workers.attention.triton_paged", "TritonPagedBackend",
+               lambda device: device.type == "cuda"
+               and importlib.util.find_spec("triton") is not None),
 }
 
 # Preference order per device type; names not in the registry are skipped.
