@@ -146,15 +146,16 @@ def _kv_bytes_per_token(llm: LLM) -> int:
     return per_layer * len(caches)
 
 
-def speculation(pair_dir: str, batch_sizes: list[int], k: int) -> list[dict]:
+def speculation(pair_dir: str, batch_sizes: list[int], k: int, max_tokens: int,
+                enforce_eager: bool) -> list[dict]:
     target, draft = os.path.join(pair_dir, "target"), os.path.join(pair_dir, "draft")
     rows = []
-    fixed = LLM(model=target, draft_model=draft, num_speculative_tokens=k, dtype="bfloat16",
-                max_num_seqs=max(batch_sizes))
-    adaptive = LLM(model=target, draft_model=draft, num_speculative_tokens=k, dtype="bfloat16",
-                   max_num_seqs=max(batch_sizes), adaptive_speculation=True)
+    kw = dict(num_speculative_tokens=k, dtype="bfloat16", max_num_seqs=max(batch_sizes),
+              enforce_eager=enforce_eager, gpu_memory_utilization=0.3)
+    fixed = LLM(model=target, draft_model=draft, **kw)
+    adaptive = LLM(model=target, draft_model=draft, adaptive_speculation=True, **kw)
     from benchmarks.offline import CODE_PROMPTS
-    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for b in batch_sizes:
         prompts = (CODE_PROMPTS * (b // len(CODE_PROMPTS) + 1))[:b]
         row = {"batch": b}
@@ -184,11 +185,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,4,16,64")
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (speculation)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: "
                                                "batch1,throughput,speculation")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "cuda_graphs": not args.enforce_eager}
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
@@ -196,7 +200,7 @@ def main() -> None:
     if not {"batch1", "throughput"} <= skip:
         model = dummy_model_dir("llama-2-7b", root)
         llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
-                  max_num_batched_tokens=8192)
+                  max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
         print(f"attention backend: {llm.engine.executor.worker.runner.target.attention_backend.name}",
               flush=True)
         if "batch1" not in skip:
@@ -210,7 +214,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     if "speculation" not in skip:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
-        results["speculation"] = speculation(args.pair, sizes, args.k)
+        results["speculation"] = speculation(args.pair, sizes, args.k, args.max_tokens,
+                                             args.enforce_eager)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "suite.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -219,6 +224,7 @@ def main() -> None:
 
 def print_table(r: dict) -> None:
     print(f"\n== specserve GPU suite: {r['device']}, torch {r['torch']}, "
+          f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}, "
           f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s ==")
     if "batch1" in r:
         b = r["batch1"]
