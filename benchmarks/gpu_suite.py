@@ -151,7 +151,7 @@ def speculation(pair_dir: str, batch_sizes: list[int], k: int, max_tokens: int,
     target, draft = os.path.join(pair_dir, "target"), os.path.join(pair_dir, "draft")
     rows = []
     kw = dict(num_speculative_tokens=k, dtype="bfloat16", max_num_seqs=max(batch_sizes),
-              enforce_eager=enforce_eager, gpu_memory_utilization=0.3)
+              enforce_eager=enforce_eager, num_kv_blocks=2048)
     fixed = LLM(model=target, draft_model=draft, **kw)
     adaptive = LLM(model=target, draft_model=draft, adaptive_speculation=True, **kw)
     from benchmarks.offline import CODE_PROMPTS
