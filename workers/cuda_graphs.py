@@ -6,8 +6,8 @@ launches them as one. A graph needs fixed shapes, so it is captured per
 same query length: the target's decode (1) and verification (k + 1) and the
 draft's one-token proposal steps. A batch is padded up to its bucket; padding
 rows write their keys and values into a reserved padding block that no
-sequence owns, and their outputs are dropped. Every shape is captured at
-start-up (after one eager warm-up each), so no step pays for a capture.
+sequence owns, and their outputs are dropped. Graphs are captured lazily, on
+the first step that needs one, after one eager warm-up of the same shape.
 """
 
 from __future__ import annotations
@@ -57,14 +57,6 @@ class GraphedModel:
         self.query_start_loc = torch.zeros(max_batch + 1, dtype=torch.int32, device=device)
         self.max_seq_len = max_blocks_per_seq * block_size
         self._graphs: dict[tuple[int, int], _Graph] = {}
-
-    def capture_all(self) -> None:
-        """Capture every (bucket, query length) now, on padding rows only."""
-        for q in range(1, self.max_query_len + 1):
-            for bucket in self.buckets:
-                if (bucket, q) not in self._graphs:
-                    self._load_inputs(self.input_ids[:0], [], q, [], bucket)
-                    self._graphs[(bucket, q)] = self._capture(bucket, q)
 
     def can_run(self, num_seqs: int, query_len: int) -> bool:
         return num_seqs <= self.buckets[-1] and query_len <= self.max_query_len

@@ -65,10 +65,9 @@ class ModelRunner:
         if self.draft is not None:
             models.append((self.draft, self.draft_caches, 2))  # catch-up is 1 or 2 tokens
         for model, caches, max_q in models:
-            graphed = GraphedModel(model, caches, self.block_size, max_blocks_per_seq,
-                                   pad_block, max_batch, max_q, self.device, pool)
-            graphed.capture_all()
-            self.graphed[id(model)] = graphed
+            self.graphed[id(model)] = GraphedModel(model, caches, self.block_size,
+                                                   max_blocks_per_seq, pad_block, max_batch,
+                                                   max_q, self.device, pool)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
