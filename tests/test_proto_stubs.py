@@ -80,9 +80,10 @@ def test_checked_in_stubs_are_byte_identical(tmp_path: Path):
     made_with = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", stub).group(1)
     from importlib.metadata import version
 
-    if version("grpcio-tools") != made_with:
-        pytest.skip(f"stubs were made with grpcio-tools {made_with}, "
-                    f"{version('grpcio-tools')} is installed")
+    # pyproject pins grpcio-tools to the version the stubs were made with.
+    assert version("grpcio-tools") == made_with, (
+        f"stubs were made with grpcio-tools {made_with}, {version('grpcio-tools')} is "
+        "installed: install the pinned version, or bump the pin and run proto/generate.sh")
     subprocess.run(["bash", str(PROTO_ROOT / "generate.sh"), str(tmp_path)], check=True,
                    env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())

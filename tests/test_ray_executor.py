@@ -26,8 +26,9 @@ ENGINE_ARGS = dict(num_speculative_tokens=3, device="cpu", num_kv_blocks=64)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        pytest.skip("Ray is already running in this process")
+    if ray.is_initialized():  # started by an earlier test: use it, leave it running
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              namespace="specserve-test", logging_level="WARNING")
     yield

@@ -382,7 +382,7 @@ def test_compute_logprobs_matches_log_softmax():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_matches_cpu_without_host_synchronisation():
     torch.manual_seed(10)
     params = [SamplingParams(**s, repetition_penalty=1.1, frequency_penalty=0.2) for s in FILTER_SETTINGS]
