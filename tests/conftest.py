@@ -14,6 +14,22 @@ for path in (ROOT, os.path.join(ROOT, "proto")):
         sys.path.insert(0, path)
 
 
+@pytest.fixture(scope="module")
+def channel(server):
+    """A channel to the test module's ``server`` fixture."""
+    import grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel):
+    from specserve.v1 import generation_pb2_grpc
+
+    return generation_pb2_grpc.GenerationStub(channel)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

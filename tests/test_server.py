@@ -63,17 +63,6 @@ def server():
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture
-def stub(channel):
-    return pb_grpc.GenerationStub(channel)
-
-
 # -- conversion --------------------------------------------------------------------------
 def test_unset_sampling_fields_take_engine_defaults():
     assert sampling_params_from_proto(pb.SamplingParams()) == SamplingParams()

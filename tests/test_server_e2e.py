@@ -106,17 +106,6 @@ def server(pair):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
-@pytest.fixture
-def stub(channel):
-    return pb_grpc.GenerationStub(channel)
-
-
 def offline(llm, prompt, params, k=None):
     return llm.generate([prompt], params, num_speculative_tokens=k)[0]
 
