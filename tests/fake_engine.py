@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
+from engine.llm_engine import EngineStats
 from engine.outputs import FinishReason, RequestMetrics, RequestOutput
 from engine.server import BackgroundServer
 from scheduler.output import TokenLogprobs
@@ -27,16 +28,6 @@ class FakeTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
-
-
-@dataclass
-class FakeStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    draft_tokens_proposed_total: int
-    draft_tokens_accepted_total: int
 
 
 class FakeRequest:
@@ -142,7 +133,10 @@ class FakeEngine:
     def get_stats(self):
         self._touch()
         used = sum(-(-(len(r.prompt) + len(r.out)) // BLOCK) for r in self.requests.values())
-        return FakeStats(len(self.requests), 0, used, 1000, self.proposed, self.accepted)
+        return EngineStats(num_running=len(self.requests), num_waiting=0, kv_blocks_used=used,
+                           kv_blocks_total=1000, draft_tokens_proposed_total=self.proposed,
+                           draft_tokens_accepted_total=self.accepted, last_step_time=0.0,
+                           num_speculative_tokens=K)
 
     def model_info(self):
         return {"target": "fake-target", "draft": "fake-draft", "max_model_len": MAX_PROMPT + 100,

@@ -30,11 +30,6 @@ class ModelShape:
                    head_dim=head_dim)
 
 
-def model_shape(hf_config: Any) -> ModelShape:
-    """(num_layers, num_kv_heads, head_dim) of a Hugging Face config."""
-    return ModelShape.from_hf_config(hf_config)
-
-
 def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,
                              head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers, keys and values."""

@@ -67,11 +67,6 @@ _PREFERENCE: dict[str, tuple[str, ...]] = {
 _DEFAULT_PREFERENCE = ("torch",)
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Names of the registered backends that can run on ``device``."""
-    return [name for name, (_, _, ok) in _REGISTRY.items() if ok(device)]
-
-
 def get_attention_backend(device: torch.device | str,
                           name: str | None = None) -> AttentionBackend:
     """Pick the best backend for ``device``, or the one called ``name``."""
