@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from workers.rejection_sampler import rejection_sample
+from workers.rejection_sampler import greedy_verify, rejection_sample
 from workers.sampler import SamplingTensors, logits_to_probs, sample_from_probs
 
 V = 6
@@ -307,6 +307,11 @@ def test_greedy_accepts_exactly_the_matching_prefix_and_emits_the_target_argmax(
         expected = target_argmax[b, : accepted + 1].tolist()
         assert int(num_emitted[b]) == accepted + 1
         assert tokens[b].tolist() == expected + [-1] * (k - accepted), b
+    # The argmax-only path the model runner takes for greedy batches agrees.
+    fast_tokens, fast_num = greedy_verify(draft_ids, n, target_argmax)
+    assert torch.equal(fast_tokens, tokens) and torch.equal(fast_num, num_emitted)
+    plain, plain_num = greedy_verify(draft_ids[:, :0], torch.zeros(batch), target_argmax[:, :1])
+    assert torch.equal(plain[:, 0], target_argmax[:, 0]) and bool((plain_num == 1).all())
 
 
 def test_plain_decoding_rows_and_an_empty_proposal_dimension():

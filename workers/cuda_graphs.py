@@ -6,8 +6,13 @@ launches them as one. A graph needs fixed shapes, so it is captured per
 same query length: the target's decode (1) and verification (k + 1) and the
 draft's one-token proposal steps. A batch is padded up to its bucket; padding
 rows write their keys and values into a reserved padding block that no
-sequence owns, and their outputs are dropped. Graphs are captured lazily, on
-the first step that needs one, after one eager warm-up of the same shape.
+sequence owns, and their outputs are dropped. Every shape is captured at
+start-up (after one eager warm-up each), so no serving step pays for a
+capture, whichever k the adaptive controller picks.
+
+A replay's per-step inputs (positions, slots, lengths, block tables) are
+built with numpy on the host and reach the device in one copy: the static
+buffers the graphs read are views of one flat int32 buffer.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import bisect
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from workers.attention.metadata import AttentionMetadata
@@ -48,15 +54,33 @@ class GraphedModel:
         self.device = device
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         n_tok = max_batch * max_query_len
+        width = max_blocks_per_seq
         self.input_ids = torch.zeros(n_tok, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n_tok, dtype=torch.int64, device=device)
+        # One flat int32 buffer, laid out so that a batch of `bucket` rows
+        # needs only its prefix: positions, slots, seq_lens, query starts,
+        # then the block-table rows.
+        self._offsets = np.cumsum([0, n_tok, n_tok, max_batch, max_batch + 1])
+        self._flat = torch.zeros(int(self._offsets[-1]) + max_batch * width, dtype=torch.int32,
+                                 device=device)
+        o = self._offsets
+        self.positions = self._flat[o[0]:o[1]]
+        self._slots32 = self._flat[o[1]:o[2]]
+        self.seq_lens = self._flat[o[2]:o[3]]
+        self.query_start_loc = self._flat[o[3]:o[4]]
+        self.block_tables = self._flat[o[4]:].view(max_batch, width)
         self.slot_mapping = torch.zeros(n_tok, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=torch.int32,
-                                        device=device)
-        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.zeros(max_batch + 1, dtype=torch.int32, device=device)
         self.max_seq_len = max_blocks_per_seq * block_size
         self._graphs: dict[tuple[int, int], _Graph] = {}
+
+    def capture_all(self) -> None:
+        """Capture every (bucket, query length) now, largest first so that
+        smaller graphs reuse the pool's memory, on padding rows only."""
+        for q in range(self.max_query_len, 0, -1):
+            for bucket in reversed(self.buckets):
+                if (bucket, q) not in self._graphs:
+                    self._load_inputs(self.input_ids[:0], [], q, [], bucket)
+                    self._graphs[(bucket, q)] = self._capture(bucket, q)
+        logger.info("captured %d CUDA graphs", len(self._graphs))
 
     def can_run(self, num_seqs: int, query_len: int) -> bool:
         return num_seqs <= self.buckets[-1] and query_len <= self.max_query_len
@@ -70,7 +94,7 @@ class GraphedModel:
         self._load_inputs(input_ids, starts, query_len, block_tables, bucket)
         key = (bucket, query_len)
         g = self._graphs.get(key)
-        if g is None:
+        if g is None:  # not captured at start-up (capture_all not called)
             g = self._graphs[key] = self._capture(bucket, query_len)
         g.graph.replay()
         return g.hidden[:num_seqs * query_len]
@@ -78,28 +102,29 @@ class GraphedModel:
     # -- inputs ----------------------------------------------------------
     def _load_inputs(self, input_ids: torch.Tensor, starts: list[int], q: int,
                      block_tables: list[list[int]], bucket: int) -> None:
-        """Write this batch, padded to ``bucket`` rows, into the static buffers."""
-        n, bs, width = len(starts), self.block_size, self.block_tables.shape[1]
-        pad = bucket - n
-        table = torch.full((bucket, width), self.pad_block, dtype=torch.int32)
+        """Write this batch, padded to ``bucket`` rows, into the static buffers.
+        Several graphs share them, so every field a replay reads is rewritten."""
+        n, bs = len(starts), self.block_size
+        width = self.block_tables.shape[1]
+        o = self._offsets
+        host = np.zeros(int(o[4]) + bucket * width, dtype=np.int32)
+        table = host[o[4]:].reshape(bucket, width)
+        table.fill(self.pad_block)
         for b, row in enumerate(block_tables):
-            table[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        first = torch.tensor(list(starts) + [0] * pad, dtype=torch.int64)
-        positions = (first.unsqueeze(1) + torch.arange(q)).flatten()
-        rows = torch.arange(bucket).repeat_interleave(q)
-        slots = table[rows, positions // bs].to(torch.int64) * bs + positions % bs
-        # Several graphs share these buffers, so every one is rewritten each replay.
-        query_start = torch.arange(0, (bucket + 1) * q, q)
-        host = torch.cat([positions, slots, first + q, query_start])
-        dev = to_device(host, self.device)
+            table[b, :len(row)] = row
+        first = np.zeros(bucket, dtype=np.int64)
+        first[:n] = starts
         total = bucket * q
-        self.positions[:total].copy_(dev[:total])
-        self.slot_mapping[:total].copy_(dev[total:2 * total])
-        self.seq_lens[:bucket].copy_(dev[2 * total:2 * total + bucket])
-        self.query_start_loc[:bucket + 1].copy_(dev[2 * total + bucket:])
-        self.block_tables[:bucket].copy_(to_device(table, self.device, torch.int32))
+        positions = (first[:, None] + np.arange(q)).reshape(-1)
+        rows = np.repeat(np.arange(bucket), q)
+        host[o[0]:o[0] + total] = positions
+        host[o[1]:o[1] + total] = table[rows, positions // bs] * bs + positions % bs
+        host[o[2]:o[2] + bucket] = first + q
+        host[o[3]:o[3] + bucket + 1] = np.arange(0, (bucket + 1) * q, q)
+        self._flat[:host.size].copy_(to_device(torch.from_numpy(host), self.device))
+        self.slot_mapping[:total].copy_(self._slots32[:total])
         self.input_ids[:n * q].copy_(input_ids)
-        if pad:
+        if n < bucket:
             self.input_ids[n * q:total].zero_()
 
     def _meta(self, bucket: int, q: int) -> AttentionMetadata:

@@ -21,7 +21,7 @@ from workers.cuda_graphs import GraphedModel
 from workers.host_transfer import to_device
 from workers.models.llama import LlamaForCausalLM
 from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
-from workers.rejection_sampler import rejection_sample
+from workers.rejection_sampler import greedy_verify, rejection_sample
 from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
                              logits_to_probs, sample_from_probs)
 
@@ -34,7 +34,8 @@ class _Batch:
     seqs: list[ScheduledSequence]
     ks: list[int]
     K: int
-    uniforms: torch.Tensor  # [S, K+1, NUM_TAGS]
+    greedy: bool  # every row greedy with no penalties: argmaxes, no distributions
+    uniforms: torch.Tensor | None  # [S, K+1, NUM_TAGS]; None when greedy
     prompt_mask: torch.Tensor | None  # [S, V] for penalties
     output_counts: torch.Tensor | None  # [S, V] before this step's tokens
 
@@ -65,9 +66,10 @@ class ModelRunner:
         if self.draft is not None:
             models.append((self.draft, self.draft_caches, 2))  # catch-up is 1 or 2 tokens
         for model, caches, max_q in models:
-            self.graphed[id(model)] = GraphedModel(model, caches, self.block_size,
-                                                   max_blocks_per_seq, pad_block, max_batch,
-                                                   max_q, self.device, pool)
+            graphed = GraphedModel(model, caches, self.block_size, max_blocks_per_seq,
+                                   pad_block, max_batch, max_q, self.device, pool)
+            graphed.capture_all()
+            self.graphed[id(model)] = graphed
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -83,11 +85,13 @@ class ModelRunner:
         chosen = [seqs[i] for i in index]
         ks = [s.num_speculative_tokens if self.draft is not None else 0 for s in chosen]
         K = max(ks, default=0)
-        uniforms = draw_uniforms([s.sampling_params.seed for s in chosen],
-                                 [s.num_output_tokens for s in chosen], K + 1,
-                                 self.generator, self.device)
+        greedy = all(s.sampling_params.greedy and not s.sampling_params.has_penalties
+                     for s in chosen)
+        uniforms = None if greedy else draw_uniforms(
+            [s.sampling_params.seed for s in chosen], [s.num_output_tokens for s in chosen],
+            K + 1, self.generator, self.device)
         mask, counts = self._penalty_history(chosen)
-        return _Batch(index, chosen, ks, K, uniforms, mask, counts)
+        return _Batch(index, chosen, ks, K, greedy, uniforms, mask, counts)
 
     def _penalty_history(self, seqs: list[ScheduledSequence]):
         if not any(s.prompt_token_ids is not None for s in seqs):
@@ -107,10 +111,12 @@ class ModelRunner:
     # -- draft -----------------------------------------------------------
     def _propose(self, seqs: list[ScheduledSequence], batch: _Batch):
         """Run the draft over its catch-up tokens, then k-1 one-token steps.
-        Returns proposals [S, K] and the distributions they came from [S, K, V]."""
+        Returns proposals [S, K] and the distributions they came from
+        [S, K, V] (None for a greedy batch, which needs only the tokens)."""
         S, K = len(batch.seqs), batch.K
         tokens = torch.zeros((S, K), dtype=torch.int64, device=self.device)
-        probs = torch.zeros((S, K, self.vocab_size), dtype=torch.float32, device=self.device)
+        probs = None if batch.greedy else torch.zeros((S, K, self.vocab_size),
+                                                      dtype=torch.float32, device=self.device)
         feeding = [s for s in seqs if s.draft_token_ids] if self.draft is not None else []
         if not feeding:
             return tokens, probs
@@ -120,8 +126,8 @@ class ModelRunner:
             starts=[s.num_draft_computed_tokens for s in feeding])
         if K == 0:
             return tokens, probs
-        params = SamplingTensors.from_params([s.sampling_params for s in batch.seqs],
-                                             [1] * S, self.device)
+        params = None if batch.greedy else SamplingTensors.from_params(
+            [s.sampling_params for s in batch.seqs], [1] * S, self.device)
         # Row of each proposing sequence's last catch-up token in `hidden`.
         ends, offset = {}, 0
         for s in feeding:
@@ -136,13 +142,16 @@ class ModelRunner:
                 if not active:
                     break
                 step_seqs = [batch.seqs[r] for r in active]
-                act = to_device(active, self.device)
+                act = slice(None) if len(active) == S else to_device(active, self.device)
                 last_hidden = self._forward(
                     self.draft, self.draft_caches, step_seqs,
                     token_tensor=tokens[act, j - 1],
                     starts=[s.num_computed_tokens + len(s.token_ids) + j - 1 for s in step_seqs],
                     query_len=1)
-            act = to_device(active, self.device)
+            act = slice(None) if len(active) == S else to_device(active, self.device)
+            if batch.greedy:
+                tokens[act, j] = self.draft.compute_logits(last_hidden).argmax(dim=-1)
+                continue
             logits = torch.zeros((S, self.vocab_size), dtype=torch.float32, device=self.device)
             logits[act] = self.draft.compute_logits(last_hidden)
             logits = self._penalise(logits, params, batch, tokens[:, :j].unsqueeze(1))
@@ -190,16 +199,7 @@ class ModelRunner:
         proposed = [0] * len(seqs)
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
         if batch.seqs:
-            S, K1, V = target_logits.shape
-            params = SamplingTensors.from_params([s.sampling_params for s in batch.seqs],
-                                                 [K1] * S, self.device)
-            logits = self._penalise(target_logits.reshape(S * K1, V), params, batch,
-                                    _draft_prefixes(draft_tokens, K1))
-            target_probs = logits_to_probs(logits, params).view(S, K1, V)
-            out, num = rejection_sample(
-                draft_tokens, to_device(batch.ks, self.device), draft_probs,
-                target_probs, batch.uniforms[:, :-1, TAG_ACCEPT],
-                batch.uniforms[:, :, TAG_RECOVER])
+            out, num = self._accept(batch, draft_tokens, draft_probs, target_logits)
             host = torch.cat([num.unsqueeze(1), out], dim=1).tolist()  # the step's one sync
             for r, i in enumerate(batch.index):
                 sampled[i] = host[r][1:1 + host[r][0]]
@@ -208,6 +208,21 @@ class ModelRunner:
         return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
                                  sampled_token_ids=sampled, num_draft_proposed=proposed,
                                  logprobs=logprobs if any(l is not None for l in logprobs) else None)
+
+    def _accept(self, batch: _Batch, draft_tokens, draft_probs, target_logits):
+        """(emitted tokens [S, K+1], how many [S]) by rejection sampling."""
+        ks = to_device(batch.ks, self.device)
+        if batch.greedy:
+            return greedy_verify(draft_tokens, ks, target_logits.argmax(dim=-1))
+        S, K1, V = target_logits.shape
+        params = SamplingTensors.from_params([s.sampling_params for s in batch.seqs],
+                                             [K1] * S, self.device)
+        logits = self._penalise(target_logits.reshape(S * K1, V), params, batch,
+                                _draft_prefixes(draft_tokens, K1))
+        target_probs = logits_to_probs(logits, params).view(S, K1, V)
+        return rejection_sample(draft_tokens, ks, draft_probs, target_probs,
+                                batch.uniforms[:, :-1, TAG_ACCEPT],
+                                batch.uniforms[:, :, TAG_RECOVER])
 
     def _penalise(self, logits: torch.Tensor, params: SamplingTensors, batch: _Batch,
                   prefixes: torch.Tensor) -> torch.Tensor:

@@ -95,3 +95,31 @@ def rejection_sample(
         output[:, :k] = torch.where(keep, draft_token_ids.long(), PAD_TOKEN_ID)
     output.scatter_(1, num_accepted.unsqueeze(1), final_token.unsqueeze(1))
     return output, num_accepted + 1
+
+
+def greedy_verify(
+    draft_token_ids: torch.Tensor,
+    num_draft_tokens: torch.Tensor,
+    target_token_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rejection_sample`` for a batch where draft and target are both greedy.
+
+    With one-hot distributions a draft token is accepted iff it is the
+    target's argmax, and the correction or bonus token is the target's argmax
+    at the stop position; this computes exactly that from the argmaxes
+    ``target_token_ids [B, K + 1]`` without touching a vocabulary-wide tensor.
+    Same outputs as ``rejection_sample``.
+    """
+    batch, k = draft_token_ids.shape
+    device = draft_token_ids.device
+    positions = torch.arange(k + 1, device=device)
+    num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
+    if k > 0:
+        proposed = positions[:k].unsqueeze(0) < num_draft_tokens.unsqueeze(1)
+        accepted = (draft_token_ids.long() == target_token_ids[:, :k]) & proposed
+        num_accepted = torch.cumprod(accepted.to(torch.int64), dim=1).sum(dim=1)
+    else:
+        num_accepted = torch.zeros(batch, dtype=torch.int64, device=device)
+    keep = positions.unsqueeze(0) <= num_accepted.unsqueeze(1)
+    output = torch.where(keep, target_token_ids.long(), PAD_TOKEN_ID)
+    return output, num_accepted + 1

@@ -40,7 +40,8 @@ Grid: ``(num_query_tiles * num_splits, num_seqs, num_kv_heads)``.
 Nothing here reads device values on the host: launch sizes come from the
 metadata's host fields (``max_query_len``, ``max_seq_len``) and the shapes of
 its tensors, so a captured CUDA graph replays it correctly. New keys and values
-go into the cache with the base class's ``write_kv`` first.
+go into the cache first, keys and values of a token in one program of a small
+store kernel (``_write_kv_kernel``).
 """
 
 from __future__ import annotations
@@ -161,6 +162,37 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """Token t's keys and values (``ROW = Hkv * D`` each) into cache slot
+    ``slot_mapping[t]`` of a contiguous ``[slots, Hkv, D]`` cache."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < ROW
+    k = tl.load(k_ptr + t * stride_k + cols, mask=ok)
+    v = tl.load(v_ptr + t * stride_v + cols, mask=ok)
+    tl.store(k_cache_ptr + slot * ROW + cols, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(v_cache_ptr + slot * ROW + cols, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
+
+
+def write_kv_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """``AttentionBackend.write_kv`` in one launch; k and v may be row-strided
+    views (of a fused QKV output) as long as each token's heads are packed."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    row = num_kv_heads * head_dim
+    packed = all(x.stride(-1) == 1 and x.stride(-2) == head_dim for x in (k, v))
+    if not packed or not kv_cache.is_contiguous():
+        AttentionBackend.write_kv(k, v, kv_cache, slot_mapping)
+        return
+    if num_tokens:
+        _write_kv_kernel[(num_tokens,)](
+            k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
+            ROW=row, BLOCK=_next_pow2(row), num_warps=4 if row >= 1024 else 1)
+
+
+@triton.jit
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
@@ -246,7 +278,7 @@ class TritonPagedBackend(AttentionBackend):
         if kv_cache is None:
             from workers.attention.torch_ref import TorchReferenceBackend
             return TorchReferenceBackend().forward(q, k, v, None, meta, scale)
-        self.write_kv(k, v, kv_cache, meta.slot_mapping)
+        write_kv_triton(k, v, kv_cache, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
         _, _, page_size, num_kv_heads, _ = kv_cache.shape
         if q.dtype != kv_cache.dtype:

@@ -17,23 +17,24 @@ from torch import nn
 
 from workers.attention.backend import AttentionBackend, get_attention_backend
 from workers.attention.metadata import AttentionMetadata
+from workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32."""
+    """Root-mean-square norm, computed in float32. Given the residual stream
+    too, it adds it first and returns the sum as the new residual."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 # ----------------------------------------------------------------- rotary --
@@ -100,13 +101,6 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] by the per-token angles; halves are paired (not interleaved)."""
-    first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
 # ------------------------------------------------------------- projections --
 
 class PackedLinear(nn.Linear):
@@ -158,11 +152,10 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         T = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.attn.num_heads, self.attn.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.attn.num_kv_heads, self.attn.head_dim), cos, sin)
-        v = v.view(T, self.attn.num_kv_heads, self.attn.head_dim)
-        out = self.attn(q, k, v, kv_cache, meta)
+        attn = self.attn
+        q, k, v = rotate_qk(self.qkv_proj(hidden), cos, sin, attn.num_heads,
+                            attn.num_kv_heads, attn.head_dim)
+        out = attn(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(T, self.q_size))
 
 
@@ -177,8 +170,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -191,10 +183,18 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it): the
+        next norm adds them, so each residual add is fused into a norm."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -213,9 +213,13 @@ class LlamaModel(nn.Module):
                 kv_caches: list[torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, hidden.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, cos, sin, kv_caches[i] if kv_caches else None, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin,
+                                     kv_caches[i] if kv_caches else None, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,84 @@
+"""Triton kernels of workers.kernels against their torch paths.
+
+Run by tests/test_kernels.py: on CUDA in-process, and on the CPU in a
+subprocess under ``TRITON_INTERPRET=1`` (the interpreter must be chosen
+before Triton is imported).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from workers.kernels import activation, norm, rotary
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    err = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-6))
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.2e} in {dtype}"
+
+
+def check_norm(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
+    g = torch.Generator().manual_seed(rows * 31 + cols)
+    x = torch.randn(rows, cols, generator=g).to(device, dtype)
+    r = torch.randn(rows, cols, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(cols, generator=g)).to(device, dtype)
+    _close(norm._launch(x, None, w, 1e-5)[0], norm._torch_rms_norm(x, w, 1e-5), dtype, "rms_norm")
+    out, summed = norm._launch(x, r, w, 1e-5)
+    _close(summed, x + r, dtype, "residual sum")
+    _close(out, norm._torch_rms_norm(x + r, w, 1e-5), dtype, "add_rms_norm")
+
+
+def check_silu(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
+    g = torch.Generator().manual_seed(rows + cols)
+    x = torch.randn(rows, 2 * cols, generator=g).to(device, dtype)
+    gate, up = x.chunk(2, dim=-1)
+    _close(activation.silu_and_mul(x), torch.nn.functional.silu(gate) * up, dtype, "silu_and_mul")
+
+
+def check_rotary(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int,
+                 head_dim: int) -> None:
+    g = torch.Generator().manual_seed(tokens * 7 + heads)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width, generator=g).to(device, dtype)
+    angles = torch.randint(0, 4096, (tokens, 1), generator=g).float() * torch.rand(head_dim // 2, generator=g)
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    q, k, v = qkv.clone().split([q_size, kv_size, kv_size], dim=-1)
+    want_q = rotary._torch_rotate(q.reshape(tokens, heads, head_dim), cos, sin)
+    want_k = rotary._torch_rotate(k.reshape(tokens, kv_heads, head_dim), cos, sin)
+    got_q, got_k, got_v = rotary.rotate_qk(qkv, cos, sin, heads, kv_heads, head_dim)
+    _close(got_q, want_q, dtype, "rotary q")
+    _close(got_k, want_k, dtype, "rotary k")
+    assert torch.equal(got_v, v.reshape(tokens, kv_heads, head_dim)), "rotary must leave v alone"
+
+
+def check_attention(device: str) -> None:
+    """The paged-attention kernel and its KV store, one small mixed batch
+    (decode, verification, prefill chunk) with context splits forced."""
+    from tests.test_triton_attention import check_case
+    from workers.attention.triton_paged import TritonPagedBackend
+
+    for splits in (None, 3):
+        check_case(TritonPagedBackend(num_splits=splits), [1, 5, 70], [300, 53, 72], 16, 4, 2,
+                   64, torch.float32, device, 5)
+
+
+def check_all(device: str, dtypes: list[torch.dtype]) -> None:
+    for dtype in dtypes:
+        for rows, cols in ((1, 64), (5, 96), (3, 4096)):
+            check_norm(device, dtype, rows, cols)
+            check_silu(device, dtype, rows, cols)
+        for tokens, heads, kv_heads, head_dim in ((1, 4, 2, 64), (7, 8, 8, 32), (3, 32, 8, 128)):
+            check_rotary(device, dtype, tokens, heads, kv_heads, head_dim)
+
+
+if __name__ == "__main__":
+    check_all(sys.argv[1], [getattr(torch, name) for name in sys.argv[2:]])
+    check_attention(sys.argv[1])
+    print("ok")

@@ -1,0 +1,31 @@
+"""The static inputs a captured CUDA graph reads, built on the CPU: the
+padding rows, slots and block tables must be what eager metadata would say."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.cuda_graphs import GraphedModel
+
+
+def test_a_padded_batch_loads_positions_slots_lengths_and_tables():
+    pad_block, bs = 99, 4
+    g = GraphedModel(model=None, caches=[], block_size=bs, max_blocks_per_seq=3,
+                     pad_block=pad_block, max_batch=8, max_query_len=3,
+                     device=torch.device("cpu"), pool=object())
+    # Two sequences with contexts of 5 and 2 tokens, 2 new tokens each, bucket 4.
+    g._load_inputs(torch.tensor([11, 12, 21, 22]), [5, 2], 2, [[7, 8], [3]], bucket=4)
+    assert g.positions[:8].tolist() == [5, 6, 2, 3, 0, 1, 0, 1]
+    assert g.slot_mapping[:8].tolist() == [8 * bs + 1, 8 * bs + 2, 3 * bs + 2, 3 * bs + 3,
+                                           pad_block * bs, pad_block * bs + 1,
+                                           pad_block * bs, pad_block * bs + 1]
+    assert g.seq_lens[:4].tolist() == [7, 4, 2, 2]
+    assert g.query_start_loc[:5].tolist() == [0, 2, 4, 6, 8]
+    assert g.block_tables[:4].tolist() == [[7, 8, pad_block], [3, pad_block, pad_block],
+                                           [pad_block] * 3, [pad_block] * 3]
+    assert g.input_ids[:8].tolist() == [11, 12, 21, 22, 0, 0, 0, 0]
+    assert g.slot_mapping.dtype == torch.int64 and g.block_tables.dtype == torch.int32
+    # A later, smaller batch rewrites everything its bucket reads.
+    g._load_inputs(torch.tensor([5]), [0], 1, [[4]], bucket=1)
+    assert (g.positions[:1].tolist(), g.slot_mapping[:1].tolist(), g.seq_lens[:1].tolist(),
+            g.block_tables[:1].tolist()) == ([0], [4 * bs], [1], [[4, pad_block, pad_block]])

@@ -1,0 +1,47 @@
+"""The Triton kernels (workers/kernels, and the paged-attention kernel with
+its KV store) against torch: on the CPU through Triton's interpreter, and
+on CUDA for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.kernel_checks import check_all, check_attention
+from workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_triton_kernels_match_torch_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-m", "tests.kernel_checks", "cpu", "float32", "float16"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+@pytest.mark.cuda
+def test_triton_kernels_match_torch_on_cuda():
+    check_all("cuda", [torch.float32, torch.float16, torch.bfloat16])
+    check_attention("cuda")
+
+
+def test_torch_paths_are_the_hugging_face_formulas():
+    torch.manual_seed(0)
+    x, r, w = torch.randn(3, 16), torch.randn(3, 16), torch.randn(16)
+    want = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.allclose(rms_norm(x, w, 1e-6), want)
+    out, summed = add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(summed, x + r) and torch.allclose(out, rms_norm(x + r, w, 1e-6))
+    gu = torch.randn(2, 10)
+    assert torch.allclose(silu_and_mul(gu), torch.nn.functional.silu(gu[:, :5]) * gu[:, 5:])
+    qkv = torch.randn(2, (2 + 2) * 4)
+    cos, sin = torch.ones(2, 4), torch.zeros(2, 4)  # angle 0: rotation is the identity
+    q, k, v = rotate_qk(qkv, cos, sin, 2, 1, 4)
+    assert torch.equal(torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1), qkv)

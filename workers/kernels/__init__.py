@@ -1,0 +1,14 @@
+"""Fused element-wise kernels of the decoder layer.
+
+A decode step at batch 1 is a few hundred small kernels; fusing the
+element-wise work around the matmuls (the residual add with the norm, the
+rotary embedding of q and k, SiLU times up) cuts a layer from about forty
+launches to about a dozen. Each op has a Triton kernel used on CUDA and a
+torch path used everywhere else, which is also the numerical reference.
+"""
+
+from workers.kernels.activation import silu_and_mul
+from workers.kernels.norm import add_rms_norm, rms_norm
+from workers.kernels.rotary import rotate_qk
+
+__all__ = ["add_rms_norm", "rms_norm", "rotate_qk", "silu_and_mul"]

@@ -1,0 +1,42 @@
+"""SwiGLU's gate: ``silu(gate) * up`` of a fused gate/up projection."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workers.kernels.triton_support import triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o,
+                             BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+        g = gate.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols,
+                 (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., 2I]`` (gate then up) -> ``[..., I]``."""
+    if not use_triton(x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    n_cols = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * n_cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty((x2.shape[0], n_cols), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(n_cols))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n_cols, block))](
+            x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
+    return out.view(*x.shape[:-1], n_cols)
