@@ -188,8 +188,10 @@ class ModelRunner:
                                starts=starts_flat, query_lens=[len(t) for t in token_lists])
         if not logit_rows:
             return hidden.new_empty((0, batch.K + 1, self.vocab_size), dtype=torch.float32)
-        rows = to_device(logit_rows, self.device)
-        return self.target.compute_logits(hidden[rows.flatten()]).view(
+        flat = [r for row in logit_rows for r in row]
+        if flat != list(range(hidden.shape[0])):  # not a plain all-decode step: gather
+            hidden = hidden[to_device(flat, self.device)]
+        return self.target.compute_logits(hidden).view(
             len(logit_rows), batch.K + 1, self.vocab_size)
 
     # -- sampling --------------------------------------------------------
@@ -211,6 +213,8 @@ class ModelRunner:
 
     def _accept(self, batch: _Batch, draft_tokens, draft_probs, target_logits):
         """(emitted tokens [S, K+1], how many [S]) by rejection sampling."""
+        if batch.greedy and batch.K == 0:  # plain greedy decoding
+            return greedy_verify(draft_tokens, None, target_logits.argmax(dim=-1))
         ks = to_device(batch.ks, self.device)
         if batch.greedy:
             return greedy_verify(draft_tokens, ks, target_logits.argmax(dim=-1))

@@ -99,7 +99,7 @@ def rejection_sample(
 
 def greedy_verify(
     draft_token_ids: torch.Tensor,
-    num_draft_tokens: torch.Tensor,
+    num_draft_tokens: torch.Tensor | None,
     target_token_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rejection_sample`` for a batch where draft and target are both greedy.
@@ -112,14 +112,13 @@ def greedy_verify(
     """
     batch, k = draft_token_ids.shape
     device = draft_token_ids.device
+    if k == 0:  # plain decoding: the argmax, nothing to accept (num_draft_tokens unused)
+        return target_token_ids[:, :1].long(), torch.ones(batch, dtype=torch.int64, device=device)
     positions = torch.arange(k + 1, device=device)
     num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
-    if k > 0:
-        proposed = positions[:k].unsqueeze(0) < num_draft_tokens.unsqueeze(1)
-        accepted = (draft_token_ids.long() == target_token_ids[:, :k]) & proposed
-        num_accepted = torch.cumprod(accepted.to(torch.int64), dim=1).sum(dim=1)
-    else:
-        num_accepted = torch.zeros(batch, dtype=torch.int64, device=device)
+    proposed = positions[:k].unsqueeze(0) < num_draft_tokens.unsqueeze(1)
+    accepted = (draft_token_ids.long() == target_token_ids[:, :k]) & proposed
+    num_accepted = torch.cumprod(accepted.to(torch.int64), dim=1).sum(dim=1)
     keep = positions.unsqueeze(0) <= num_accepted.unsqueeze(1)
     output = torch.where(keep, target_token_ids.long(), PAD_TOKEN_ID)
     return output, num_accepted + 1
