@@ -1,26 +1,35 @@
 """The GPU benchmark suite: one run, one table (issue: fast on the GPU).
 
-    python benchmarks/gpu_suite.py --out DIR [--pair engine/default_models]
+    python benchmarks/gpu_suite.py --out DIR            # everything, ~8 minutes on an H100
+    python benchmarks/gpu_suite.py --out DIR --pair engine/default_models --skip train
 
 1. batch-1 decode, target only: Llama-2-7B shapes (dummy weights, bf16),
    128-token prompt, 256 new tokens, against the HBM floor (weight bytes over
    the measured copy bandwidth, per token);
 2. throughput: N requests of 512-token prompts and 256 output tokens, all at
-   once, through the engine; against the workload's floor (weights plus KV
-   bytes read per decode step over bandwidth);
-3. speculation with a trained pair (default: the embedded one): speedup over
-   target-only at batch sizes 1, 4, 16, 64, fixed k and adaptive k;
+   once, through the offline engine and through gRPC (a `specserve serve`
+   child process loaded by benchmarks/throughput.py), against the workload's
+   floor (weights plus KV bytes read per decode step over bandwidth, from the
+   offline run's schedule); then 1000 requests with prompts uniform in
+   128..1024 tokens at most 256 in flight, through gRPC;
+3. speculation with the `bench` pair, trained first in the same run by
+   benchmarks/train_pair.py (or a given --pair): speedup over target-only at
+   batch sizes 1, 4, 16, 64, fixed k and adaptive k, and at batch 1 against
+   Hugging Face assisted generation with the same pair;
 4. KV memory at saturation: fraction of allocated block slots holding tokens,
    and the most sequences running at once.
-Prints one table last; writes suite.json into --out.
+Prints one table last; writes suite.json, the gRPC runs' JSON and plots and
+the training log into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -178,17 +187,106 @@ def speculation(pair_dir: str, batch_sizes: list[int], k: int, max_tokens: int,
     return rows
 
 
+def grpc_runs(model_dir: str, out: str, offline_floor: float | None) -> dict:
+    """The throughput workloads through gRPC against one `specserve serve`
+    child process (the server flags of the offline run)."""
+    from benchmarks import throughput as tp
+
+    server_flags = ["--model", model_dir, "--load-format", "dummy", "--dtype", "bfloat16",
+                    "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
+                    "--gpu-memory-utilization", "0.85", "--server-start-timeout", "300"]
+    workloads = {
+        "grpc_256": ["--num-requests", "256", "--input-len", "512", "--output-len", "256"],
+        "grpc_1000": ["--num-requests", "1000", "--input-len", "128:1024", "--output-len", "256",
+                      "--max-concurrency", "256"],
+    }
+    results = {}
+    with tp.own_server(tp.parse_args(server_flags)) as address:
+        for name, flags in workloads.items():
+            args = tp.parse_args([*flags, "--target-address", address, "--no-progress",
+                                  "--warmup-requests", "8", "--request-rate", "inf",
+                                  "--json", os.path.join(out, f"{name}.json"),
+                                  "--plot", os.path.join(out, f"{name}.png")])
+            result = asyncio.run(tp.benchmark(address, args))
+            tp.report(result, args)
+            summary = result.runs[0][0]
+            p50 = {n: getattr(summary, f"{n}_ms").p50 if getattr(summary, f"{n}_ms") else float("nan")
+                   for n in ("ttft", "tpot", "e2e")}
+            results[name] = {"output_tokens_per_s": summary.output_throughput,
+                             "failed": summary.failed, "ttft_p50_ms": p50["ttft"],
+                             "tpot_p50_ms": p50["tpot"], "e2e_p50_s": p50["e2e"] / 1e3}
+    if offline_floor:
+        results["grpc_256"]["floor_output_tokens_per_s"] = offline_floor
+        results["grpc_256"]["fraction_of_floor"] = (
+            results["grpc_256"]["output_tokens_per_s"] / offline_floor)
+    return results
+
+
+def train_bench_pair(out: str, target_seconds: float, draft_seconds: float) -> str:
+    """Train the `bench` pair now (benchmarks/train_pair.py); returns its folder."""
+    pair = os.path.join(tempfile.mkdtemp(), "bench_pair")
+    cmd = [sys.executable, os.path.join(HERE, "train_pair.py"), "--preset", "bench",
+           "--extra-packages", "all", "--out", pair,
+           "--target-seconds", str(target_seconds), "--draft-seconds", str(draft_seconds)]
+    print("training:", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(out, "train_bench.log"), "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    print(f"trained the bench pair in {time.perf_counter() - start:.0f} s", flush=True)
+    shutil.copy(os.path.join(pair, "training_summary.json"),
+                os.path.join(out, "bench_training_summary.json"))
+    return pair
+
+
+def hf_assisted(pair_dir: str, max_tokens: int, num_prompts: int = 8,
+                device: str = "cuda") -> dict:
+    """Hugging Face greedy generate at batch 1, target alone and with the
+    draft as assistant_model, over the suite's code prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.offline import CODE_PROMPTS
+    target_dir, draft_dir = os.path.join(pair_dir, "target"), os.path.join(pair_dir, "draft")
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dtype).to(device).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rates = {}
+    for name, extra in (("hf_target_only", {}), ("hf_assisted", {"assistant_model": draft})):
+        tokens, secs = 0, 0.0
+        for i, prompt in enumerate(CODE_PROMPTS[:num_prompts + 1]):
+            ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                      pad_token_id=tok.eos_token_id, **extra)
+            sync()
+            if i:  # the first prompt warms up
+                secs += time.perf_counter() - start
+                tokens += out.shape[1] - ids.shape[1]
+        rates[name] = tokens / secs
+    del target, draft
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--pair", default=os.path.join(os.path.dirname(HERE), "engine", "default_models"))
+    ap.add_argument("--pair", default=None,
+                    help="a trained pair folder (target/, draft/) instead of training the bench pair")
+    ap.add_argument("--train-seconds", default="110,40",
+                    help="bench pair training budgets: target,draft seconds")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--batch-sizes", default="1,4,16,64")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (speculation)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: "
-                                               "batch1,throughput,speculation")
+                                               "batch1,throughput,grpc,speculation,hf")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -197,7 +295,8 @@ def main() -> None:
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     root = tempfile.mkdtemp()
-    if not {"batch1", "throughput"} <= skip:
+    os.makedirs(args.out, exist_ok=True)
+    if not {"batch1", "throughput", "grpc"} <= skip:
         model = dummy_model_dir("llama-2-7b", root)
         llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
                   max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
@@ -212,11 +311,22 @@ def main() -> None:
         llm.shutdown()
         del llm
         torch.cuda.empty_cache()
+        if "grpc" not in skip:
+            floor = results.get("throughput", {}).get("floor_output_tokens_per_s")
+            results["grpc"] = grpc_runs(model, args.out, floor if args.requests == 256 else None)
+            print("grpc", results["grpc"], flush=True)
     if "speculation" not in skip:
+        pair = args.pair
+        if pair is None:
+            target_s, draft_s = (float(x) for x in args.train_seconds.split(","))
+            pair = train_bench_pair(args.out, target_s, draft_s)
+        results["pair"] = pair
         sizes = [int(b) for b in args.batch_sizes.split(",")]
-        results["speculation"] = speculation(args.pair, sizes, args.k, args.max_tokens,
+        results["speculation"] = speculation(pair, sizes, args.k, args.max_tokens,
                                              args.enforce_eager)
-    os.makedirs(args.out, exist_ok=True)
+        if "hf" not in skip:
+            results["hf"] = hf_assisted(pair, args.max_tokens)
+            print("hf", results["hf"], flush=True)
     with open(os.path.join(args.out, "suite.json"), "w") as f:
         json.dump(results, f, indent=2)
     print_table(results)
@@ -237,13 +347,26 @@ def print_table(r: dict) -> None:
               f"{100 * t['fraction_of_floor']:.0f}% of floor")
         print(f"KV memory: {100 * t['kv_fill_at_saturation']:.1f}% of allocated slots hold tokens; "
               f"peak {t['peak_running_sequences']} sequences in {t['kv_blocks']} blocks of {t['block_size']}")
+    for name, g in r.get("grpc", {}).items():
+        frac = (f"; {100 * g['fraction_of_floor']:.0f}% of the floor"
+                if g.get("fraction_of_floor") else "")
+        print(f"{name} (gRPC): {g['output_tokens_per_s']:.0f} output tok/s{frac}; TTFT p50 "
+              f"{g['ttft_p50_ms']:.0f} ms, TPOT p50 {g['tpot_p50_ms']:.1f} ms, "
+              f"failed {g['failed']}")
     if "speculation" in r:
+        print(f"pair: {r.get('pair')}")
         print(f"{'batch':>5} {'target tok/s':>12} {'spec tok/s':>10} {'speedup':>8} "
               f"{'adaptive':>9} {'accept':>7} {'tok/step':>8}")
         for s in r["speculation"]:
             print(f"{s['batch']:>5} {s['target_only']:>12.0f} {s['speculative']:>10.0f} "
                   f"{s['speedup']:>7.2f}x {s['adaptive_speedup']:>8.2f}x "
                   f"{s['acceptance']:>7.3f} {s['tokens_per_step']:>8.2f}")
+    if "hf" in r and r.get("speculation"):
+        one = r["speculation"][0]
+        print(f"batch 1 vs Hugging Face: HF generate {r['hf']['hf_target_only']:.0f} tok/s, "
+              f"HF assisted {r['hf']['hf_assisted']:.0f} tok/s; specserve speculative "
+              f"{one['speculative']:.0f} tok/s = {one['speculative'] / r['hf']['hf_assisted']:.1f}x "
+              f"HF assisted")
 
 
 if __name__ == "__main__":
