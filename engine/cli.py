@@ -64,6 +64,9 @@ ENGINE_OPTION_HELP = {
     "max_num_seqs": "Most sequences computed in one step.",
     "max_num_batched_tokens": "Most tokens (prompt chunks + decode + speculative slots) "
                               "computed in one step.",
+    "async_output": "Detokenize, check stop strings and stream a step's outputs while the "
+                    "next step runs on the device (in-process executor); a request stopped "
+                    "by a stop string then costs one discarded step",
     "max_queue": "Most requests waiting per replica beyond the running ones; more are refused "
                  "with RESOURCE_EXHAUSTED.",
     # ParallelConfig

@@ -96,6 +96,9 @@ class LLMEngine:
         self._proposed_total = 0
         self._accepted_total = 0
         self._last_step_time = 0.0
+        self._last_finish = 0.0
+        self._pipelined = config.scheduler_config.async_output and self.executor.overlaps_steps
+        self._in_flight = None  # pipelined: the launched step not yet read back
 
     # -- requests --------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -136,31 +139,60 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        start = time.perf_counter()
+        """One engine step: the outputs of the newest step that finished.
+
+        With ``async_output`` (and an executor that overlaps), steps are
+        pipelined: once step N's tokens are read back and applied to the
+        sequences, step N + 1 is scheduled and launched, and only then is N's
+        text worked out (detokenizing, stop strings, outputs) while the device
+        runs N + 1. A request that a stop string finishes meanwhile was
+        already part of N + 1: its tokens from that step are dropped.
+        """
+        if not self._pipelined:
+            launched = self._launch_next()
+            if launched is None:
+                return []
+            return self._emit(self._apply_tokens(*launched, self.executor.finish(launched[1])))
+        if self._in_flight is None:
+            self._in_flight = self._launch_next()
+            if self._in_flight is None:
+                return []
+        scheduler_output, handle, started = self._in_flight
+        applied = self._apply_tokens(scheduler_output, handle, started,
+                                     self.executor.finish(handle))
+        self._in_flight = self._launch_next()
+        return self._emit(applied)
+
+    def _launch_next(self):
+        """Schedule a step and start it: (scheduler output, handle, start time)."""
         if self.adaptive is not None:
             batch = max(1, len(self.scheduler.running))
             self.scheduler.step_k_cap = self.adaptive.choose(batch)
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
-            return []
-        runner_output = self.executor.execute_model(scheduler_output)
-        outputs = self._apply(scheduler_output, runner_output)
-        self._last_step_time = time.perf_counter() - start
-        self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences), default=0)
+            return None
+        return scheduler_output, self.executor.launch(scheduler_output), time.perf_counter()
+
+    def _apply_tokens(self, scheduler_output: SchedulerOutput, handle: object, started: float,
+                      runner_output: ModelRunnerOutput) -> list[tuple]:
+        """Everything the next schedule depends on: sequences advance, kept
+        tokens join them, requests finished by a token leave the scheduler."""
+        # Pipelined, a step's cost is the time from the previous step's read-back.
+        now = time.perf_counter()
+        self._last_step_time = now - max(started, self._last_finish)
+        self._last_finish = now
+        self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences),
+                           default=0)
         if self.adaptive is not None and _is_steady(scheduler_output):
             self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
                                        self._last_step_time)
-        return outputs
-
-    def _apply(self, scheduler_output: SchedulerOutput,
-               runner_output: ModelRunnerOutput) -> list[RequestOutput]:
-        outputs = []
+        applied = []
         logprobs = runner_output.logprobs or [None] * len(scheduler_output.sequences)
         for work, emitted, proposed, lps in zip(scheduler_output.sequences,
                                                 runner_output.sampled_token_ids,
                                                 runner_output.num_draft_proposed, logprobs):
             request = self.requests.get(work.request_id)
-            if request is None:  # aborted while the step ran
+            if request is None:  # aborted, or stopped by a stop string, while the step ran
                 continue
             num_accepted = len(emitted) - 1 if emitted else 0
             self.scheduler.advance(request.seq, work, num_accepted)
@@ -171,12 +203,23 @@ class LLMEngine:
                 self._accepted_total += num_accepted
                 if self.adaptive is not None:
                     self.adaptive.observe_acceptance(proposed, num_accepted)
-            output = request.append(emitted, proposed, lps)
+            applied.append((request, request.append_tokens(emitted, proposed), lps))
             if request.finished:
-                self.scheduler.finish(request.seq)
-                del self.requests[work.request_id]
-            outputs.append(output)
+                self._retire(request)
+        return applied
+
+    def _emit(self, applied: list[tuple]) -> list[RequestOutput]:
+        outputs = []
+        for request, kept, lps in applied:
+            was_finished = request.finished
+            outputs.append(request.emit(kept, lps))
+            if request.finished and not was_finished:  # a stop string
+                self._retire(request)
         return outputs
+
+    def _retire(self, request: Request) -> None:
+        self.scheduler.finish(request.seq)
+        self.requests.pop(request.request_id, None)
 
     # -- information -----------------------------------------------------
     def get_stats(self) -> EngineStats:

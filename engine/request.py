@@ -44,9 +44,20 @@ class Request:
     def append(self, token_ids: list[int], num_proposed: int,
                logprobs: list[TokenLogprobs] | None) -> RequestOutput:
         """Take one step's emitted tokens, cut at the first stop condition."""
+        return self.emit(self.append_tokens(token_ids, num_proposed), logprobs)
+
+    def append_tokens(self, token_ids: list[int], num_proposed: int) -> list[int]:
+        """The token-level half of ``append``, all the scheduler needs before
+        the next step: the tokens kept (cut at a stop token, max_tokens or the
+        context) join the sequence. Returns them."""
         kept = self._keep_until_stop(token_ids)
         self.seq.output_token_ids.extend(kept)
         self._count(kept, token_ids, num_proposed)
+        return kept
+
+    def emit(self, kept: list[int], logprobs: list[TokenLogprobs] | None) -> RequestOutput:
+        """The text half: detokenize the kept tokens, check stop strings (which
+        may finish the request) and build the step's output."""
         visible = [t for t in kept if t not in self._stop_ids]
         self.text += self._detokenizer.add(visible, final=self.finished)
         self._check_stop_strings()

@@ -212,3 +212,35 @@ def test_acceptance_metrics_add_up(llm):
         assert 0 <= m.draft_tokens_accepted <= m.draft_tokens_proposed
         assert m.completion_tokens == len(o.token_ids) == 30
         assert m.num_steps >= 30 / 4
+
+
+def test_pipelined_steps_give_the_same_outputs_and_free_every_block(pair, llm):
+    """async_output overlaps a step's text work with the next step's device
+    work; outputs (a stop string finishing one step late included) must not
+    change, and the discarded step must not leak blocks."""
+    target, draft = pair
+    full = llm.generate([PROMPTS[0]], greedy(30))[0]
+    params = [greedy(30, stop=[full.text[6:9]]), seeded(3, 30, logprobs=2), greedy(12),
+              seeded(5, 40, stop=["\n\n"])]
+    sync = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+               kv_cache_memory=1 << 24, block_size=4, async_output=False)
+    assert llm.engine._pipelined and not sync.engine._pipelined
+    want = sync.generate(PROMPTS, params)
+    got = llm.generate(PROMPTS, params)
+    for a, b in zip(got, want):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert a.logprobs == b.logprobs
+    assert got[0].finish_reason is FinishReason.STOP
+    assert_no_blocks_used(llm.engine)
+
+
+def test_pipelined_step_launches_the_next_step_before_the_text_work(llm, monkeypatch):
+    engine, order = llm.engine, []
+    launch, emit = engine.executor.launch, engine._emit
+    monkeypatch.setattr(engine.executor, "launch", lambda so: order.append("launch") or launch(so))
+    monkeypatch.setattr(engine, "_emit", lambda applied: order.append("emit") or emit(applied))
+    llm.generate([PROMPTS[0]], greedy(6))
+    # The first step is launched alone; afterwards each launch precedes the
+    # previous step's text work.
+    assert order[:3] == ["launch", "launch", "emit"]
+    assert_no_blocks_used(engine)

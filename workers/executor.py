@@ -23,6 +23,17 @@ class Executor(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step and return the sampled tokens of every sequence."""
 
+    #: Whether ``launch`` returns before the step has finished on the device.
+    overlaps_steps: bool = False
+
+    def launch(self, scheduler_output: SchedulerOutput) -> object:
+        """Start one step; ``finish`` returns its output. The engine works on
+        the previous step's outputs in between. By default the step runs here."""
+        return self.execute_model(scheduler_output)
+
+    def finish(self, handle: object) -> ModelRunnerOutput:
+        return handle  # type: ignore[return-value]
+
     @abstractmethod
     def shutdown(self) -> None:
         """Release devices and processes; safe to call twice."""

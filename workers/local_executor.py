@@ -20,5 +20,13 @@ class LocalExecutor(Executor):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
+    overlaps_steps = True
+
+    def launch(self, scheduler_output: SchedulerOutput) -> object:
+        return self.worker.runner.launch(scheduler_output)
+
+    def finish(self, handle: object) -> ModelRunnerOutput:
+        return self.worker.runner.finish(handle)
+
     def shutdown(self) -> None:
         self.worker.runner = None

@@ -40,6 +40,16 @@ class _Batch:
     output_counts: torch.Tensor | None  # [S, V] before this step's tokens
 
 
+@dataclass
+class _Launched:
+    """A step queued on the device, not yet read back."""
+
+    seqs: list[ScheduledSequence]
+    batch: _Batch
+    emitted: torch.Tensor | None  # [S, 1 + K + 1]: count, then the emitted tokens
+    logprobs: tuple | None
+
+
 class ModelRunner:
     """Holds the target and draft models and their KV caches on one device."""
 
@@ -71,13 +81,39 @@ class ModelRunner:
             graphed.capture_all()
             self.graphed[id(model)] = graphed
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.finish(self.launch(scheduler_output))
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> "_Launched":
+        """Queue the whole step on the device; nothing here waits for it."""
         seqs = scheduler_output.sequences
         batch = self._sampling_batch(seqs)
         draft_tokens, draft_probs = self._propose(seqs, batch)
         target_logits = self._verify_forward(seqs, batch, draft_tokens)
-        return self._sample(seqs, batch, draft_tokens, draft_probs, target_logits)
+        emitted = logprobs = None
+        if batch.seqs:
+            out, num = self._accept(batch, draft_tokens, draft_probs, target_logits)
+            emitted = torch.cat([num.unsqueeze(1), out], dim=1)
+            logprobs = self._logprob_tensors(batch, target_logits, out)
+        return _Launched(seqs, batch, emitted, logprobs)
+
+    def finish(self, launched: "_Launched") -> ModelRunnerOutput:
+        """Wait for a launched step and read its tokens (the step's one sync)."""
+        seqs, batch = launched.seqs, launched.batch
+        sampled: list[list[int]] = [[] for _ in seqs]
+        proposed = [0] * len(seqs)
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
+        if launched.emitted is not None:
+            host = launched.emitted.tolist()
+            for r, i in enumerate(batch.index):
+                sampled[i] = host[r][1:1 + host[r][0]]
+                proposed[i] = batch.ks[r]
+            if launched.logprobs is not None:
+                self._read_logprobs(batch, launched.logprobs, sampled, logprobs)
+        return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
+                                 sampled_token_ids=sampled, num_draft_proposed=proposed,
+                                 logprobs=logprobs if any(l is not None for l in logprobs) else None)
 
     # -- set-up ----------------------------------------------------------
     def _sampling_batch(self, seqs: list[ScheduledSequence]) -> _Batch:
@@ -195,22 +231,6 @@ class ModelRunner:
             len(logit_rows), batch.K + 1, self.vocab_size)
 
     # -- sampling --------------------------------------------------------
-    def _sample(self, seqs, batch: _Batch, draft_tokens, draft_probs,
-                target_logits) -> ModelRunnerOutput:
-        sampled: list[list[int]] = [[] for _ in seqs]
-        proposed = [0] * len(seqs)
-        logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
-        if batch.seqs:
-            out, num = self._accept(batch, draft_tokens, draft_probs, target_logits)
-            host = torch.cat([num.unsqueeze(1), out], dim=1).tolist()  # the step's one sync
-            for r, i in enumerate(batch.index):
-                sampled[i] = host[r][1:1 + host[r][0]]
-                proposed[i] = batch.ks[r]
-            self._logprobs(batch, target_logits, out, sampled, logprobs)
-        return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
-                                 sampled_token_ids=sampled, num_draft_proposed=proposed,
-                                 logprobs=logprobs if any(l is not None for l in logprobs) else None)
-
     def _accept(self, batch: _Batch, draft_tokens, draft_probs, target_logits):
         """(emitted tokens [S, K+1], how many [S]) by rejection sampling."""
         if batch.greedy and batch.K == 0:  # plain greedy decoding
@@ -244,17 +264,24 @@ class ModelRunner:
         mask = batch.prompt_mask.unsqueeze(1).expand(S, R, -1).reshape(S * R, -1)
         return apply_penalties(logits, mask, counts.view(S * R, -1), params)
 
-    def _logprobs(self, batch: _Batch, target_logits, out, sampled, logprobs) -> None:
+    def _logprob_tensors(self, batch: _Batch, target_logits, out):
+        """(rows wanting logprobs, token logprobs, top ids, top logprobs) on
+        the device, or None when no sequence asked for them."""
         wanted = [r for r, s in enumerate(batch.seqs) if s.sampling_params.logprobs is not None]
         if not wanted:
-            return
+            return None
         n_top = max(batch.seqs[r].sampling_params.logprobs for r in wanted)
         w = to_device(wanted, self.device)
         logits = target_logits[w].flatten(0, 1)
         tok, ids, lps = compute_logprobs(logits, out[w].clamp(min=0).flatten(), n_top)
         K1 = target_logits.shape[1]
-        tok, ids, lps = tok.view(len(wanted), K1).tolist(), ids.view(len(wanted), K1, -1).tolist(), \
-            lps.view(len(wanted), K1, -1).tolist()
+        return wanted, tok.view(len(wanted), K1), ids.view(len(wanted), K1, -1), \
+            lps.view(len(wanted), K1, -1)
+
+    @staticmethod
+    def _read_logprobs(batch: _Batch, tensors, sampled, logprobs) -> None:
+        wanted, tok, ids, lps = tensors
+        tok, ids, lps = tok.tolist(), ids.tolist(), lps.tolist()
         for x, r in enumerate(wanted):
             i, n = batch.index[r], batch.seqs[r].sampling_params.logprobs
             logprobs[i] = [TokenLogprobs(t, tok[x][j], ids[x][j][:n], lps[x][j][:n])
