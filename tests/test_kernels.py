@@ -22,7 +22,8 @@ def test_triton_kernels_match_torch_in_the_interpreter():
     # Keep the caller's PYTHONPATH: some machines find torch and Triton through it.
     path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    run = subprocess.run([sys.executable, "-m", "tests.kernel_checks", "cpu", "float32", "float16", "bfloat16"],
+    dtypes = ["float32", "float16", "bfloat16"]
+    run = subprocess.run([sys.executable, "-m", "tests.kernel_checks", "cpu", *dtypes],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith("ok")
