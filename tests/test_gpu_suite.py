@@ -1,0 +1,33 @@
+"""The GPU suite's table, from a results dict shaped like a full run's:
+a formatting slip must not cost the end of a ten-minute GPU run."""
+
+from __future__ import annotations
+
+from benchmarks.gpu_suite import print_table
+
+
+def test_the_table_prints_every_section(capsys):
+    results = {
+        "device": "GPU", "torch": "2.x", "cuda_graphs": True, "copy_bandwidth_GBps": 2969.0,
+        "batch1": {"tokens_per_s": 157.9, "floor_tokens_per_s": 220.3, "fraction_of_floor": 0.72},
+        "throughput": {"requests": 256, "output_tokens_per_s": 3869.0,
+                       "floor_output_tokens_per_s": 6735.0, "fraction_of_floor": 0.57,
+                       "kv_fill_at_saturation": 0.99, "peak_running_sequences": 218,
+                       "kv_blocks": 7181, "block_size": 16},
+        "grpc": {"grpc_256": {"output_tokens_per_s": 3500.0, "failed": 0, "ttft_p50_ms": 900.0,
+                              "tpot_p50_ms": 40.0, "e2e_p50_s": 11.0,
+                              "floor_output_tokens_per_s": 6735.0, "fraction_of_floor": 0.52},
+                 "grpc_1000": {"output_tokens_per_s": 3000.0, "failed": 0,
+                               "ttft_p50_ms": 100.0, "tpot_p50_ms": 45.0, "e2e_p50_s": 12.0}},
+        "pair": "/tmp/bench_pair",
+        "speculation": [{"batch": 1, "target_only": 600.0, "speculative": 1200.0, "speedup": 2.0,
+                         "adaptive": 1150.0, "adaptive_speedup": 1.92, "acceptance": 0.63,
+                         "tokens_per_step": 3.4}],
+        "hf": {"hf_target_only": 80.0, "hf_assisted": 150.0},
+    }
+    print_table(results)
+    out = capsys.readouterr().out
+    for expected in ("72% of floor", "57% of floor", "99.0% of allocated slots",
+                     "grpc_256 (gRPC): 3500 output tok/s; 52% of the floor",
+                     "grpc_1000 (gRPC): 3000 output tok/s;", "2.00x", "8.0x HF assisted"):
+        assert expected in out, expected
