@@ -1,6 +1,6 @@
 """The embedded default pair: it loads in specserve and in transformers alike,
-its tokenizer round-trips source text, and its draft keeps the acceptance
-rate it was shipped with on the held-out prompts recorded at training."""
+its tokenizer round-trips source text, and its draft reaches the issue's
+acceptance rate (0.6) on the held-out prompts recorded at training."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from engine.llm_engine import DEFAULT_MODELS_DIR
 
 TARGET = os.path.join(DEFAULT_MODELS_DIR, "target")
 DRAFT = os.path.join(DEFAULT_MODELS_DIR, "draft")
-# Measured by specserve at k = 4 when the pair was shipped (benchmarks/RESULTS.md):
-# 0.565. The issue's goal is 0.6; this guards against regressions below the
-# shipped figure, in the engine's speculation or in the pair.
-SHIPPED_ACCEPTANCE = 0.56
+# The issue's goal for greedy acceptance at k = 4 on held-out code prompts.
+# Measured by specserve on the shipped pair (float32, CPU): 0.602 (2866 of
+# 4759 proposed tokens; benchmarks/RESULTS.md), so the margin is small: a
+# regression in the engine's speculation or in the pair shows up here.
+MIN_ACCEPTANCE = 0.6
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_acceptance_on_heldout_prompts(llm):
     outs = llm.generate(ids, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
     proposed = sum(o.metrics.draft_tokens_proposed for o in outs)
     accepted = sum(o.metrics.draft_tokens_accepted for o in outs)
-    assert accepted / proposed >= SHIPPED_ACCEPTANCE
+    assert accepted / proposed >= MIN_ACCEPTANCE
 
 
 def test_tokenizer_round_trips_source_exactly(llm):

@@ -101,6 +101,65 @@ def test_fast_acceptance_equals_literal_simulation(micro_run):
         assert fast["_per_prompt"][i] == tp.simulate_speculation(target, draft, prompts[i], 20, 4)
 
 
+def _micro_target(out):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out / "target", dtype=torch.float32).eval()
+
+
+def test_teacher_targets_match_the_teacher(micro_run):
+    out, _ = micro_run
+    target = _micro_target(out)
+    torch.manual_seed(1)
+    tokens = torch.randint(1, target.config.vocab_size, (300,))
+    tt = tp.teacher_targets(target, tokens, seq_len=32, topk=4, device=torch.device("cpu"),
+                            batch_windows=8)
+    starts = list(range(0, 300 - 32, 32)) + list(range(16, 300 - 32, 32))
+    assert tt.tokens.shape == (len(starts), 33) and tt.idx.shape == (len(starts), 32, 4)
+    for w, s in enumerate(starts):
+        assert torch.equal(tt.tokens[w].long(), tokens[s:s + 33])
+    with torch.no_grad():
+        probs = torch.softmax(target(input_ids=tt.tokens[:, :-1].long()).logits, dim=-1)
+    top_p, top_i = probs.topk(4, dim=-1)
+    assert torch.equal(tt.idx.long(), top_i)
+    assert torch.allclose(tt.prob.float(), top_p, atol=1e-3)
+
+
+def test_teacher_generate_is_greedy_decoding(micro_run):
+    out, _ = micro_run
+    target = _micro_target(out)
+    tokens = torch.arange(1, 200) % target.config.vocab_size
+    gt = tp.teacher_generate(target, tokens, n_seqs=3, prompt_len=8, n_new=10, topk=4,
+                             device=torch.device("cpu"), seed=0, batch=2)
+    assert gt.tokens.shape == (3, 18) and gt.idx.shape == (3, 17, 4)
+    prompts = gt.tokens[:, :8].long()
+    assert torch.equal(gt.tokens[:, 8:].long(), tp.greedy_decode(target, prompts, 10))
+    # The teacher's top-1 at every generated position is the token it generated.
+    assert torch.equal(gt.idx[:, 7:, 0].long(), gt.tokens[:, 8:].long())
+    with torch.no_grad():
+        probs = torch.softmax(target(input_ids=gt.tokens[:, :-1].long()).logits, dim=-1)
+    assert torch.allclose(gt.prob.float(), probs.topk(4, dim=-1).values, atol=1e-3)
+
+
+def test_distill_loss_is_kl_over_topk_and_rest():
+    torch.manual_seed(0)
+    s_logp = torch.log_softmax(torch.randn(5, 10), dim=-1)
+    t = torch.softmax(2 * torch.randn(5, 10), dim=-1)
+    # k = V: the plain cross-entropy to the teacher, KL plus the teacher's entropy.
+    p, i = t.topk(10, dim=-1)
+    full = -(t * s_logp).sum(-1).mean()
+    assert torch.allclose(tp.distill_loss(s_logp, i, p), full, atol=1e-5)
+    # k < V: the same over the k tokens and one bucket for the rest.
+    p, i = t.topk(3, dim=-1)
+    s_top = s_logp.gather(-1, i)
+    ref = -((p * s_top).sum(-1) + (1 - p.sum(-1)) * torch.log(1 - s_top.exp().sum(-1))).mean()
+    assert torch.allclose(tp.distill_loss(s_logp, i, p), ref, atol=1e-5)
+    # Its gradient vanishes where the student equals the teacher (k + 1 buckets).
+    logits = torch.log(t).clone().requires_grad_(True)
+    tp.distill_loss(torch.log_softmax(logits, -1), i, p).backward()
+    assert logits.grad[torch.arange(5)[:, None], i].abs().max() < 1e-6
+
+
 def test_steps_from_matches():
     # Accept 2, reject; accept all 4 (bonus); reject at once; accept 1 then stop.
     m = [True, True, False, True, True, True, True, True, False, True, False] + [False] * 8
