@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -290,45 +291,49 @@ def main() -> None:
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "cuda_graphs": not args.enforce_eager}
+                     "cuda_graphs": not args.enforce_eager, "errors": {}}
+    os.makedirs(args.out, exist_ok=True)
+
+    def section(name: str, fn) -> None:
+        """Run one section; a failure is recorded and the next section still runs."""
+        if name in skip:
+            return
+        try:
+            results[name] = fn()
+            print(name, results[name], flush=True)
+        except Exception as exc:  # keep the run's other figures
+            traceback.print_exc()
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(args.out, "suite.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
     bw = copy_bandwidth()
     results["copy_bandwidth_GBps"] = bw / 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    root = tempfile.mkdtemp()
-    os.makedirs(args.out, exist_ok=True)
-    if not {"batch1", "throughput", "grpc"} <= skip:
-        model = dummy_model_dir("llama-2-7b", root)
+    model = dummy_model_dir("llama-2-7b", tempfile.mkdtemp())
+    if not {"batch1", "throughput"} <= skip:
         llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
                   max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
-        print(f"attention backend: {llm.engine.executor.worker.runner.target.attention_backend.name}",
-              flush=True)
-        if "batch1" not in skip:
-            results["batch1"] = batch1_decode(llm, bw)
-            print("batch1", results["batch1"], flush=True)
-        if "throughput" not in skip:
-            results["throughput"] = throughput(llm, bw, args.requests)
-            print("throughput", results["throughput"], flush=True)
+        section("batch1", lambda: batch1_decode(llm, bw))
+        section("throughput", lambda: throughput(llm, bw, args.requests))
         llm.shutdown()
         del llm
         torch.cuda.empty_cache()
-        if "grpc" not in skip:
-            floor = results.get("throughput", {}).get("floor_output_tokens_per_s")
-            results["grpc"] = grpc_runs(model, args.out, floor if args.requests == 256 else None)
-            print("grpc", results["grpc"], flush=True)
-    if "speculation" not in skip:
-        pair = args.pair
-        if pair is None:
-            target_s, draft_s = (float(x) for x in args.train_seconds.split(","))
-            pair = train_bench_pair(args.out, target_s, draft_s)
-        results["pair"] = pair
+    floor = results.get("throughput", {}).get("floor_output_tokens_per_s")
+    section("grpc", lambda: grpc_runs(model, args.out, floor if args.requests == 256 else None))
+    pair = args.pair
+    if pair is None and "speculation" not in skip:
+        target_s, draft_s = (float(x) for x in args.train_seconds.split(","))
+        section("train", lambda: train_bench_pair(args.out, target_s, draft_s))
+        # Without a bench pair, the embedded one still exercises the section.
+        pair = results.get("train") or os.path.join(os.path.dirname(HERE), "engine",
+                                                    "default_models")
+    results["pair"] = pair
+    if pair is not None:
         sizes = [int(b) for b in args.batch_sizes.split(",")]
-        results["speculation"] = speculation(pair, sizes, args.k, args.max_tokens,
-                                             args.enforce_eager)
-        if "hf" not in skip:
-            results["hf"] = hf_assisted(pair, args.max_tokens)
-            print("hf", results["hf"], flush=True)
-    with open(os.path.join(args.out, "suite.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        section("speculation", lambda: speculation(pair, sizes, args.k, args.max_tokens,
+                                                   args.enforce_eager))
+        section("hf", lambda: hf_assisted(pair, args.max_tokens))
     print_table(results)
 
 
@@ -353,6 +358,8 @@ def print_table(r: dict) -> None:
         print(f"{name} (gRPC): {g['output_tokens_per_s']:.0f} output tok/s{frac}; TTFT p50 "
               f"{g['ttft_p50_ms']:.0f} ms, TPOT p50 {g['tpot_p50_ms']:.1f} ms, "
               f"failed {g['failed']}")
+    for name, error in r.get("errors", {}).items():
+        print(f"{name}: FAILED ({error})")
     if "speculation" in r:
         print(f"pair: {r.get('pair')}")
         print(f"{'batch':>5} {'target tok/s':>12} {'spec tok/s':>10} {'speedup':>8} "
