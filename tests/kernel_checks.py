@@ -67,6 +67,9 @@ def check_attention(device: str) -> None:
     for splits in (None, 3):
         check_case(TritonPagedBackend(num_splits=splits), [1, 5, 70], [300, 53, 72], 16, 4, 2,
                    64, torch.float32, device, 5)
+    # A GQA group that is not a power of two (the bench pair's 12 heads over 4).
+    check_case(TritonPagedBackend(), [1, 5, 70], [300, 53, 72], 16, 6, 2, 64, torch.float32,
+               device, 6)
 
 
 def check_engine() -> None:

@@ -48,3 +48,15 @@ def test_torch_paths_are_the_hugging_face_formulas():
     cos, sin = torch.ones(2, 4), torch.zeros(2, 4)  # angle 0: rotation is the identity
     q, k, v = rotate_qk(qkv, cos, sin, 2, 1, 4)
     assert torch.equal(torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], 1), qkv)
+
+
+def test_attention_tiles_are_powers_of_two_for_any_gqa_group():
+    """Triton needs power-of-two tile sizes (its interpreter does not check)."""
+    pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
+    from workers.attention.triton_paged import TritonPagedBackend
+
+    for group in range(1, 9):
+        for max_query_len in (1, 2, 3, 5, 8, 37, 300):
+            block_q, block_m = TritonPagedBackend._tile(max_query_len, group)
+            assert block_m & (block_m - 1) == 0 and block_m >= 16, (group, max_query_len)
+            assert block_q * group <= block_m, (group, max_query_len)

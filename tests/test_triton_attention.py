@@ -105,7 +105,8 @@ def _backend(**kw):
 
 
 @pytest.mark.parametrize("kind", ["decode", "verify", "mixed"])
-@pytest.mark.parametrize("heads", [(8, 8), (16, 4), (32, 4)], ids=["mha", "gqa4", "gqa8"])
+@pytest.mark.parametrize("heads", [(8, 8), (16, 4), (32, 4), (12, 4)],
+                         ids=["mha", "gqa4", "gqa8", "gqa3"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_matches_reference_bf16(block_size, head_dim, heads, kind):

@@ -255,7 +255,8 @@ class TritonPagedBackend(AttentionBackend):
         """(BLOCK_Q query positions, BLOCK_M rows) of one program's tile."""
         q_pow2 = _next_pow2(max(1, max_query_len))
         if q_pow2 * group <= _MAX_ROWS_SMALL:  # decode / verify: one tile per sequence
-            return q_pow2, max(16, q_pow2 * group)
+            # A group that is not a power of two (12 heads over 4) leaves rows unused.
+            return q_pow2, max(16, _next_pow2(q_pow2 * group))
         rows = max(_PREFILL_ROWS, _next_pow2(group))
         return rows // group, rows
 
