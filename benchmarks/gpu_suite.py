@@ -19,7 +19,10 @@
 4. KV memory at saturation: fraction of allocated block slots holding tokens,
    and the most sequences running at once.
 Prints one table last; writes suite.json, the gRPC runs' JSON and plots and
-the training log into --out.
+the training log into --out. The gRPC section needs what `specserve serve`
+needs: grpcio at the stubs' version (1.85.1), protobuf >= 7.35.1,
+grpcio-health-checking and grpcio-reflection (a GPU image may lack them;
+carry the wheels).
 """
 
 from __future__ import annotations
