@@ -18,6 +18,12 @@ class Tokenizer:
             self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+        # The Rust tokenizer behind a fast HF tokenizer whose decode adds
+        # nothing (no space clean-up): a third of the cost per call, which
+        # counts when every running sequence decodes every step.
+        backend = getattr(self.hf, "_tokenizer", None)
+        plain = not getattr(self.hf, "clean_up_tokenization_spaces", False)
+        self._fast = backend if plain and hasattr(backend, "decode") else None
 
     @property
     def eos_token_id(self) -> int | None:
@@ -34,17 +40,6 @@ class Tokenizer:
         if self._fast is not None:
             return self._fast.decode(token_ids, skip_special_tokens=True)
         return self.hf.decode(token_ids, skip_special_tokens=True)
-
-    @property
-    def _fast(self):
-        """The Rust tokenizer behind a fast HF tokenizer that adds nothing
-        to its decode (no space clean-up): a third of the cost per call,
-        which counts when every running sequence decodes every step."""
-        if not hasattr(self, "_fast_backend"):
-            backend = getattr(self.hf, "_tokenizer", None)
-            plain = not getattr(self.hf, "clean_up_tokenization_spaces", False)
-            self._fast_backend = backend if plain and hasattr(backend, "decode") else None
-        return self._fast_backend
 
 
 class IncrementalDetokenizer:

@@ -225,7 +225,7 @@ class ModelRunner:
         if not logit_rows:
             return hidden.new_empty((0, batch.K + 1, self.vocab_size), dtype=torch.float32)
         flat = [r for row in logit_rows for r in row]
-        if flat != list(range(hidden.shape[0])):  # not a plain all-decode step: gather
+        if len(flat) != hidden.shape[0] or flat != list(range(len(flat))):  # not plain decode
             hidden = hidden[to_device(flat, self.device)]
         return self.target.compute_logits(hidden).view(
             len(logit_rows), batch.K + 1, self.vocab_size)
