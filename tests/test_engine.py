@@ -141,8 +141,12 @@ def test_eos_stops_unless_ignored(pair):
 
 def test_text_is_the_decode_of_the_tokens(llm):
     tok = llm.engine.tokenizer
+    assert tok._fast is not None  # the Rust decoder, not the HF wrapper
     for o in llm.generate(PROMPTS, [seeded(s, 40) for s in range(4)]):
         assert o.text == tok.decode(o.token_ids)
+        # ... and it decodes as Hugging Face's tokenizer does, special tokens included.
+        ids = [tok.eos_token_id] + o.token_ids + [tok.eos_token_id]
+        assert tok.decode(ids) == tok.hf.decode(ids, skip_special_tokens=True)
 
 
 def test_logprobs_are_the_targets(llm):
