@@ -233,9 +233,8 @@ class ModelRunner:
     # -- sampling --------------------------------------------------------
     def _accept(self, batch: _Batch, draft_tokens, draft_probs, target_logits):
         """(emitted tokens [S, K+1], how many [S]) by rejection sampling."""
-        if batch.greedy and batch.K == 0:  # plain greedy decoding
-            return greedy_verify(draft_tokens, None, target_logits.argmax(dim=-1))
-        ks = to_device(batch.ks, self.device)
+        # Plain decoding (K = 0) needs no proposal counts: no copy for them.
+        ks = to_device(batch.ks, self.device) if batch.K else None
         if batch.greedy:
             return greedy_verify(draft_tokens, ks, target_logits.argmax(dim=-1))
         S, K1, V = target_logits.shape

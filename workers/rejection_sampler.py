@@ -27,7 +27,7 @@ PAD_TOKEN_ID = -1
 
 def rejection_sample(
     draft_token_ids: torch.Tensor,
-    num_draft_tokens: torch.Tensor,
+    num_draft_tokens: torch.Tensor | None,
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     u_accept: torch.Tensor,
@@ -39,7 +39,7 @@ def rejection_sample(
         draft_token_ids: [B, K] int64; row b's first ``num_draft_tokens[b]``
             entries are its proposal, the rest padding (any value).
         num_draft_tokens: [B] int64 in [0, K]; 0 is plain decoding (one token
-            drawn from ``target_probs[b, 0]``).
+            drawn from ``target_probs[b, 0]``). Unused (may be None) when K == 0.
         draft_probs: [B, K, V] the distributions the draft tokens were sampled
             from (after the same `logits_to_probs` as the target).
         target_probs: [B, K + 1, V] the target's distributions at the K + 1
@@ -55,10 +55,10 @@ def rejection_sample(
     """
     batch, k = draft_token_ids.shape
     device = draft_token_ids.device
-    num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
     positions = torch.arange(k, device=device)
 
     if k > 0:
+        num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
         proposed = positions.unsqueeze(0) < num_draft_tokens.unsqueeze(1)  # [B, K]
         draft_ids = torch.where(proposed, draft_token_ids.long(), 0)  # padding -> a safe index
         index = draft_ids.unsqueeze(-1)
