@@ -25,10 +25,17 @@ def batch_bucket(batch_size: int) -> int:
 
 class AdaptiveSpeculation:
     def __init__(self, max_k: int, smoothing: float = 0.2, explore_every: int = 32,
-                 prior_alpha: float = 0.7) -> None:
+                 prior_alpha: float = 0.7, max_explore_every: int = 512) -> None:
         self.max_k = max_k
         self.smoothing = smoothing
         self.explore_every = explore_every
+        self.max_explore_every = max_explore_every
+        # Per bucket: steps between re-measurements, the step of the next one,
+        # and the k chosen before it (an exploration that changes nothing
+        # doubles the interval; one that changes the choice resets it).
+        self._interval: dict[int, int] = {}
+        self._next_explore: dict[int, int] = {}
+        self._best_before: dict[int, int] = {}
         self._wins = prior_alpha * 10.0  # a prior worth ten tries
         self._tries = 10.0
         self._cost: dict[tuple[int, int], float] = {}
@@ -71,15 +78,24 @@ class AdaptiveSpeculation:
         if missing and (curve is None or n in (self.explore_every // 8, self.explore_every // 4)):
             self.last_k = missing[0]
             return self.last_k
-        if n % self.explore_every == 0:  # now and then, re-measure the stalest k
+        best = max(range(self.max_k + 1), key=lambda k: self.goodput(curve, k))
+        interval = self._interval.get(bucket, self.explore_every)
+        if n >= self._next_explore.get(bucket, self.explore_every):
+            # Now and then, re-measure the stalest k: costs drift with context
+            # length and load. A k is re-measured twice in a row, because the
+            # first such step pays the draft's catch-up on the steps it skipped.
+            self._next_explore[bucket] = n + interval
+            self._best_before[bucket] = best
             self.last_k = min(range(self.max_k + 1), key=lambda k: self._seen.get((bucket, k), -1))
-            # Twice in a row: the first such step pays the draft's catch-up on
-            # the steps it skipped, so only the second is a fair sample.
             self._repeat = 1
         elif self._repeat:
             self._repeat -= 1
         else:
-            self.last_k = max(range(self.max_k + 1), key=lambda k: self.goodput(curve, k))
+            before = self._best_before.pop(bucket, None)
+            if before is not None:  # the first choice after a re-measurement
+                self._interval[bucket] = (min(2 * interval, self.max_explore_every)
+                                          if before == best else self.explore_every)
+            self.last_k = best
         return self.last_k
 
     def goodput(self, bucket: int, k: int) -> float:

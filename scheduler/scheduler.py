@@ -124,6 +124,12 @@ class Scheduler:
         # The draft runs only on steps that speculate; it catches up on
         # whatever it missed the next time one does.
         uses_draft = k > 0
+        draft_start = seq.num_draft_computed_tokens
+        if start + chunk - draft_start == 1 and draft_start > 0:
+            # A one-token catch-up is widened to two (the draft rewrites its
+            # last key and value with the same ones), so every decode step of
+            # the draft has one shape and replays one captured graph.
+            draft_start -= 1
         params = seq.sampling_params
         penalties = params is not None and getattr(params, "has_penalties", False)
         return ScheduledSequence(
@@ -133,9 +139,8 @@ class Scheduler:
             block_ids=seq.block_ids,
             sample=sample,
             num_speculative_tokens=k,
-            draft_token_ids=(seq.token_slice(seq.num_draft_computed_tokens, start + chunk)
-                             if uses_draft else []),
-            num_draft_computed_tokens=seq.num_draft_computed_tokens,
+            draft_token_ids=seq.token_slice(draft_start, start + chunk) if uses_draft else [],
+            num_draft_computed_tokens=draft_start,
             sampling_params=params,
             num_output_tokens=seq.num_output_tokens,
             prompt_token_ids=seq.prompt_token_ids if penalties else None,

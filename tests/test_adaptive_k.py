@@ -46,6 +46,15 @@ def test_saturated_device_backs_off_to_zero():
     assert chosen[-1] == 0 and chosen[-20:].count(0) >= 15
 
 
+def test_re_measurement_backs_off_while_the_choice_holds():
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 64, cost=lambda k: 1.0 + 1.0 * k, alpha=0.6, steps=1200)
+    explored = [i for i, k in enumerate(chosen) if k and i >= 100]
+    # Re-measured every 32 steps at first, then 64, 128, ... up to 512.
+    assert 0 < len(explored) <= 8
+    assert chosen[-1] == 0
+
+
 def test_low_acceptance_backs_off():
     ctl = AdaptiveSpeculation(max_k=4)
     chosen = drive(ctl, 1, cost=lambda k: 1.0 + 0.3 * k, alpha=0.0)

@@ -81,7 +81,9 @@ def test_speculation_reserves_k_plus_one_slots_and_feeds_the_draft():
     assert len(w.block_ids) * 4 >= 4 + 3
     # All 3 accepted + bonus: the draft never saw its own last proposal.
     (w,) = run_step(s, {"a": [10, 11, 12, 13]}).sequences
-    assert w.token_ids == [9] and w.draft_token_ids == [9]
+    # A one-token catch-up is widened to two: the draft re-reads position 3.
+    assert w.token_ids == [9] and w.draft_token_ids == [4, 9]
+    assert w.num_draft_computed_tokens == 3
     assert a.num_computed_tokens == 5 + 3 and a.num_draft_computed_tokens == 5 + 2
     (w,) = s.schedule().sequences
     assert w.token_ids == [13] and w.draft_token_ids == [12, 13]

@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
+def batch_buckets(max_batch: int) -> list[int]:
+    """The batch sizes graphs are captured at, up to and including ``max_batch``."""
+    return [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -49,7 +54,7 @@ class GraphedModel:
         self.caches = caches
         self.block_size = block_size
         self.pad_block = pad_block
-        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        self.buckets = batch_buckets(max_batch)
         self.max_query_len = max_query_len
         self.device = device
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()

@@ -17,7 +17,8 @@ import torch
 from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput, TokenLogprobs
 from workers.attention.metadata import AttentionMetadata
 from workers.attention.metadata_builder import build_attention_metadata, token_positions
-from workers.cuda_graphs import GraphedModel
+from workers.cuda_graphs import GraphedModel, batch_buckets
+from workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
 from workers.host_transfer import to_device
 from workers.models.llama import LlamaForCausalLM
 from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
@@ -66,6 +67,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.graphed: dict[int, GraphedModel] = {}  # id(model) -> its captured forwards
+        self.proposer: GreedyProposer | None = None  # the draft's captured greedy proposals
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int, pad_block: int,
                            max_num_speculative_tokens: int) -> None:
@@ -80,6 +82,11 @@ class ModelRunner:
                                    pad_block, max_batch, max_q, self.device, pool)
             graphed.capture_all()
             self.graphed[id(model)] = graphed
+        if self.draft is not None and max_num_speculative_tokens > 0:
+            self.proposer = GreedyProposer(self.draft, self.draft_caches, self.block_size,
+                                           max_blocks_per_seq, pad_block, batch_buckets(max_batch),
+                                           max_num_speculative_tokens, self.device, pool)
+            self.proposer.capture_all()
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.finish(self.launch(scheduler_output))
@@ -156,6 +163,8 @@ class ModelRunner:
         feeding = [s for s in seqs if s.draft_token_ids] if self.draft is not None else []
         if not feeding:
             return tokens, probs
+        if batch.greedy and _uniform_decode(seqs, batch, CATCH_UP):
+            return self._propose_greedy(seqs, K), None
         hidden = self._forward(
             self.draft, self.draft_caches, feeding,
             token_lists=[s.draft_token_ids for s in feeding],
@@ -196,11 +205,35 @@ class ModelRunner:
             tokens[act, j] = sample_from_probs(q, batch.uniforms[act, j, TAG_DRAFT])
         return tokens, probs
 
+    def _propose_greedy(self, seqs: list[ScheduledSequence], k: int) -> torch.Tensor:
+        """k argmax proposals per sequence in one program (one graph replay on CUDA)."""
+        catch_up = [s.draft_token_ids for s in seqs]
+        first = [s.num_draft_computed_tokens for s in seqs]
+        tables = [s.block_ids for s in seqs]
+        if self.proposer is not None and self.proposer.can_run(len(seqs), k):
+            return self.proposer.propose(catch_up, first, tables, k)
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        out = torch.zeros((len(seqs), k), dtype=torch.int64, device=self.device)
+        greedy_proposal(self.draft, self.draft_caches, self.block_size,
+                        to_device([t for c in catch_up for t in c], self.device),
+                        to_device(first, self.device, torch.int32), to_device(table, self.device),
+                        k, out, max(first) + CATCH_UP + k, host_first=first)
+        return out
+
     # -- target ----------------------------------------------------------
     def _verify_forward(self, seqs: list[ScheduledSequence], batch: _Batch,
                         draft_tokens: torch.Tensor) -> torch.Tensor:
         """One target pass over every chunk plus its proposals; returns the
         logits at each sampling sequence's last k+1 positions, [S, K+1, V]."""
+        if _uniform_decode(seqs, batch):  # the common step: ids built on the device
+            last = to_device([s.token_ids[0] for s in seqs], self.device).view(-1, 1)
+            input_ids = torch.cat([last, draft_tokens], dim=1).view(-1)
+            hidden = self._forward(self.target, self.target_caches, seqs, token_tensor=input_ids,
+                                   starts=[s.num_computed_tokens for s in seqs],
+                                   query_len=batch.K + 1)
+            return self.target.compute_logits(hidden).view(len(seqs), batch.K + 1,
+                                                           self.vocab_size)
         spec = {i: k for i, k in zip(batch.index, batch.ks)}
         token_lists = [s.token_ids + [0] * spec.get(i, 0) for i, s in enumerate(seqs)]
         input_ids = torch.tensor([t for lst in token_lists for t in lst], dtype=torch.int64)
@@ -308,6 +341,15 @@ class ModelRunner:
                                         self.block_size, self.device)
         positions = to_device(token_positions(query_lens, seq_lens), self.device)
         return model(token_tensor, positions, caches, meta)
+
+
+def _uniform_decode(seqs: list[ScheduledSequence], batch: _Batch,
+                    catch_up: int | None = None) -> bool:
+    """Every sequence decodes one token and proposes the same K > 0 tokens
+    (and, given ``catch_up``, feeds the draft exactly that many)."""
+    return (batch.K > 0 and len(batch.seqs) == len(seqs) and all(k == batch.K for k in batch.ks)
+            and all(len(s.token_ids) == 1 for s in seqs)
+            and (catch_up is None or all(len(s.draft_token_ids) == catch_up for s in seqs)))
 
 
 def _draft_prefixes(draft_tokens: torch.Tensor, rows: int) -> torch.Tensor:

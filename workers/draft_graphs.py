@@ -1,0 +1,172 @@
+"""The draft's greedy proposal of k tokens as one forward program.
+
+On a greedy speculating decode step, every sequence feeds the draft exactly
+two catch-up tokens (the scheduler widens a one-token catch-up) and takes k
+argmax proposals. Run step by step, each of the k draft forwards costs a
+host round trip: inputs built and copied, a replay, logits, an argmax. Here
+the positions, slots and lengths of every one-token step are derived on the
+device from the catch-up's, and each argmax is the next step's input, so the
+whole proposal is one captured CUDA graph per (batch bucket, k): the host
+copies one input buffer and launches one replay. Off CUDA (or for a batch
+larger than the largest bucket) the same function runs eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import numpy as np
+import torch
+
+from workers.attention.metadata import AttentionMetadata
+from workers.host_transfer import to_device
+from workers.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP = 2  # draft tokens each sequence feeds before proposing
+
+
+def greedy_proposal(draft: LlamaForCausalLM, caches: list[torch.Tensor], block_size: int,
+                    input_ids: torch.Tensor, first: torch.Tensor, block_tables: torch.Tensor,
+                    k: int, out: torch.Tensor, max_seq_len: int,
+                    host_first: list[int] | None = None) -> None:
+    """Write k greedy proposals per sequence into ``out[:, :k]``.
+
+    Sequence b feeds ``input_ids[2b:2b+2]`` at positions ``first[b]`` and
+    ``first[b] + 1`` (int32, on the device), then its own argmaxes one at a
+    time. ``host_first`` gives the same positions on the host for backends
+    that need host lengths (the torch reference); captured graphs pass None
+    and ``max_seq_len`` bounds every length instead.
+    """
+    batch = first.shape[0]
+    positions = (first.view(batch, 1) + torch.arange(CATCH_UP, dtype=first.dtype,
+                                                      device=first.device)).view(-1)
+    hidden = _forward(draft, caches, block_size, input_ids, positions, block_tables, CATCH_UP,
+                      max_seq_len, host_first)
+    token = draft.compute_logits(hidden.view(batch, CATCH_UP, -1)[:, -1]).argmax(dim=-1)
+    out[:batch, 0] = token
+    for j in range(1, k):
+        # Proposal j - 1 sits right after the catch-up's last token.
+        positions = first + (CATCH_UP - 1 + j)
+        step_first = None if host_first is None else [f + CATCH_UP - 1 + j for f in host_first]
+        hidden = _forward(draft, caches, block_size, token, positions, block_tables, 1,
+                          max_seq_len, step_first)
+        token = draft.compute_logits(hidden).argmax(dim=-1)
+        out[:batch, j] = token
+
+
+def _forward(draft: LlamaForCausalLM, caches: list[torch.Tensor], block_size: int,
+             input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+             q: int, max_seq_len: int, host_first: list[int] | None) -> torch.Tensor:
+    """One draft forward of ``q`` tokens per sequence, metadata built on the device."""
+    batch = block_tables.shape[0]
+    grid = positions.view(batch, q)
+    blocks = torch.gather(block_tables, 1, (grid // block_size).long())
+    slots = (blocks.long() * block_size + (grid % block_size).long()).view(-1)
+    starts_cpu = list(range(0, (batch + 1) * q, q))
+    if host_first is None:
+        lens_cpu, max_len = [max_seq_len] * batch, max_seq_len
+    else:
+        lens_cpu = [f + q for f in host_first]
+        max_len = max(lens_cpu)
+    meta = AttentionMetadata(
+        query_start_loc=torch.arange(0, (batch + 1) * q, q, dtype=torch.int32,
+                                     device=positions.device),
+        seq_lens=grid[:, -1] + 1,
+        block_tables=block_tables,
+        slot_mapping=slots,
+        max_query_len=q,
+        max_seq_len=max_len,
+        query_start_loc_cpu=starts_cpu,
+        seq_lens_cpu=lens_cpu,
+    )
+    return draft(input_ids, positions, caches, meta)
+
+
+class GreedyProposer:
+    """Captured ``greedy_proposal`` graphs of one draft over its KV cache.
+
+    Padding rows (up to the bucket) feed token 0 at positions 0 and 1 of the
+    padding block, which no sequence owns; their proposals are dropped.
+    """
+
+    def __init__(self, draft: LlamaForCausalLM, caches: list[torch.Tensor], block_size: int,
+                 max_blocks_per_seq: int, pad_block: int, buckets: list[int], max_k: int,
+                 device: torch.device, pool=None) -> None:
+        self.draft = draft
+        self.caches = caches
+        self.block_size = block_size
+        self.pad_block = pad_block
+        self.buckets = buckets
+        self.max_k = max_k
+        self.device = device
+        self.pool = pool
+        max_batch = buckets[-1]
+        self.max_seq_len = max_blocks_per_seq * block_size
+        # One flat int32 buffer: catch-up ids, first positions, then the block
+        # tables last, so that a bucket's inputs are a prefix of it.
+        self._offsets = (0, CATCH_UP * max_batch, (CATCH_UP + 1) * max_batch)
+        self._flat = torch.zeros(self._offsets[2] + max_batch * max_blocks_per_seq,
+                                 dtype=torch.int32, device=device)
+        self.input_ids = self._flat[:self._offsets[1]]
+        self.first = self._flat[self._offsets[1]:self._offsets[2]]
+        self.block_tables = self._flat[self._offsets[2]:].view(max_batch, max_blocks_per_seq)
+        self.tokens = torch.zeros((max_batch, max(1, max_k)), dtype=torch.int64, device=device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    def can_run(self, num_seqs: int, k: int) -> bool:
+        return num_seqs <= self.buckets[-1] and 1 <= k <= self.max_k
+
+    def capture_all(self) -> None:
+        """Capture every (bucket, k) now, largest first (smaller ones reuse
+        the pool's memory), on padding rows only."""
+        for k in range(self.max_k, 0, -1):
+            for bucket in reversed(self.buckets):
+                self._load([], [], [], bucket)
+                self._graphs[(bucket, k)] = self._capture(bucket, k)
+        logger.info("captured %d draft proposal graphs", len(self._graphs))
+
+    def propose(self, catch_up: list[list[int]], first: list[int],
+                block_tables: list[list[int]], k: int) -> torch.Tensor:
+        """Proposals [n, k] (int64, on the device) for n sequences."""
+        n = len(first)
+        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        self._load(catch_up, first, block_tables, bucket)
+        graph = self._graphs.get((bucket, k))
+        if graph is None:
+            graph = self._graphs[(bucket, k)] = self._capture(bucket, k)
+        graph.replay()
+        return self.tokens[:n, :k].clone()
+
+    def _load(self, catch_up: list[list[int]], first: list[int],
+              block_tables: list[list[int]], bucket: int) -> None:
+        o, width = self._offsets, self.block_tables.shape[1]
+        host = np.zeros(o[2] + bucket * width, dtype=np.int32)
+        n = len(first)
+        if n:
+            host[:CATCH_UP * n] = np.asarray(catch_up, dtype=np.int32).reshape(-1)
+            host[o[1]:o[1] + n] = first
+        table = host[o[2]:].reshape(bucket, width)
+        table.fill(self.pad_block)
+        for b, row in enumerate(block_tables):
+            table[b, :len(row)] = row
+        self._flat[:host.size].copy_(to_device(torch.from_numpy(host), self.device))
+
+    def _run(self, bucket: int, k: int) -> None:
+        greedy_proposal(self.draft, self.caches, self.block_size,
+                        self.input_ids[:CATCH_UP * bucket], self.first[:bucket],
+                        self.block_tables[:bucket], k, self.tokens, self.max_seq_len)
+
+    def _capture(self, bucket: int, k: int) -> torch.cuda.CUDAGraph:
+        torch.cuda.synchronize(self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._run(bucket, k)  # warm-up: lazy initialisation stays out of the graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._run(bucket, k)
+        return graph
