@@ -119,8 +119,10 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
     engine = llm.engine
     prompts = random_prompts(n, 512, 32000, seed=1)
     params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+    seqs = []
     for i, p in enumerate(prompts):
         engine.add_request(f"tp-{i}", p, params)
+        seqs.append(engine.requests[f"tp-{i}"].seq)
     alloc = engine.scheduler.allocator
     bs = alloc.block_size
     peak_running, best_fill, fills, tokens = 0, 0.0, [], 0
@@ -150,7 +152,8 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
             "fraction_of_floor": floor_secs / secs,
             "kv_fill_at_saturation": sum(saturated) / len(saturated),
             "peak_running_sequences": peak_running, "kv_blocks": alloc.num_blocks,
-            "block_size": bs}
+            "block_size": bs, "preemptions": sum(q.num_preemptions for q in seqs),
+            "kv_reserve": engine.scheduler.limits.kv_reserve}
 
 
 def _kv_bytes_per_token(llm: LLM) -> int:
@@ -175,12 +178,16 @@ def speculation(pair_dir: str, batch_sizes: list[int], k: int, max_tokens: int,
         for name, llm, kk in (("target_only", fixed, 0), ("speculative", fixed, None),
                               ("adaptive", adaptive, None)):
             timed_generate(llm, prompts, params, kk)  # warm-up (and the controller's first costs)
+            controller = llm.engine.adaptive
+            before = list(controller.choices) if controller else None
             # A run is short (0.1-1 s): the median of three.
             runs = sorted((timed_generate(llm, prompts, params, kk) for _ in range(3)),
                           key=lambda run: run[0])
             secs, outs = runs[1]
             tokens = sum(len(o.token_ids) for o in outs)
             row[name] = tokens / secs
+            if controller:  # how often adaptive speculation chose each k, timed runs only
+                row["adaptive_k_counts"] = [a - b for a, b in zip(controller.choices, before)]
             if name == "speculative":
                 prop = sum(o.metrics.draft_tokens_proposed for o in outs)
                 acc = sum(o.metrics.draft_tokens_accepted for o in outs)
@@ -357,7 +364,9 @@ def print_table(r: dict) -> None:
               f"output tok/s; floor {t['floor_output_tokens_per_s']:.0f}; "
               f"{100 * t['fraction_of_floor']:.0f}% of floor")
         print(f"KV memory: {100 * t['kv_fill_at_saturation']:.1f}% of allocated slots hold tokens; "
-              f"peak {t['peak_running_sequences']} sequences in {t['kv_blocks']} blocks of {t['block_size']}")
+              f"peak {t['peak_running_sequences']} sequences in {t['kv_blocks']} blocks of "
+              f"{t['block_size']}; {t.get('preemptions', '?')} preemptions "
+              f"(kv_reserve {t.get('kv_reserve', '?')})")
     for name, g in r.get("grpc", {}).items():
         frac = (f"; {100 * g['fraction_of_floor']:.0f}% of the floor"
                 if g.get("fraction_of_floor") else "")
@@ -369,11 +378,12 @@ def print_table(r: dict) -> None:
     if "speculation" in r:
         print(f"pair: {r.get('pair')}")
         print(f"{'batch':>5} {'target tok/s':>12} {'spec tok/s':>10} {'speedup':>8} "
-              f"{'adaptive':>9} {'accept':>7} {'tok/step':>8}")
+              f"{'adaptive':>9} {'accept':>7} {'tok/step':>8}  adaptive's k choices")
         for s in r["speculation"]:
             print(f"{s['batch']:>5} {s['target_only']:>12.0f} {s['speculative']:>10.0f} "
                   f"{s['speedup']:>7.2f}x {s['adaptive_speedup']:>8.2f}x "
-                  f"{s['acceptance']:>7.3f} {s['tokens_per_step']:>8.2f}")
+                  f"{s['acceptance']:>7.3f} {s['tokens_per_step']:>8.2f}  "
+                  f"k=0..{len(s.get('adaptive_k_counts', [])) - 1}: {s.get('adaptive_k_counts')}")
     if "hf" in r and r.get("speculation"):
         one = r["speculation"][0]
         print(f"batch 1 vs Hugging Face: HF generate {r['hf']['hf_target_only']:.0f} tok/s, "

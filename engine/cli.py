@@ -67,6 +67,10 @@ ENGINE_OPTION_HELP = {
     "async_output": "Detokenize, check stop strings and stream a step's outputs while the "
                     "next step runs on the device (in-process executor); a request stopped "
                     "by a stop string then costs one discarded step",
+    "kv_reserve": "Admission control, in [0, 1]: a waiting request starts only while the "
+                  "free KV blocks, less its prompt's, cover this fraction of what the running "
+                  "requests may still grow by (to their max_tokens); 0 admits while prompts "
+                  "fit and preempts (recomputes) when the cache fills.",
     "max_queue": "Most requests waiting per replica beyond the running ones; more are refused "
                  "with RESOURCE_EXHAUSTED.",
     # ParallelConfig

@@ -85,12 +85,15 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096
     max_queue: int = 1024
     async_output: bool = True
+    kv_reserve: float = 0.5
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         _check(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        _check(0.0 <= self.kv_reserve <= 1.0,
+               f"kv_reserve must be in [0, 1], got {self.kv_reserve}")
 
 
 @dataclass

@@ -85,7 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerLimits(config.scheduler_config.max_num_seqs,
                             config.scheduler_config.max_num_batched_tokens,
-                            self.max_model_len),
+                            self.max_model_len, config.scheduler_config.kv_reserve),
             BlockAllocator(num_blocks, block_size),
         )
         self.requests: dict[str, Request] = {}
@@ -280,7 +280,7 @@ class LLMEngine:
 def _is_steady(scheduler_output: SchedulerOutput) -> bool:
     """A step that costs what its k costs, a fair sample for the cost model:
     decode only (no prompt chunk), and no draft catching up on more than the
-    one token it lags by after a fully accepted step (longer catch-ups follow
+    two tokens of every speculating decode step (longer catch-ups follow
     steps that did not speculate)."""
     return all(len(s.token_ids) == 1 and len(s.draft_token_ids) <= 2
                for s in scheduler_output.sequences)

@@ -43,6 +43,7 @@ class AdaptiveSpeculation:
         self._seen: dict[tuple[int, int], int] = {}  # (bucket, k) -> step of its last sample
         self.last_k = max_k
         self._repeat = 0
+        self.choices = [0] * (max_k + 1)  # how often each k was chosen (for metrics)
 
     @property
     def alpha(self) -> float:
@@ -69,6 +70,11 @@ class AdaptiveSpeculation:
 
     def choose(self, batch_size: int) -> int:
         """k for the next step at this batch size."""
+        k = self._choose(batch_size)
+        self.choices[k] += 1
+        return k
+
+    def _choose(self, batch_size: int) -> int:
         bucket = batch_bucket(batch_size)
         n = self._steps[bucket] = self._steps.get(bucket, 0) + 1
         curve = self._curve_bucket(bucket)

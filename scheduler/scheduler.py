@@ -21,6 +21,9 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # Fraction of running sequences' possible growth (to max_tokens) that
+    # admission keeps free; 0 admits while the prompt fits.
+    kv_reserve: float = 0.0
 
 
 class Scheduler:
@@ -28,7 +31,10 @@ class Scheduler:
 
     Running sequences are served oldest first; when blocks run out the newest
     running sequence is preempted by recompute and goes back to the front of
-    the waiting queue, to resume with its tokens unchanged.
+    the waiting queue, to resume with its tokens unchanged. Recompute is
+    wasted work, so admission holds back: a waiting sequence starts only if
+    the free blocks, less its prompt's, still cover ``kv_reserve`` of the
+    blocks that the running sequences and it may yet grow by.
     """
 
     def __init__(self, limits: SchedulerLimits, allocator: BlockAllocator) -> None:
@@ -82,9 +88,15 @@ class Scheduler:
             budget -= work.num_scheduled_tokens
             i += 1
 
+        growth = self._growth_blocks(self.running)
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
             seq = self.waiting[0]
+            prompt = self.allocator.blocks_needed(seq.num_tokens, len(seq.block_ids))
+            growth += self._growth_blocks([seq]) - prompt
+            if self.running and self.allocator.num_free_blocks - prompt < (
+                    self.limits.kv_reserve * growth):
+                break  # (a lone sequence always starts, or nothing could)
             work = self._try_schedule(seq, budget)
             if work is None:
                 break
@@ -94,6 +106,14 @@ class Scheduler:
             scheduled.append(work)
             budget -= work.num_scheduled_tokens
         return SchedulerOutput(sequences=scheduled)
+
+    def _growth_blocks(self, seqs: list[Sequence]) -> int:
+        """Blocks these sequences may still add, were each to reach max_tokens."""
+        if not self.limits.kv_reserve:
+            return 0
+        cap = self.limits.max_model_len
+        return sum(self.allocator.blocks_needed(min(s.num_prompt_tokens + s.max_tokens, cap),
+                                                len(s.block_ids)) for s in seqs)
 
     def _try_schedule(self, seq: Sequence, budget: int) -> ScheduledSequence | None:
         """Plan this step's work for ``seq`` and reserve its blocks, or None

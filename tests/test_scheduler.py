@@ -166,3 +166,37 @@ def test_penalty_history_only_for_penalised_requests():
 def test_scheduled_sequence_counts_speculative_tokens():
     w = ScheduledSequence("x", [1, 2], 0, [0], True, num_speculative_tokens=3)
     assert w.num_scheduled_tokens == 5
+
+
+def _reserving(reserve, num_blocks=8):
+    return Scheduler(SchedulerLimits(8, 64, 256, kv_reserve=reserve),
+                     BlockAllocator(num_blocks, 4))
+
+
+def test_admission_keeps_room_for_running_sequences_to_grow():
+    # Each request: a 4-token prompt (1 block) and up to 16 outputs (5 blocks in all).
+    for reserve, admitted in ((0.0, ["a", "b", "c"]), (0.5, ["a", "b"]), (1.0, ["a"])):
+        s = _reserving(reserve)
+        for rid in "abc":
+            s.add(seq(rid, n_prompt=4, max_tokens=16))
+        assert [w.request_id for w in s.schedule().sequences] == admitted, reserve
+
+
+def test_a_lone_sequence_starts_whatever_it_may_grow_to():
+    s = _reserving(1.0, num_blocks=3)
+    s.add(seq("a", n_prompt=4, max_tokens=100))
+    assert [w.request_id for w in s.schedule().sequences] == ["a"]
+
+
+def test_full_reserve_finishes_without_preemption():
+    s = _reserving(1.0, num_blocks=12)
+    seqs = [seq(rid, n_prompt=4, max_tokens=16) for rid in "abcd"]
+    for q in seqs:
+        s.add(q)
+    while s.num_unfinished:
+        run_step(s)
+        for q in list(s.running):
+            if q.num_output_tokens >= q.max_tokens:
+                s.finish(q)
+    assert all(q.num_preemptions == 0 for q in seqs)
+    assert s.allocator.num_free_blocks == 12
