@@ -164,20 +164,24 @@ class LLMEngine:
         return self._emit(applied)
 
     def _launch_next(self):
-        """Schedule a step and start it: (scheduler output, handle, start time)."""
+        """Schedule a step and start it: (scheduler output, handle, start time).
+        The start is taken before scheduling: choosing, scheduling and
+        launching are part of what a step with that k costs."""
+        started = time.perf_counter()
         if self.adaptive is not None:
             batch = max(1, len(self.scheduler.running))
             self.scheduler.step_k_cap = self.adaptive.choose(batch)
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return None
-        return scheduler_output, self.executor.launch(scheduler_output), time.perf_counter()
+        return scheduler_output, self.executor.launch(scheduler_output), started
 
     def _apply_tokens(self, scheduler_output: SchedulerOutput, handle: object, started: float,
                       runner_output: ModelRunnerOutput) -> list[tuple]:
         """Everything the next schedule depends on: sequences advance, kept
         tokens join them, requests finished by a token leave the scheduler."""
-        # Pipelined, a step's cost is the time from the previous step's read-back.
+        # A step's cost runs from its scheduling, or (pipelined: scheduled
+        # right after it) from the previous step's read-back, to its own.
         now = time.perf_counter()
         self._last_step_time = now - max(started, self._last_finish)
         self._last_finish = now

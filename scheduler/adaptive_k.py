@@ -41,6 +41,7 @@ class AdaptiveSpeculation:
         self._cost: dict[tuple[int, int], float] = {}
         self._steps: dict[int, int] = {}
         self._seen: dict[tuple[int, int], int] = {}  # (bucket, k) -> step of its last sample
+        self._warm: set[tuple[int, int]] = set()  # (bucket, k) seen once
         self.last_k = max_k
         self._repeat = 0
         self.choices = [0] * (max_k + 1)  # how often each k was chosen (for metrics)
@@ -61,6 +62,9 @@ class AdaptiveSpeculation:
     def observe_step(self, batch_size: int, k: int, seconds: float) -> None:
         bucket = batch_bucket(batch_size)
         key = (bucket, k)
+        if key not in self._warm:  # a shape's first step can pay one-time costs
+            self._warm.add(key)   # (kernel modules loaded lazily): not a sample
+            return
         old = self._cost.get(key)
         # Step-time noise is one-sided (warm-ups, hiccups): a faster sample
         # is believed at once, a slower one only gradually.

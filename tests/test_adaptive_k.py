@@ -39,6 +39,19 @@ def test_cheap_draft_and_high_acceptance_speculates_fully():
     assert chosen[-1] == 4 and chosen[-20:].count(4) >= 15
 
 
+def test_a_cold_first_step_of_a_shape_is_not_taken_as_its_cost():
+    seen = set()
+
+    def cost(k):  # each k's first step pays a one-time 20x (lazy kernel loading)
+        first = k not in seen
+        seen.add(k)
+        return (20.0 if first and k == 4 else 1.0) + 0.1 * k
+
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 1, cost=cost, alpha=0.85, steps=40)
+    assert chosen[8:32].count(4) >= 20  # from the start, not only after a re-measurement
+
+
 def test_saturated_device_backs_off_to_zero():
     # Verifying k extra positions costs as much as k whole steps: never worth it.
     ctl = AdaptiveSpeculation(max_k=4)
