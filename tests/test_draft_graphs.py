@@ -54,3 +54,18 @@ def test_greedy_speculation_stays_lossless_through_the_one_program_path(random_p
     plain = _generate(target, None)
     spec = _generate(target, draft, k=3)
     assert [t for t, _, _ in spec] == [t for t, _, _ in plain]
+
+
+def test_start_up_forwards_of_every_tile_shape_run_on_the_padding_block(random_pair):
+    """The eager forwards that compile Triton's tile shapes at start-up (on
+    CUDA) address only the padding block; here on the CPU, with block 0 as
+    the padding block of an idle engine, they run and leave serving intact."""
+    target, draft = random_pair
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+              kv_cache_memory=1 << 24, block_size=4)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    before = [o.token_ids for o in llm.generate(PROMPTS[:2], params)]
+    runner = llm.engine.executor.worker.runner
+    runner._compile_eager_shapes(max_blocks_per_seq=64, pad_block=0)
+    assert [o.token_ids for o in llm.generate(PROMPTS[:2], params)] == before
+    llm.shutdown()

@@ -87,6 +87,28 @@ class ModelRunner:
                                            max_blocks_per_seq, pad_block, batch_buckets(max_batch),
                                            max_num_speculative_tokens, self.device, pool)
             self.proposer.capture_all()
+        self._compile_eager_shapes(max_blocks_per_seq, pad_block)
+
+    @torch.inference_mode()
+    def _compile_eager_shapes(self, max_blocks_per_seq: int, pad_block: int) -> None:
+        """Run one eager forward per attention tile shape now, on the padding
+        block, so that Triton compiles them at start-up rather than inside a
+        serving step (a draft catching up after steps without speculation,
+        a prefill chunk); short and long contexts, with and without splits."""
+        bs = self.block_size
+        longest = max_blocks_per_seq * bs
+        for model, caches in ((self.target, self.target_caches), (self.draft, self.draft_caches)):
+            if model is None:
+                continue
+            for q in (1, 2, 3, 5, 9, 17, 33, 65):
+                for seq_len in {min(max(q, n), longest) for n in (q, 700, 2048)}:
+                    if q > seq_len:
+                        continue
+                    table = [[pad_block] * -(-seq_len // bs)]
+                    meta = build_attention_metadata([q], [seq_len], table, bs, self.device)
+                    positions = torch.arange(seq_len - q, seq_len, device=self.device)
+                    model(torch.zeros(q, dtype=torch.int64, device=self.device), positions, caches,
+                          meta)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.finish(self.launch(scheduler_output))

@@ -60,7 +60,8 @@ _PREFILL_ROWS = 64  # M tile of the query-tiled path
 _MAX_SPLITS = 32
 
 
-@triton.jit
+# num_splits changes with context length: one compiled kernel for all values.
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -192,7 +193,7 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
             ROW=row, BLOCK=_next_pow2(row), num_warps=4 if row >= 1024 else 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
