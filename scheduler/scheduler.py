@@ -88,7 +88,7 @@ class Scheduler:
             budget -= work.num_scheduled_tokens
             i += 1
 
-        growth = self._growth_blocks(self.running)
+        growth = self._growth_blocks(self.running) if self.waiting else 0
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
             seq = self.waiting[0]

@@ -149,14 +149,21 @@ class GraphedModel:
         total = bucket * q
         meta = self._meta(bucket, q)
         args = (self.input_ids[:total], self.positions[:total], self.caches, meta)
-        torch.cuda.synchronize(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self.model(*args)  # warm-up: lazy initialisation and autotuning stay out of the graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            hidden = self.model(*args)
+        graph, hidden = capture_graph(lambda: self.model(*args), self.device, self.pool)
         logger.debug("captured a CUDA graph for %d sequences x %d tokens", bucket, q)
         return _Graph(graph, hidden)
+
+
+def capture_graph(fn, device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, output) of ``fn`` captured after one warm-up run on a side
+    stream, so lazy initialisation and autotuning stay out of the graph."""
+    torch.cuda.synchronize(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out

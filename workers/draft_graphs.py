@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from workers.attention.metadata import AttentionMetadata
+from workers.cuda_graphs import capture_graph
 from workers.host_transfer import to_device
 from workers.models.llama import LlamaForCausalLM
 
@@ -160,13 +161,4 @@ class GreedyProposer:
                         self.block_tables[:bucket], k, self.tokens, self.max_seq_len)
 
     def _capture(self, bucket: int, k: int) -> torch.cuda.CUDAGraph:
-        torch.cuda.synchronize(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._run(bucket, k)  # warm-up: lazy initialisation stays out of the graph
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._run(bucket, k)
-        return graph
+        return capture_graph(lambda: self._run(bucket, k), self.device, self.pool)[0]
