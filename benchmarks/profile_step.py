@@ -2,6 +2,11 @@
 
     python benchmarks/profile_step.py [--config llama-2-7b] [--batch 1] [--steps 32]
     python benchmarks/profile_step.py --pair engine/default_models --k 4 --batch 16
+    python benchmarks/profile_step.py --pair engine/default_models --batch 16 --adaptive
+
+With --adaptive (speculation choosing k per step) it times every step of
+whole generations instead (prefill included) and prints the cost per k and
+the slowest steps with their shapes: where a run loses its time.
 
 Runs steps of a dummy-weight model of a checkpoint config under
 torch.profiler and prints the wall time per step, the device time per step
@@ -34,17 +39,24 @@ def main() -> None:
     ap.add_argument("--pair", default=None,
                     help="a trained pair folder (target/, draft/): profile speculative steps")
     ap.add_argument("--k", type=int, default=4, help="proposals per step with --pair")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="with --pair: time each step of adaptive speculation")
+    ap.add_argument("--runs", type=int, default=4, help="generations timed with --adaptive")
     args = ap.parse_args()
     kw = dict(dtype="bfloat16", max_num_seqs=max(8, args.batch), enforce_eager=args.enforce_eager)
     if args.pair:
         llm = LLM(model=os.path.join(args.pair, "target"),
                   draft_model=os.path.join(args.pair, "draft"), num_speculative_tokens=args.k,
-                  num_kv_blocks=4096, **kw)
+                  num_kv_blocks=4096, adaptive_speculation=args.adaptive, **kw)
         name = f"{args.pair} k={args.k}"
     else:
         llm = LLM(model=dummy_model_dir(args.config, tempfile.mkdtemp()), load_format="dummy", **kw)
         name = args.config
     engine = llm.engine
+    if args.adaptive:
+        step_timeline(llm, args.batch, args.runs)
+        llm.shutdown()
+        return
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(random_prompts(args.batch, 128, engine.vocab_size)):
         engine.add_request(f"p{i}", p, params)
@@ -71,6 +83,41 @@ def main() -> None:
     for request_id in list(engine.requests):
         engine.abort_request(request_id)
     llm.shutdown()
+
+
+def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256) -> None:
+    """Every applied step's cost (read-back to read-back) with its shape."""
+    engine = llm.engine
+    records = []
+    apply = engine._apply_tokens
+
+    def timed_apply(step, output):
+        applied = apply(step, output)
+        seqs = step.scheduler_output.sequences
+        records.append((engine._last_step_time, max(s.num_speculative_tokens for s in seqs),
+                        len(seqs), max(len(s.token_ids) for s in seqs),
+                        max(len(s.draft_token_ids) for s in seqs)))
+        return applied
+
+    engine._apply_tokens = timed_apply
+    prompts = random_prompts(batch, 128, engine.vocab_size)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, params)  # warm-up
+    records.clear()
+    start = time.perf_counter()
+    for _ in range(runs):
+        llm.generate(prompts, params)
+    wall = time.perf_counter() - start
+    print(f"batch {batch}: {runs} runs of {max_tokens} tokens, {wall:.3f} s, "
+          f"{runs * batch * max_tokens / wall:.0f} tok/s, {len(records)} steps")
+    print(" k  steps  total ms  median ms  max ms")
+    for k in sorted({r[1] for r in records}):
+        times = sorted(r[0] for r in records if r[1] == k)
+        print(f"{k:2d} {len(times):6d} {sum(times) * 1e3:9.1f} {times[len(times) // 2] * 1e3:10.3f}"
+              f" {times[-1] * 1e3:7.2f}")
+    print("slowest steps: ms, k, seqs, longest chunk, longest draft catch-up")
+    for r in sorted(records, reverse=True)[:12]:
+        print(f"  {r[0] * 1e3:8.2f} k={r[1]} seqs={r[2]} chunk={r[3]} catch-up={r[4]}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ DEFAULT_MODELS_DIR = os.path.join(os.path.dirname(__file__), "default_models")
 
 
 @dataclass
+class _InFlight:
+    """A launched step, not yet read back."""
+
+    scheduler_output: SchedulerOutput
+    handle: object
+    started: float
+    requests: list[Request | None]  # per scheduled sequence, as at launch
+    # Scheduled ahead of: the scheduler already counts this step's chunks as
+    # computed and its samples as pending.
+    advanced: bool = False
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -142,48 +155,85 @@ class LLMEngine:
         """One engine step: the outputs of the newest step that finished.
 
         With ``async_output`` (and an executor that overlaps), steps are
-        pipelined: once step N's tokens are read back and applied to the
-        sequences, step N + 1 is scheduled and launched, and only then is N's
-        text worked out (detokenizing, stop strings, outputs) while the device
-        runs N + 1. A request that a stop string finishes meanwhile was
-        already part of N + 1: its tokens from that step are dropped.
+        pipelined. While step N runs on the device, step N + 1 is scheduled
+        and launched, and N's outputs are worked out only then:
+
+        - when neither N nor N + 1 speculates (and N has no penalties), N + 1
+          is scheduled before N is read back: each of N's samples counts as a
+          pending token, which N + 1 takes from N's output on the device, and
+          the device always has the next step queued;
+        - otherwise N is read back and its tokens applied first (a draft's
+          catch-up and a speculating step's slots depend on them), and only
+          N's text (detokenizing, stop strings, outputs) overlaps N + 1.
+
+        A request that N finishes (a stop token or string) may already be part
+        of N + 1: its tokens from that step are dropped.
         """
         if not self._pipelined:
-            launched = self._launch_next()
+            launched = self._launch_next(self._choose_k())
             if launched is None:
                 return []
-            return self._emit(self._apply_tokens(*launched, self.executor.finish(launched[1])))
-        if self._in_flight is None:
-            self._in_flight = self._launch_next()
-            if self._in_flight is None:
+            return self._emit(self._apply_tokens(launched, self.executor.finish(launched.handle)))
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            current = self._launch_next(self._choose_k())
+            if current is None:
                 return []
-        scheduler_output, handle, started = self._in_flight
-        applied = self._apply_tokens(scheduler_output, handle, started,
-                                     self.executor.finish(handle))
-        self._in_flight = self._launch_next()
+        k_cap = self._choose_k()
+        ahead = self._launch_ahead(current, k_cap)
+        applied = self._apply_tokens(current, self.executor.finish(current.handle))
+        self._in_flight = ahead if ahead is not None else self._launch_next(k_cap)
         return self._emit(applied)
 
-    def _launch_next(self):
-        """Schedule a step and start it: (scheduler output, handle, start time).
-        The start is taken before scheduling: choosing, scheduling and
-        launching are part of what a step with that k costs."""
+    def _choose_k(self) -> int | None:
+        """The cap on k for the next step (None: each request's own k)."""
+        if self.adaptive is None:
+            return None
+        return self.adaptive.choose(max(1, len(self.scheduler.running)))
+
+    def _launch_next(self, k_cap: int | None) -> _InFlight | None:
+        """Schedule a step and start it. The start time is taken before
+        scheduling: scheduling and launching are part of what a step with
+        that k costs."""
         started = time.perf_counter()
-        if self.adaptive is not None:
-            batch = max(1, len(self.scheduler.running))
-            self.scheduler.step_k_cap = self.adaptive.choose(batch)
+        self.scheduler.step_k_cap = k_cap
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return None
-        return scheduler_output, self.executor.launch(scheduler_output), started
+        return self._launch(scheduler_output, started)
 
-    def _apply_tokens(self, scheduler_output: SchedulerOutput, handle: object, started: float,
-                      runner_output: ModelRunnerOutput) -> list[tuple]:
-        """Everything the next schedule depends on: sequences advance, kept
-        tokens join them, requests finished by a token leave the scheduler."""
+    def _launch_ahead(self, current: _InFlight, k_cap: int | None) -> _InFlight | None:
+        """Schedule and start the step after ``current`` before ``current`` is
+        read back, where its tokens are not needed to do so; else None."""
+        next_k = self.num_speculative_tokens if k_cap is None else k_cap
+        if next_k or not all(w.num_speculative_tokens == 0 and w.prompt_token_ids is None
+                             for w in current.scheduler_output.sequences):
+            return None
+        started = time.perf_counter()
+        for work, request in zip(current.scheduler_output.sequences, current.requests):
+            if request is not None and not request.finished:
+                self.scheduler.advance_ahead(request.seq, work)
+        current.advanced = True
+        self.scheduler.step_k_cap = k_cap
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return None
+        return self._launch(scheduler_output, started)
+
+    def _launch(self, scheduler_output: SchedulerOutput, started: float) -> _InFlight:
+        requests = [self.requests.get(w.request_id) for w in scheduler_output.sequences]
+        return _InFlight(scheduler_output, self.executor.launch(scheduler_output), started,
+                         requests)
+
+    def _apply_tokens(self, step: _InFlight, runner_output: ModelRunnerOutput) -> list[tuple]:
+        """Everything the next schedule depends on: sequences advance (or,
+        scheduled ahead, their pending samples land), kept tokens join them,
+        requests finished by a token leave the scheduler."""
+        scheduler_output = step.scheduler_output
         # A step's cost runs from its scheduling, or (pipelined: scheduled
         # right after it) from the previous step's read-back, to its own.
         now = time.perf_counter()
-        self._last_step_time = now - max(started, self._last_finish)
+        self._last_step_time = now - max(step.started, self._last_finish)
         self._last_finish = now
         self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences),
                            default=0)
@@ -192,14 +242,18 @@ class LLMEngine:
                                        self._last_step_time)
         applied = []
         logprobs = runner_output.logprobs or [None] * len(scheduler_output.sequences)
-        for work, emitted, proposed, lps in zip(scheduler_output.sequences,
-                                                runner_output.sampled_token_ids,
-                                                runner_output.num_draft_proposed, logprobs):
-            request = self.requests.get(work.request_id)
-            if request is None:  # aborted, or stopped by a stop string, while the step ran
+        for work, request, emitted, proposed, lps in zip(
+                scheduler_output.sequences, step.requests, runner_output.sampled_token_ids,
+                runner_output.num_draft_proposed, logprobs):
+            # Aborted, or stopped by a stop string, while the step ran.
+            if request is None or request.finished:
                 continue
             num_accepted = len(emitted) - 1 if emitted else 0
-            self.scheduler.advance(request.seq, work, num_accepted)
+            if step.advanced:
+                if work.sample:
+                    self.scheduler.land(request.seq)
+            else:
+                self.scheduler.advance(request.seq, work, num_accepted)
             if not emitted:
                 continue
             if proposed:

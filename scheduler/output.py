@@ -10,13 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# A token id a step sampled on the device and the host has not read back yet:
+# a decode step scheduled before its predecessor finished feeds it, and the
+# worker takes it from that step's output on the device.
+PENDING_TOKEN = -1
+
 
 @dataclass
 class ScheduledSequence:
     """One sequence's work in this step.
 
     The target computes ``token_ids`` at positions ``num_computed_tokens`` onward
-    (a prompt chunk, or the last sampled token). When ``sample`` is set, the
+    (a prompt chunk, or the last sampled token, which may be ``PENDING_TOKEN``).
+    When ``sample`` is set, the
     chunk reaches the end of the sequence: the draft first catches up on
     ``draft_token_ids`` (positions from ``num_draft_computed_tokens``), then
     proposes ``num_speculative_tokens`` tokens, which the target verifies in the

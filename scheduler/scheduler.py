@@ -74,6 +74,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._done_when_pending_land(seq):  # its last token is on the way
+                i += 1
+                continue
             work = self._try_schedule(seq, budget)
             while work is None:
                 victim = self.running[-1]
@@ -106,6 +109,13 @@ class Scheduler:
             scheduled.append(work)
             budget -= work.num_scheduled_tokens
         return SchedulerOutput(sequences=scheduled)
+
+    def _done_when_pending_land(self, seq: Sequence) -> bool:
+        """Whether the samples still in flight take ``seq`` to max_tokens or
+        the context length, so that another step would be wasted."""
+        return seq.num_pending_tokens > 0 and (
+            seq.num_output_tokens + seq.num_pending_tokens >= seq.max_tokens
+            or seq.num_tokens >= self.limits.max_model_len)
 
     def _growth_blocks(self, seqs: list[Sequence]) -> int:
         """Blocks these sequences may still add, were each to reach max_tokens."""
@@ -162,7 +172,7 @@ class Scheduler:
             draft_token_ids=seq.token_slice(draft_start, start + chunk) if uses_draft else [],
             num_draft_computed_tokens=draft_start,
             sampling_params=params,
-            num_output_tokens=seq.num_output_tokens,
+            num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,
             prompt_token_ids=seq.prompt_token_ids if penalties else None,
             output_token_ids=list(seq.output_token_ids) if penalties else None,
         )
@@ -174,6 +184,22 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=_waiting_key)
 
     # -- after the step ------------------------------------------------
+    @staticmethod
+    def advance_ahead(seq: Sequence, work: ScheduledSequence) -> None:
+        """Account for a launched step that proposes nothing before it is
+        read back, so the next step can be scheduled while it runs: its chunk
+        counts as computed, its sample (if any) as pending. ``land`` settles
+        the sample once it is read."""
+        if work.num_speculative_tokens:
+            raise ValueError("a speculating step's outcome is unknown until it is read back")
+        seq.num_computed_tokens = work.num_computed_tokens + len(work.token_ids)
+        seq.num_pending_tokens += work.sample
+
+    @staticmethod
+    def land(seq: Sequence) -> None:
+        """A pending sample was read back (the caller appends its token)."""
+        seq.num_pending_tokens -= 1
+
     @staticmethod
     def advance(seq: Sequence, work: ScheduledSequence, num_accepted: int) -> None:
         """Account for what the step computed: the chunk plus the accepted

@@ -7,6 +7,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.output import PENDING_TOKEN
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -22,7 +24,10 @@ class Sequence:
     cache holds; the draft's cache may lag (``num_draft_computed_tokens``)
     when it did not produce the last accepted tokens itself. A sampled token
     is appended before it is computed, so a decoding sequence always has one
-    uncomputed token: the input of the next step.
+    uncomputed token: the input of the next step. A step scheduled before
+    its predecessor was read back counts that step's sample as pending
+    (``num_pending_tokens``): it is a token of the sequence whose value the
+    host does not know yet.
     """
 
     request_id: str
@@ -38,6 +43,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_preemptions: int = 0
+    num_pending_tokens: int = 0  # sampled by a launched step, not read back yet
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -45,7 +51,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -56,7 +62,12 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """Tokens [start, stop) of prompt + output without building the whole list."""
+        """Tokens [start, stop) of prompt + output without building the whole
+        list; pending tokens read as ``PENDING_TOKEN``."""
+        known = len(self.prompt_token_ids) + len(self.output_token_ids)
+        if stop > known:
+            return self.token_slice(min(start, known), known) + [PENDING_TOKEN] * (
+                stop - max(start, known))
         n_prompt = len(self.prompt_token_ids)
         if stop <= n_prompt:
             return self.prompt_token_ids[start:stop]
@@ -65,7 +76,8 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[:stop - n_prompt]
 
     def reset_for_recompute(self) -> None:
-        """Preemption by recompute: forget all cached state; tokens stay."""
+        """Preemption by recompute: forget all cached state; tokens (pending
+        ones included) stay."""
         self.num_computed_tokens = 0
         self.num_draft_computed_tokens = 0
         self.block_ids = []

@@ -20,3 +20,26 @@ def to_device(data: torch.Tensor | Sequence, device: torch.device,
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """Device tensors on their way to the host: copied into pinned memory
+    without blocking, behind an event. Reading them waits on that event only,
+    not on the stream, so a step queued after them keeps running."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._event = None
+        if tensors and tensors[0].device.type == "cuda":
+            self.tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self.tensors, tensors):
+                host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self.tensors = list(tensors)
+
+    def lists(self) -> list[list]:
+        """The tensors as nested lists, once their copies have landed."""
+        if self._event is not None:
+            self._event.synchronize()
+        return [t.tolist() for t in self.tensors]

@@ -10,16 +10,18 @@ computed length; nothing is copied.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput, TokenLogprobs
+from scheduler.output import (PENDING_TOKEN, ModelRunnerOutput, ScheduledSequence,
+                              SchedulerOutput, TokenLogprobs)
 from workers.attention.metadata import AttentionMetadata
 from workers.attention.metadata_builder import build_attention_metadata, token_positions
 from workers.cuda_graphs import GraphedModel, batch_buckets
 from workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
-from workers.host_transfer import to_device
+from workers.host_transfer import HostCopy, to_device
 from workers.models.llama import LlamaForCausalLM
 from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
 from workers.rejection_sampler import greedy_verify, rejection_sample
@@ -47,8 +49,10 @@ class _Launched:
 
     seqs: list[ScheduledSequence]
     batch: _Batch
-    emitted: torch.Tensor | None  # [S, 1 + K + 1]: count, then the emitted tokens
-    logprobs: tuple | None
+    # On their way to the host: [S, 1 + K + 1] (count, then the emitted
+    # tokens), then the logprob tensors when a sequence asked for them.
+    host: HostCopy | None
+    wanted_logprobs: list[int] | None  # rows of batch.seqs with logprobs
 
 
 class ModelRunner:
@@ -68,6 +72,10 @@ class ModelRunner:
         self.generator.manual_seed(seed)
         self.graphed: dict[int, GraphedModel] = {}  # id(model) -> its captured forwards
         self.proposer: GreedyProposer | None = None  # the draft's captured greedy proposals
+        # The last launched step's first sampled token per row, and each
+        # sampling request's row: where a PENDING_TOKEN input comes from.
+        self._sampled: torch.Tensor | None = None
+        self._sampled_rows: dict[str, int] = {}
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int, pad_block: int,
                            max_num_speculative_tokens: int) -> None:
@@ -120,26 +128,32 @@ class ModelRunner:
         batch = self._sampling_batch(seqs)
         draft_tokens, draft_probs = self._propose(seqs, batch)
         target_logits = self._verify_forward(seqs, batch, draft_tokens)
-        emitted = logprobs = None
-        if batch.seqs:
-            out, num = self._accept(batch, draft_tokens, draft_probs, target_logits)
-            emitted = torch.cat([num.unsqueeze(1), out], dim=1)
-            logprobs = self._logprob_tensors(batch, target_logits, out)
-        return _Launched(seqs, batch, emitted, logprobs)
+        if not batch.seqs:
+            return _Launched(seqs, batch, None, None)
+        out, num = self._accept(batch, draft_tokens, draft_probs, target_logits)
+        self._sampled = out[:, 0]
+        self._sampled_rows = {s.request_id: r for r, s in enumerate(batch.seqs)}
+        to_copy = [torch.cat([num.unsqueeze(1), out], dim=1)]
+        logprobs = self._logprob_tensors(batch, target_logits, out)
+        if logprobs is not None:
+            to_copy.extend(logprobs[1:])
+        return _Launched(seqs, batch, HostCopy(to_copy),
+                         logprobs[0] if logprobs is not None else None)
 
     def finish(self, launched: "_Launched") -> ModelRunnerOutput:
-        """Wait for a launched step and read its tokens (the step's one sync)."""
+        """Wait for a launched step and read its tokens (the step's one sync,
+        on that step's copies only: a step launched after it keeps running)."""
         seqs, batch = launched.seqs, launched.batch
         sampled: list[list[int]] = [[] for _ in seqs]
         proposed = [0] * len(seqs)
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
-        if launched.emitted is not None:
-            host = launched.emitted.tolist()
+        if launched.host is not None:
+            host, *lp = launched.host.lists()
             for r, i in enumerate(batch.index):
                 sampled[i] = host[r][1:1 + host[r][0]]
                 proposed[i] = batch.ks[r]
-            if launched.logprobs is not None:
-                self._read_logprobs(batch, launched.logprobs, sampled, logprobs)
+            if launched.wanted_logprobs is not None:
+                self._read_logprobs(batch, [launched.wanted_logprobs, *lp], sampled, logprobs)
         return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
                                  sampled_token_ids=sampled, num_draft_proposed=proposed,
                                  logprobs=logprobs if any(l is not None for l in logprobs) else None)
@@ -185,7 +199,7 @@ class ModelRunner:
         feeding = [s for s in seqs if s.draft_token_ids] if self.draft is not None else []
         if not feeding:
             return tokens, probs
-        if batch.greedy and _uniform_decode(seqs, batch, CATCH_UP):
+        if batch.greedy and batch.K and _uniform_decode(seqs, batch, CATCH_UP):
             return self._propose_greedy(seqs, K), None
         hidden = self._forward(
             self.draft, self.draft_caches, feeding,
@@ -249,8 +263,9 @@ class ModelRunner:
         """One target pass over every chunk plus its proposals; returns the
         logits at each sampling sequence's last k+1 positions, [S, K+1, V]."""
         if _uniform_decode(seqs, batch):  # the common step: ids built on the device
-            last = to_device([s.token_ids[0] for s in seqs], self.device).view(-1, 1)
-            input_ids = torch.cat([last, draft_tokens], dim=1).view(-1)
+            input_ids = self._input_ids([s.token_ids for s in seqs], seqs)
+            if batch.K:
+                input_ids = torch.cat([input_ids.view(-1, 1), draft_tokens], dim=1).view(-1)
             hidden = self._forward(self.target, self.target_caches, seqs, token_tensor=input_ids,
                                    starts=[s.num_computed_tokens for s in seqs],
                                    query_len=batch.K + 1)
@@ -258,7 +273,6 @@ class ModelRunner:
                                                            self.vocab_size)
         spec = {i: k for i, k in zip(batch.index, batch.ks)}
         token_lists = [s.token_ids + [0] * spec.get(i, 0) for i, s in enumerate(seqs)]
-        input_ids = torch.tensor([t for lst in token_lists for t in lst], dtype=torch.int64)
         starts_flat, draft_at, draft_src, logit_rows = [], [], [], []
         offset = 0
         for i, s in enumerate(seqs):
@@ -271,7 +285,7 @@ class ModelRunner:
                 logit_rows.append([min(offset + n - 1 + j, last) for j in range(batch.K + 1)])
             offset += n + k
             starts_flat.append(s.num_computed_tokens)
-        input_ids = to_device(input_ids, self.device)
+        input_ids = self._input_ids(token_lists, seqs)
         if draft_at:
             src = to_device(draft_src, self.device)
             input_ids[to_device(draft_at, self.device)] = draft_tokens[src[:, 0], src[:, 1]]
@@ -284,6 +298,30 @@ class ModelRunner:
             hidden = hidden[to_device(flat, self.device)]
         return self.target.compute_logits(hidden).view(
             len(logit_rows), batch.K + 1, self.vocab_size)
+
+    def _input_ids(self, token_lists: list[list[int]],
+                   seqs: list[ScheduledSequence]) -> torch.Tensor:
+        """The token ids on the device. A ``PENDING_TOKEN`` (only ever a decode
+        chunk's one token) is the token the previous launch sampled for that
+        sequence, gathered on the device: the host never waited for it."""
+        pending = [i for i, lst in enumerate(token_lists) if lst and lst[-1] == PENDING_TOKEN]
+        if not pending:
+            return to_device([t for lst in token_lists for t in lst], self.device)
+        try:
+            rows = [self._sampled_rows[seqs[i].request_id] for i in pending]
+        except KeyError as exc:
+            raise RuntimeError(f"request {exc.args[0]} feeds a pending token that the previous "
+                               "step did not sample") from None
+        if len(pending) == len(token_lists) == sum(map(len, token_lists)):  # a plain decode
+            if rows == list(range(len(rows))):
+                return self._sampled[:len(rows)]
+            return self._sampled[to_device(rows, self.device)]
+        ends = list(itertools.accumulate(map(len, token_lists)))
+        at = [ends[i] - 1 for i in pending]
+        ids = to_device([0 if t == PENDING_TOKEN else t for lst in token_lists for t in lst],
+                        self.device)
+        ids[to_device(at, self.device)] = self._sampled[to_device(rows, self.device)]
+        return ids
 
     # -- sampling --------------------------------------------------------
     def _accept(self, batch: _Batch, draft_tokens, draft_probs, target_logits):
@@ -334,8 +372,7 @@ class ModelRunner:
 
     @staticmethod
     def _read_logprobs(batch: _Batch, tensors, sampled, logprobs) -> None:
-        wanted, tok, ids, lps = tensors
-        tok, ids, lps = tok.tolist(), ids.tolist(), lps.tolist()
+        wanted, tok, ids, lps = tensors  # read back as lists
         for x, r in enumerate(wanted):
             i, n = batch.index[r], batch.seqs[r].sampling_params.logprobs
             logprobs[i] = [TokenLogprobs(t, tok[x][j], ids[x][j][:n], lps[x][j][:n])
@@ -367,9 +404,9 @@ class ModelRunner:
 
 def _uniform_decode(seqs: list[ScheduledSequence], batch: _Batch,
                     catch_up: int | None = None) -> bool:
-    """Every sequence decodes one token and proposes the same K > 0 tokens
+    """Every sequence decodes one token and proposes the same K tokens
     (and, given ``catch_up``, feeds the draft exactly that many)."""
-    return (batch.K > 0 and len(batch.seqs) == len(seqs) and all(k == batch.K for k in batch.ks)
+    return (len(batch.seqs) == len(seqs) and all(k == batch.K for k in batch.ks)
             and all(len(s.token_ids) == 1 for s in seqs)
             and (catch_up is None or all(len(s.draft_token_ids) == catch_up for s in seqs)))
 

@@ -1,0 +1,207 @@
+"""Steps scheduled before their predecessor is read back (a pipelined engine
+whose steps do not speculate): each sample is a pending token that the next
+step takes from the device. Outputs, stops, seeds, logprobs, preemption and
+block accounting must be exactly those of steps run one after another."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.outputs import FinishReason
+from scheduler.block_manager import BlockAllocator
+from scheduler.output import PENDING_TOKEN
+from scheduler.scheduler import Scheduler, SchedulerLimits
+from scheduler.sequence import Sequence
+from tests.pair_factory import make_pair
+
+PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+def target_only(pair, **kw) -> LLM:
+    size = {} if "num_kv_blocks" in kw else {"kv_cache_memory": 1 << 24}
+    return LLM(model=pair[0], dtype="float32", block_size=4, **size, **kw)
+
+
+def greedy(n=24, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def seeded(seed, n=24, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.9, top_k=50, seed=seed, ignore_eos=True, **kw)
+
+
+def count_ahead(engine, monkeypatch) -> list[int]:
+    calls = []
+    advance_ahead = engine.scheduler.advance_ahead
+    monkeypatch.setattr(engine.scheduler, "advance_ahead",
+                        lambda seq, work: calls.append(1) or advance_ahead(seq, work))
+    return calls
+
+
+def assert_same_logprobs(a, b):
+    """The same tokens and top ids; values to float32 rounding (a batch of a
+    different make-up sums in another order)."""
+    assert (a is None) == (b is None)
+    for x, y in zip(a or [], b or []):
+        assert (x.token_id, x.top_token_ids) == (y.token_id, y.top_token_ids)
+        assert [x.logprob, *x.top_logprobs] == pytest.approx([y.logprob, *y.top_logprobs],
+                                                             abs=1e-5)
+
+
+def assert_no_blocks_used(engine):
+    allocator = engine.scheduler.allocator
+    assert allocator.num_free_blocks == allocator.num_blocks
+    assert not engine.has_unfinished_requests()
+    assert all(s.num_pending_tokens == 0 for s in engine.scheduler.running)
+
+
+# -- the scheduler ------------------------------------------------------------
+def make_scheduler(max_len=256):
+    return Scheduler(SchedulerLimits(8, 64, max_len), BlockAllocator(64, 4))
+
+
+def test_a_pending_sample_is_the_next_steps_input():
+    s = make_scheduler()
+    a = Sequence("a", [1, 2, 3, 4, 5], max_tokens=8)
+    s.add(a)
+    prefill = s.schedule().sequences[0]
+    s.advance_ahead(a, prefill)
+    assert (a.num_computed_tokens, a.num_pending_tokens, a.num_tokens) == (5, 1, 6)
+    decode = s.schedule().sequences[0]
+    assert decode.token_ids == [PENDING_TOKEN] and decode.sample
+    assert decode.num_computed_tokens == 5
+    assert decode.num_output_tokens == 1  # the seeded draws' position counts the pending one
+    s.land(a)
+    a.output_token_ids.append(9)
+    assert a.token_slice(4, 6) == [5, 9] and a.num_pending_tokens == 0
+
+
+def test_pending_tokens_read_as_placeholders():
+    a = Sequence("a", [1, 2, 3], max_tokens=8, output_token_ids=[4], num_pending_tokens=2)
+    assert a.num_tokens == 6
+    assert a.token_slice(2, 6) == [3, 4, PENDING_TOKEN, PENDING_TOKEN]
+    assert a.token_slice(5, 6) == [PENDING_TOKEN]
+
+
+def test_no_step_for_a_sequence_whose_pending_sample_is_its_last():
+    s = make_scheduler(max_len=256)
+    a = Sequence("a", [1, 2, 3], max_tokens=1)
+    b = Sequence("b", [1, 2, 3], max_tokens=5)
+    for x in (a, b):
+        s.add(x)
+    first = s.schedule()
+    for x, work in zip((a, b), first.sequences):
+        s.advance_ahead(x, work)
+    assert [w.request_id for w in s.schedule().sequences] == ["b"]
+
+
+def test_no_step_past_the_context_on_pending_samples():
+    s = make_scheduler(max_len=4)
+    a = Sequence("a", [1, 2, 3], max_tokens=10)
+    s.add(a)
+    s.advance_ahead(a, s.schedule().sequences[0])
+    assert s.schedule().is_empty  # the pending token fills the context
+
+
+def test_a_speculating_step_cannot_be_scheduled_ahead_of():
+    s = make_scheduler()
+    a = Sequence("a", [1, 2, 3], max_tokens=10, num_speculative_tokens=2)
+    s.add(a)
+    work = s.schedule().sequences[0]
+    assert work.num_speculative_tokens == 2
+    with pytest.raises(ValueError, match="speculating"):
+        s.advance_ahead(a, work)
+
+
+# -- the engine ---------------------------------------------------------------
+def test_steps_ahead_give_the_same_outputs_and_free_every_block(pair, monkeypatch):
+    """Stop tokens, stop strings, max_tokens, seeds and logprobs, with the
+    samples of each step landing only after the next step was launched."""
+    llm, sync = target_only(pair), target_only(pair, async_output=False)
+    full = sync.generate([PROMPTS[0], PROMPTS[1]], greedy(30))
+    params = [greedy(30, stop=[full[0].text[6:9]]), seeded(3, 30, logprobs=2),
+              SamplingParams(max_tokens=30, temperature=0.0,
+                             stop_token_ids=[full[1].token_ids[7]]),
+              seeded(5, 17), greedy(1)]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[1]]
+    want = sync.generate(prompts, params)
+    ahead = count_ahead(llm.engine, monkeypatch)
+    got = llm.generate(prompts, params)
+    assert ahead, "no step was scheduled ahead"
+    for a, b in zip(got, want):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert_same_logprobs(a.logprobs, b.logprobs)
+        assert a.metrics.completion_tokens == len(a.token_ids)
+    assert [o.finish_reason for o in got[:3:2]] == [FinishReason.STOP] * 2
+    assert len(got[4].token_ids) == 1
+    assert_no_blocks_used(llm.engine)
+
+
+def test_requests_joining_and_aborted_while_steps_run_ahead(pair, monkeypatch):
+    """A prompt chunk and pending decodes in one step; an abort between
+    launches; then the same tokens as steps run one after another."""
+    def drive(llm):
+        engine, outs = llm.engine, {}
+        engine.add_request("a", PROMPTS[0], greedy(20))
+        engine.add_request("gone", PROMPTS[3], greedy(50))
+        for step in range(40):
+            if step == 3:
+                engine.add_request("b", PROMPTS[1], seeded(11, 15))
+            if step == 5:
+                engine.abort_request("gone")
+            if step == 6:
+                engine.add_request("c", PROMPTS[2], greedy(9))
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+        outs.pop("gone", None)
+        assert_no_blocks_used(engine)
+        return outs
+
+    want = drive(target_only(pair, async_output=False))
+    llm = target_only(pair)
+    ahead = count_ahead(llm.engine, monkeypatch)
+    assert drive(llm) == want
+    assert ahead
+    assert [len(want[r]) for r in "abc"] == [20, 15, 9]
+
+
+def test_preemption_while_steps_run_ahead(pair, monkeypatch):
+    params = [greedy(40), seeded(7, 40)] * 2
+    want = [o.token_ids for o in target_only(pair).generate(PROMPTS, params)]
+    # 14 blocks of 4 slots cannot hold 4 sequences of ~45 tokens.
+    small = target_only(pair, num_kv_blocks=14)
+    preempted = []
+    preempt = small.engine.scheduler._preempt
+    monkeypatch.setattr(small.engine.scheduler, "_preempt",
+                        lambda seq: preempted.append(seq.num_pending_tokens) or preempt(seq))
+    ahead = count_ahead(small.engine, monkeypatch)
+    assert [o.token_ids for o in small.generate(PROMPTS, params)] == want
+    assert ahead and preempted
+    assert any(preempted), "no sequence was preempted with a sample in flight"
+    assert_no_blocks_used(small.engine)
+
+
+def test_speculating_steps_after_steps_ahead_are_lossless(pair, monkeypatch):
+    """Adaptive speculation moving between k = 0 (scheduled ahead) and k > 0
+    (the draft catches up on tokens that landed late)."""
+    target, draft = pair
+    want = [o.token_ids for o in target_only(pair).generate(PROMPTS, greedy(40))]
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+              kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)
+    pattern = iter([0, 0, 0, 3, 0, 2, 2, 0, 0, 1] * 100)
+    monkeypatch.setattr(llm.engine.adaptive, "choose", lambda batch: next(pattern))
+    ahead = count_ahead(llm.engine, monkeypatch)
+    outs = llm.generate(PROMPTS, greedy(40))
+    assert [o.token_ids for o in outs] == want
+    assert ahead
+    assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
+    assert_no_blocks_used(llm.engine)
