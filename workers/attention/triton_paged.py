@@ -60,8 +60,11 @@ _PREFILL_ROWS = 64  # M tile of the query-tiled path
 _MAX_SPLITS = 32
 
 
-# num_splits changes with context length: one compiled kernel for all values.
-@triton.jit(do_not_specialize=["num_splits"])
+# Arguments that change with the batch (split count, block-table width, the
+# split buffers' token stride) are not specialised on: Triton would otherwise
+# compile a new variant (hundreds of ms) whenever one of them turns 1 or a
+# multiple of 16, inside a serving step.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "stride_ls"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
@@ -193,7 +196,7 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
             ROW=row, BLOCK=_next_pow2(row), num_warps=4 if row >= 1024 else 1)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_ls"])
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, num_splits,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
@@ -333,7 +336,8 @@ class TritonPagedBackend(AttentionBackend):
                 part_out, part_lse, out, splits,
                 part_out.stride(0), part_out.stride(1), part_out.stride(2),
                 part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, _next_pow2(splits)),
+                # One tile for any split count: one compiled variant.
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MAX_SPLITS,
                 num_warps=4 if block_d >= 128 else 2,
             )
         return out
