@@ -158,8 +158,9 @@ class LLMEngine:
         pipelined. While step N runs on the device, step N + 1 is scheduled
         and launched, and N's outputs are worked out only then:
 
-        - when neither N nor N + 1 speculates (and N has no penalties), N + 1
-          is scheduled before N is read back: each of N's samples counts as a
+        - when N does not speculate (nor has penalties) and none of its
+          sequences may speculate in N + 1, N + 1 is scheduled before N is
+          read back: each of N's samples counts as a
           pending token, which N + 1 takes from N's output on the device, and
           the device always has the next step queued;
         - otherwise N is read back and its tokens applied first (a draft's
@@ -205,10 +206,12 @@ class LLMEngine:
     def _launch_ahead(self, current: _InFlight, k_cap: int | None) -> _InFlight | None:
         """Schedule and start the step after ``current`` before ``current`` is
         read back, where its tokens are not needed to do so; else None."""
-        next_k = self.num_speculative_tokens if k_cap is None else k_cap
-        if next_k or not all(w.num_speculative_tokens == 0 and w.prompt_token_ids is None
-                             for w in current.scheduler_output.sequences):
-            return None
+        works = current.scheduler_output.sequences
+        if any(w.num_speculative_tokens or w.prompt_token_ids is not None for w in works):
+            return None  # its accepted counts (or penalty history) are unknown until read
+        if k_cap != 0 and any(w.sample and r is not None and r.seq.num_speculative_tokens
+                              for w, r in zip(works, current.requests)):
+            return None  # a sequence whose sample is pending may speculate next
         started = time.perf_counter()
         for work, request in zip(current.scheduler_output.sequences, current.requests):
             if request is not None and not request.finished:

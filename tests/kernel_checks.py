@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from workers.kernels import activation, norm, rotary
+from workers.kernels import activation, gemv, norm, rotary
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -56,6 +56,15 @@ def check_rotary(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_he
     _close(got_q, want_q, dtype, "rotary q")
     _close(got_k, want_k, dtype, "rotary k")
     assert torch.equal(got_v, v.reshape(tokens, kv_heads, head_dim)), "rotary must leave v alone"
+
+
+def check_gemv(device: str, dtype: torch.dtype, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, dtype)
+    assert gemv.gemv_fits(x, w), (n, k)
+    want = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
+    _close(gemv.linear(x, w), want, dtype, f"gemv {n}x{k}")
 
 
 def check_attention(device: str) -> None:
@@ -108,6 +117,9 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
             check_silu(device, dtype, rows, cols)
         for tokens, heads, kv_heads, head_dim in ((1, 4, 2, 64), (7, 8, 8, 32), (3, 32, 8, 128)):
             check_rotary(device, dtype, tokens, heads, kv_heads, head_dim)
+        # Even and uneven K tiles, square and tall weights.
+        for n, k in ((32, 64), (48, 688), (4096, 4096), (256, 11008)):
+            check_gemv(device, dtype, n, k)
 
 
 if __name__ == "__main__":

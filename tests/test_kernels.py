@@ -60,3 +60,21 @@ def test_attention_tiles_are_powers_of_two_for_any_gqa_group():
             block_q, block_m = TritonPagedBackend._tile(max_query_len, group)
             assert block_m & (block_m - 1) == 0 and block_m >= 16, (group, max_query_len)
             assert block_q * group <= block_m, (group, max_query_len)
+
+
+def test_linear_takes_the_gemv_kernel_only_where_it_applies(monkeypatch):
+    """One contiguous row, no bias, rows tiling the output: the kernel;
+    anything else: F.linear (with the same result)."""
+    from workers.kernels import gemv
+    calls = []
+    monkeypatch.setattr(gemv, "use_triton", lambda x: True)
+    monkeypatch.setattr(gemv, "gemv", lambda x, w: calls.append(w.shape) or x @ w.T)
+    w, b = torch.randn(32, 64), torch.randn(32)
+    gemv.linear(torch.randn(1, 64), w)
+    assert calls == [(32, 64)]
+    for x, weight, bias in ((torch.randn(2, 64), w, None), (torch.randn(1, 64), w, b),
+                            (torch.randn(1, 64), torch.randn(30, 64), None),
+                            (torch.randn(64, 2).T[:1], w, None)):
+        want = torch.nn.functional.linear(x, weight, bias)
+        assert torch.equal(gemv.linear(x, weight, bias), want)
+    assert calls == [(32, 64)]

@@ -205,3 +205,24 @@ def test_speculating_steps_after_steps_ahead_are_lossless(pair, monkeypatch):
     assert ahead
     assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
     assert_no_blocks_used(llm.engine)
+
+
+def test_requests_without_speculation_run_ahead_in_a_speculating_engine(pair, monkeypatch):
+    target, draft = pair
+    want = [o.token_ids for o in target_only(pair).generate(PROMPTS, greedy(30))]
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+              kv_cache_memory=1 << 24, block_size=4)
+    ahead = count_ahead(llm.engine, monkeypatch)
+    assert [o.token_ids for o in llm.generate(PROMPTS, greedy(30), num_speculative_tokens=0)] == want
+    assert ahead
+    # Two of four speculate: no step runs ahead of one that speculates, or
+    # of one whose sequences may speculate next; the tokens stay the same.
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, greedy(30), num_speculative_tokens=3 * (i % 2))
+    got = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert [got[str(i)] for i in range(4)] == want
+    assert_no_blocks_used(engine)

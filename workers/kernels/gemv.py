@@ -2,14 +2,17 @@
 
 A decode step of one sequence multiplies one activation row by every weight
 matrix: all the time goes into reading the weights once. cuBLAS answers
-M = 1 with split-K kernels plus a reduction kernel per matmul; this kernel
-reads each program's rows of the weight in wide tiles and reduces in
-registers, one launch per matmul.
+M = 1 with split-K kernels plus a reduction kernel per matmul, and reached
+2.6 TB/s over Llama-2-7B's matmuls on an H100; this kernel gives each
+program a few whole rows of the weight, streams them in wide tiles and
+reduces in registers, and reached 2.86 TB/s (benchmarks/gemv_kernels.py,
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from workers.kernels.triton_support import triton_available, use_triton
 
@@ -36,20 +39,37 @@ if triton_available():
         tl.store(out_ptr + n, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages); benchmarks/gemv_kernels.py sweeps them.
-DEFAULT_CONFIG = (16, 512, 4, 3)
+def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [N, K] weight, from
+    benchmarks/gemv_kernels.py's sweep on an H100 (7B shapes): eight rows per
+    program (16 for a square 4096 one), 1024-wide K tiles, eight warps, a
+    deeper pipeline for long rows."""
+    block_k = min(1024, 1 << max(0, k - 1).bit_length())
+    if k % block_k:
+        block_k = min(block_k, 512)
+    return (16 if n <= 4096 and k <= 4096 else 8), block_k, 8, (3 if k > 4096 else 1)
 
 
-def gemv_fits(x: torch.Tensor, weight: torch.Tensor, config=DEFAULT_CONFIG) -> bool:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through the one-row kernel where it applies."""
+    if bias is None and gemv_fits(x, weight):
+        return gemv(x, weight)
+    return F.linear(x, weight, bias)
+
+
+def gemv_fits(x: torch.Tensor, weight: torch.Tensor, config=None) -> bool:
     """Whether ``x @ weight.T`` is one row whose output this kernel tiles exactly."""
-    n = weight.shape[0]
-    return (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.stride(1) == 1
-            and n % config[0] == 0 and use_triton(x))
+    if not (x.dim() == 2 and x.shape[0] == 1 and use_triton(x)):
+        return False
+    n, k = weight.shape
+    block_n = (config or gemv_config(n, k))[0]
+    return (x.is_contiguous() and weight.stride(1) == 1 and x.dtype == weight.dtype
+            and n % block_n == 0)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config=DEFAULT_CONFIG) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T`` -> ``[1, N]``; see ``gemv_fits``."""
-    block_n, block_k, num_warps, num_stages = config
+    block_n, block_k, num_warps, num_stages = config or gemv_config(*weight.shape)
     n, k = weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(n // block_n,)](x, weight, out, k, weight.stride(0),

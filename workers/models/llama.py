@@ -12,12 +12,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.backend import AttentionBackend, get_attention_backend
 from workers.attention.metadata import AttentionMetadata
-from workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
+from workers.kernels import add_rms_norm, linear, rms_norm, rotate_qk, silu_and_mul
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -103,7 +102,14 @@ class RotaryEmbedding(nn.Module):
 
 # ------------------------------------------------------------- projections --
 
-class PackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """``nn.Linear`` whose one-row products (batch-1 decode) run as a GEMV kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class PackedLinear(Linear):
     """Several projections of the same input fused into one matmul. Output
     rows ``shard_slice(i)`` hold the i-th projection's weights."""
 
@@ -146,7 +152,7 @@ class LlamaAttention(nn.Module):
         qkv_bias, o_bias = _attention_biases(config)
         self.qkv_proj = PackedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
                                      bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
         self.attn = PagedAttention(num_heads, num_kv_heads, head_dim)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -167,7 +173,7 @@ class LlamaMLP(nn.Module):
         bias = bool(getattr(config, "mlp_bias", False))
         size = config.intermediate_size
         self.gate_up_proj = PackedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = Linear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -236,7 +242,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (None if self.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else Linear(config.hidden_size, config.vocab_size, bias=False))
         self.attention_backend: AttentionBackend | None = None
         if attention_backend is not None:
             self.set_attention_backend(attention_backend)
@@ -257,7 +263,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden_size]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
 
 # ----------------------------------------------------------------- config --
