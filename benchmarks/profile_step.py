@@ -91,8 +91,8 @@ def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256) -> Non
     records = []
     apply = engine._apply_tokens
 
-    def timed_apply(step, output):
-        applied = apply(step, output)
+    def timed_apply(step, output, **kw):
+        applied = apply(step, output, **kw)
         seqs = step.scheduler_output.sequences
         records.append((engine._last_step_time, max(s.num_speculative_tokens for s in seqs),
                         len(seqs), max(len(s.token_ids) for s in seqs),
@@ -116,8 +116,14 @@ def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256) -> Non
         print(f"{k:2d} {len(times):6d} {sum(times) * 1e3:9.1f} {times[len(times) // 2] * 1e3:10.3f}"
               f" {times[-1] * 1e3:7.2f}")
     print("slowest steps: ms, k, seqs, longest chunk, longest draft catch-up")
-    for r in sorted(records, reverse=True)[:12]:
+    for r in sorted(records, reverse=True)[:8]:
         print(f"  {r[0] * 1e3:8.2f} k={r[1]} seqs={r[2]} chunk={r[3]} catch-up={r[4]}")
+    print("last run's steps (k:ms):", " ".join(f"{r[1]}:{r[0] * 1e3:.1f}"
+                                                for r in records[-len(records) // runs:][:80]))
+    controller = engine.adaptive
+    if controller is not None:
+        costs = " ".join(f"{b}/{k}:{t * 1e3:.2f}" for (b, k), t in sorted(controller._cost.items()))
+        print(f"controller: alpha {controller.alpha:.3f}; cost ms by bucket/k: {costs}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class _InFlight:
     # Scheduled ahead of: the scheduler already counts this step's chunks as
     # computed and its samples as pending.
     advanced: bool = False
+    launched_ahead: bool = False  # launched before its predecessor was read back
 
 
 @dataclass
@@ -174,7 +175,8 @@ class LLMEngine:
             launched = self._launch_next(self._choose_k())
             if launched is None:
                 return []
-            return self._emit(self._apply_tokens(launched, self.executor.finish(launched.handle)))
+            return self._emit(self._apply_tokens(launched, self.executor.finish(launched.handle),
+                                                 next_ahead=False))
         current, self._in_flight = self._in_flight, None
         if current is None:
             current = self._launch_next(self._choose_k())
@@ -182,7 +184,8 @@ class LLMEngine:
                 return []
         k_cap = self._choose_k()
         ahead = self._launch_ahead(current, k_cap)
-        applied = self._apply_tokens(current, self.executor.finish(current.handle))
+        applied = self._apply_tokens(current, self.executor.finish(current.handle),
+                                     next_ahead=ahead is not None)
         self._in_flight = ahead if ahead is not None else self._launch_next(k_cap)
         return self._emit(applied)
 
@@ -221,14 +224,16 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return None
-        return self._launch(scheduler_output, started)
+        return self._launch(scheduler_output, started, ahead=True)
 
-    def _launch(self, scheduler_output: SchedulerOutput, started: float) -> _InFlight:
+    def _launch(self, scheduler_output: SchedulerOutput, started: float,
+                ahead: bool = False) -> _InFlight:
         requests = [self.requests.get(w.request_id) for w in scheduler_output.sequences]
         return _InFlight(scheduler_output, self.executor.launch(scheduler_output), started,
-                         requests)
+                         requests, launched_ahead=ahead)
 
-    def _apply_tokens(self, step: _InFlight, runner_output: ModelRunnerOutput) -> list[tuple]:
+    def _apply_tokens(self, step: _InFlight, runner_output: ModelRunnerOutput,
+                      next_ahead: bool) -> list[tuple]:
         """Everything the next schedule depends on: sequences advance (or,
         scheduled ahead, their pending samples land), kept tokens join them,
         requests finished by a token leave the scheduler."""
@@ -240,7 +245,11 @@ class LLMEngine:
         self._last_finish = now
         self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences),
                            default=0)
-        if self.adaptive is not None and _is_steady(scheduler_output):
+        # Where the pipeline fills or drains (a step launched ahead followed
+        # by one that is not, or the reverse), the time between read-backs
+        # holds two steps' work or none of it: not a fair sample.
+        if (self.adaptive is not None and step.launched_ahead == next_ahead
+                and _is_steady(scheduler_output)):
             self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
                                        self._last_step_time)
         applied = []

@@ -226,3 +226,31 @@ def test_requests_without_speculation_run_ahead_in_a_speculating_engine(pair, mo
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
     assert [got[str(i)] for i in range(4)] == want
     assert_no_blocks_used(engine)
+
+
+def test_adaptive_cost_samples_each_hold_one_step(pair, monkeypatch):
+    """A clock that moves only when a step is launched (on the CPU a launch
+    computes the step): every cost sample adaptive speculation takes must be
+    one step's, also where steps run ahead and where that stops (the time
+    between read-backs there holds two steps or none)."""
+    import types
+
+    import engine.llm_engine as llm_engine
+    target, draft = pair
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+              kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)
+    engine, clock, samples = llm.engine, [0.0], []
+    monkeypatch.setattr(llm_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    launch = engine.executor.launch
+    monkeypatch.setattr(engine.executor, "launch",
+                        lambda so: clock.__setitem__(0, clock[0] + 1.0) or launch(so))
+    pattern = iter([0, 0, 0, 3, 3, 0, 2, 2, 0, 0] * 100)
+    monkeypatch.setattr(engine.adaptive, "choose", lambda batch: next(pattern))
+    observe = engine.adaptive.observe_step
+    monkeypatch.setattr(engine.adaptive, "observe_step",
+                        lambda b, k, t: samples.append((k, t)) or observe(b, k, t))
+    ahead = count_ahead(engine, monkeypatch)
+    llm.generate(PROMPTS, greedy(40))
+    assert ahead
+    assert {k for k, _ in samples} >= {0, 2, 3}
+    assert all(t == 1.0 for _, t in samples), samples
