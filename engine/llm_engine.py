@@ -349,11 +349,14 @@ class LLMEngine:
 
 def _is_steady(scheduler_output: SchedulerOutput) -> bool:
     """A step that costs what its k costs, a fair sample for the cost model:
-    decode only (no prompt chunk), and no draft catching up on more than the
-    two tokens of every speculating decode step (longer catch-ups follow
-    steps that did not speculate)."""
+    decode only (no prompt chunk), one k for every sequence, and no draft
+    catching up on more than the two tokens of every speculating decode step
+    (longer catch-ups follow steps that did not speculate). Other steps run
+    outside the captured graphs and cost many times more."""
+    seqs = scheduler_output.sequences
+    k = seqs[0].num_speculative_tokens if seqs else 0
     return all(len(s.token_ids) == 1 and len(s.draft_token_ids) <= 2
-               for s in scheduler_output.sequences)
+               and s.num_speculative_tokens == k for s in seqs)
 
 
 def _load_hf_config(model_dir: str):

@@ -131,7 +131,7 @@ class Scheduler:
         chunk = min(seq.num_uncomputed_tokens, budget)
         end = seq.num_computed_tokens + chunk
         sample = end == seq.num_tokens
-        k = self._speculation_length(seq, budget - chunk) if sample else 0
+        k = self._speculation_length(seq, budget - chunk, chunk == 1) if sample else 0
         for k_try in (k, 0) if k else (0,):
             need = self.allocator.blocks_needed(end + k_try, len(seq.block_ids))
             if self.allocator.can_allocate(need):
@@ -139,15 +139,20 @@ class Scheduler:
                 return self._work(seq, chunk, sample, k_try)
         return None
 
-    def _speculation_length(self, seq: Sequence, budget_left: int) -> int:
+    def _speculation_length(self, seq: Sequence, budget_left: int, decode: bool) -> int:
         """k for this step: the request's k, cut so that proposals never run
-        past max_tokens, the context length or the token budget."""
-        remaining_outputs = seq.max_tokens - seq.num_output_tokens - 1
+        past the context length or the token budget. A decode step's
+        proposals may run past max_tokens (the request keeps only the tokens
+        it may): cutting them there would give the batch's last steps mixed
+        k, a shape no captured graph covers. A prompt's last chunk is cut at
+        max_tokens, which spares the draft a prefill when one token is wanted."""
         room_in_context = self.limits.max_model_len - seq.num_tokens
         k = seq.num_speculative_tokens
         if self.step_k_cap is not None:
             k = min(k, self.step_k_cap)
-        return max(0, min(k, remaining_outputs, room_in_context, budget_left))
+        if not decode:
+            k = min(k, seq.max_tokens - seq.num_output_tokens - 1)
+        return max(0, min(k, room_in_context, budget_left))
 
     def _work(self, seq: Sequence, chunk: int, sample: bool, k: int) -> ScheduledSequence:
         start = seq.num_computed_tokens

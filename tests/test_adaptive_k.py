@@ -99,3 +99,16 @@ def test_engine_with_adaptive_k_is_lossless(tmp_path):
     # Which k it picks depends on measured step times; the tokens may not.
     assert 0 <= engine.get_stats().num_speculative_tokens <= 4
     assert engine.get_stats().kv_blocks_used == 0
+
+
+def test_cost_samples_only_from_one_shape_decode_steps():
+    from engine.llm_engine import _is_steady
+    from scheduler.output import ScheduledSequence, SchedulerOutput
+
+    def work(k, catch_up=2, chunk=1):
+        return ScheduledSequence("r", [1] * chunk, 10, [0], True, k, [1] * catch_up, 8)
+
+    assert _is_steady(SchedulerOutput([work(4), work(4)]))
+    assert not _is_steady(SchedulerOutput([work(4), work(2)]))  # mixed k: no graph covers it
+    assert not _is_steady(SchedulerOutput([work(4), work(4, catch_up=3)]))
+    assert not _is_steady(SchedulerOutput([work(4), work(0, catch_up=0, chunk=5)]))

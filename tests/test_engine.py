@@ -248,3 +248,17 @@ def test_pipelined_step_launches_the_next_step_before_the_text_work(llm, monkeyp
     # previous step's text work.
     assert order[:3] == ["launch", "launch", "emit"]
     assert_no_blocks_used(engine)
+
+
+def test_decode_steps_keep_one_k_to_the_end_and_max_tokens_holds(llm, monkeypatch):
+    """Sequences near max_tokens still propose k tokens (the request cuts the
+    surplus), so a batch's decode steps keep one shape to the end."""
+    engine, ks = llm.engine, []
+    launch = engine.executor.launch
+    monkeypatch.setattr(engine.executor, "launch", lambda so: ks.append(
+        {s.num_speculative_tokens for s in so.sequences if len(s.token_ids) == 1}) or launch(so))
+    outs = llm.generate(PROMPTS, [greedy(n) for n in (5, 9, 14, 20)])
+    assert [len(o.token_ids) for o in outs] == [5, 9, 14, 20]
+    assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
+    assert all(k <= {3} for k in ks) and {3} in ks
+    assert_no_blocks_used(engine)

@@ -90,12 +90,16 @@ def test_speculation_reserves_k_plus_one_slots_and_feeds_the_draft():
     assert w.num_draft_computed_tokens == 7
 
 
-def test_speculation_never_proposes_past_max_tokens_or_context():
+def test_speculation_never_proposes_past_the_context_nor_prefills_past_max_tokens():
     s = make(max_len=12)
     a = seq("a", n_prompt=4, k=4, max_tokens=3)
     s.add(a)
     (w,) = s.schedule().sequences
-    assert w.num_speculative_tokens == 2  # at most 3 outputs: 2 proposals + 1
+    assert w.num_speculative_tokens == 2  # a prompt's last chunk: 2 proposals + 1 = 3 outputs
+    run_step(s)
+    (w,) = s.schedule().sequences
+    # A decode step keeps its k (one shape for the batch); the request cuts the tokens.
+    assert len(w.token_ids) == 1 and w.num_speculative_tokens == 4
     s2 = make(max_len=6)
     b = seq("b", n_prompt=4, k=4, max_tokens=10)
     s2.add(b)
