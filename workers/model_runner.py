@@ -301,10 +301,11 @@ class ModelRunner:
 
     def _input_ids(self, token_lists: list[list[int]],
                    seqs: list[ScheduledSequence]) -> torch.Tensor:
-        """The token ids on the device. A ``PENDING_TOKEN`` (only ever a decode
-        chunk's one token) is the token the previous launch sampled for that
-        sequence, gathered on the device: the host never waited for it."""
-        pending = [i for i, lst in enumerate(token_lists) if lst and lst[-1] == PENDING_TOKEN]
+        """The token ids on the device; ``token_lists[i]`` starts with
+        ``seqs[i].token_ids``. A ``PENDING_TOKEN`` (only ever the last of a
+        chunk) is the token the previous launch sampled for that sequence,
+        gathered on the device: the host never waited for it."""
+        pending = [i for i, s in enumerate(seqs) if s.token_ids[-1:] == [PENDING_TOKEN]]
         if not pending:
             return to_device([t for lst in token_lists for t in lst], self.device)
         try:
@@ -316,8 +317,8 @@ class ModelRunner:
             if rows == list(range(len(rows))):
                 return self._sampled[:len(rows)]
             return self._sampled[to_device(rows, self.device)]
-        ends = list(itertools.accumulate(map(len, token_lists)))
-        at = [ends[i] - 1 for i in pending]
+        starts = [0, *itertools.accumulate(map(len, token_lists))]
+        at = [starts[i] + len(seqs[i].token_ids) - 1 for i in pending]
         ids = to_device([0 if t == PENDING_TOKEN else t for lst in token_lists for t in lst],
                         self.device)
         ids[to_device(at, self.device)] = self._sampled[to_device(rows, self.device)]
