@@ -216,7 +216,7 @@ class LLMEngine:
                               for w, r in zip(works, current.requests)):
             return None  # a sequence whose sample is pending may speculate next
         started = time.perf_counter()
-        for work, request in zip(current.scheduler_output.sequences, current.requests):
+        for work, request in zip(works, current.requests):
             if request is not None and not request.finished:
                 self.scheduler.advance_ahead(request.seq, work)
         current.advanced = True
