@@ -3,10 +3,13 @@
     python benchmarks/profile_step.py [--config llama-2-7b] [--batch 1] [--steps 32]
     python benchmarks/profile_step.py --pair engine/default_models --k 4 --batch 16
     python benchmarks/profile_step.py --pair engine/default_models --batch 16 --adaptive
+    python benchmarks/profile_step.py --pair engine/default_models --batch 4 --timeline --k 0
 
-With --adaptive (speculation choosing k per step) it times every step of
-whole generations instead (prefill included) and prints the cost per k and
-the slowest steps with their shapes: where a run loses its time.
+With --adaptive (speculation choosing k per step) or --timeline (fixed k) it
+times every step of whole generations instead (prefill included) and prints
+the cost per k, the time per kind of step and the slowest steps with their
+shapes: where a run loses its time. --prompts code uses the benchmark's code
+prompts (the pair's acceptance on them is that of the suite).
 
 Runs steps of a dummy-weight model of a checkpoint config under
 torch.profiler and prints the wall time per step, the device time per step
@@ -41,20 +44,31 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="proposals per step with --pair")
     ap.add_argument("--adaptive", action="store_true",
                     help="with --pair: time each step of adaptive speculation")
-    ap.add_argument("--runs", type=int, default=4, help="generations timed with --adaptive")
+    ap.add_argument("--timeline", action="store_true",
+                    help="with --pair: time each step of fixed-k generations (--k 0: target only)")
+    ap.add_argument("--explore-every", type=int, default=None,
+                    help="with --adaptive: steps between re-measurements (default: the controller's)")
+    ap.add_argument("--runs", type=int, default=4, help="generations timed with a timeline")
+    ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per timed generation")
+    ap.add_argument("--prompts", choices=("random", "code"), default="random",
+                    help="timeline prompts: 128 random tokens, or the suite's code prompts")
     args = ap.parse_args()
     kw = dict(dtype="bfloat16", max_num_seqs=max(8, args.batch), enforce_eager=args.enforce_eager)
     if args.pair:
         llm = LLM(model=os.path.join(args.pair, "target"),
-                  draft_model=os.path.join(args.pair, "draft"), num_speculative_tokens=args.k,
+                  draft_model=os.path.join(args.pair, "draft"), num_speculative_tokens=args.k or 4,
                   num_kv_blocks=4096, adaptive_speculation=args.adaptive, **kw)
         name = f"{args.pair} k={args.k}"
     else:
         llm = LLM(model=dummy_model_dir(args.config, tempfile.mkdtemp()), load_format="dummy", **kw)
         name = args.config
     engine = llm.engine
-    if args.adaptive:
-        step_timeline(llm, args.batch, args.runs)
+    if args.adaptive or args.timeline:
+        if args.explore_every and engine.adaptive is not None:
+            engine.adaptive.explore_every = engine.adaptive.max_explore_every = args.explore_every
+        print(f"== {name} batch {args.batch}, {'adaptive' if args.adaptive else 'fixed'} k ==")
+        step_timeline(llm, args.batch, args.runs, args.max_tokens, args.prompts,
+                      None if args.adaptive else args.k)
         llm.shutdown()
         return
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
@@ -85,7 +99,8 @@ def main() -> None:
     llm.shutdown()
 
 
-def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256) -> None:
+def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256,
+                  prompts: str = "random", k: int | None = None) -> None:
     """Every applied step's cost (read-back to read-back) with its shape."""
     engine = llm.engine
     records = []
@@ -100,21 +115,37 @@ def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256) -> Non
         return applied
 
     engine._apply_tokens = timed_apply
-    prompts = random_prompts(batch, 128, engine.vocab_size)
+    if prompts == "code":
+        from benchmarks.offline import CODE_PROMPTS
+        prompts = (CODE_PROMPTS * (batch // len(CODE_PROMPTS) + 1))[:batch]
+    else:
+        prompts = random_prompts(batch, 128, engine.vocab_size)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts, params)  # warm-up
+    llm.generate(prompts, params, num_speculative_tokens=k)  # warm-up
     records.clear()
     start = time.perf_counter()
     for _ in range(runs):
-        llm.generate(prompts, params)
+        outs = llm.generate(prompts, params, num_speculative_tokens=k)
     wall = time.perf_counter() - start
+    proposed = sum(o.metrics.draft_tokens_proposed for o in outs)
+    accepted = sum(o.metrics.draft_tokens_accepted for o in outs)
     print(f"batch {batch}: {runs} runs of {max_tokens} tokens, {wall:.3f} s, "
-          f"{runs * batch * max_tokens / wall:.0f} tok/s, {len(records)} steps")
+          f"{runs * batch * max_tokens / wall:.0f} tok/s, {len(records)} steps; last run: "
+          f"acceptance {accepted / max(1, proposed):.3f}, "
+          f"{batch * max_tokens / sum(o.metrics.num_steps for o in outs):.2f} tokens/step "
+          "per sequence")
     print(" k  steps  total ms  median ms  max ms")
     for k in sorted({r[1] for r in records}):
         times = sorted(r[0] for r in records if r[1] == k)
         print(f"{k:2d} {len(times):6d} {sum(times) * 1e3:9.1f} {times[len(times) // 2] * 1e3:10.3f}"
               f" {times[-1] * 1e3:7.2f}")
+    kinds: dict[str, list[float]] = {}
+    for t, k, seqs, chunk, catch_up in records:
+        kind = ("prompt" if chunk > 1 else "tail" if seqs < batch else
+                "catch-up" if catch_up > 2 else f"steady k={k}")
+        kinds.setdefault(kind, []).append(t)
+    print("by kind: " + "; ".join(f"{kind} {len(ts)} steps {sum(ts) * 1e3:.1f} ms"
+                                  for kind, ts in sorted(kinds.items())))
     print("slowest steps: ms, k, seqs, longest chunk, longest draft catch-up")
     for r in sorted(records, reverse=True)[:8]:
         print(f"  {r[0] * 1e3:8.2f} k={r[1]} seqs={r[2]} chunk={r[3]} catch-up={r[4]}")

@@ -12,6 +12,9 @@ extra positions costs more than it returns. Pure Python, no torch.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Mean tokens a step emits per sequence with k proposals."""
@@ -25,9 +28,11 @@ def batch_bucket(batch_size: int) -> int:
 
 class AdaptiveSpeculation:
     def __init__(self, max_k: int, smoothing: float = 0.2, explore_every: int = 32,
-                 prior_alpha: float = 0.7, max_explore_every: int = 512) -> None:
+                 prior_alpha: float = 0.7, max_explore_every: int = 512,
+                 window: int = 5) -> None:
         self.max_k = max_k
         self.smoothing = smoothing
+        self.window = window
         self.explore_every = explore_every
         self.max_explore_every = max_explore_every
         # Per bucket: steps between re-measurements, the step of the next one,
@@ -39,6 +44,7 @@ class AdaptiveSpeculation:
         self._wins = prior_alpha * 10.0  # a prior worth ten tries
         self._tries = 10.0
         self._cost: dict[tuple[int, int], float] = {}
+        self._samples: dict[tuple[int, int], deque] = {}  # (bucket, k) -> last step times
         self._steps: dict[int, int] = {}
         self._seen: dict[tuple[int, int], int] = {}  # (bucket, k) -> step of its last sample
         self._warm: set[tuple[int, int]] = set()  # (bucket, k) seen once
@@ -65,11 +71,12 @@ class AdaptiveSpeculation:
         if key not in self._warm:  # a shape's first step can pay one-time costs
             self._warm.add(key)   # (kernel modules loaded lazily): not a sample
             return
-        old = self._cost.get(key)
-        # Step-time noise is one-sided (warm-ups, hiccups): a faster sample
-        # is believed at once, a slower one only gradually.
-        self._cost[key] = seconds if old is None or seconds < old else \
-            old + self.smoothing * (seconds - old)
+        # The median of the last few samples: a hiccup (a garbage collection,
+        # the host descheduled) is many times a step and would otherwise make
+        # a k look dear until its next re-measurement; drift still shows.
+        recent = self._samples.setdefault(key, deque(maxlen=self.window))
+        recent.append(seconds)
+        self._cost[key] = statistics.median(recent)
         self._seen[key] = self._steps.get(bucket, 0)
 
     def choose(self, batch_size: int) -> int:

@@ -52,6 +52,20 @@ def test_a_cold_first_step_of_a_shape_is_not_taken_as_its_cost():
     assert chosen[8:32].count(4) >= 20  # from the start, not only after a re-measurement
 
 
+def test_a_rare_hiccup_does_not_move_the_choice():
+    """One step in 25 of the chosen k takes 15x (a garbage collection, the
+    host descheduled): the choice stays where the usual costs put it."""
+    steps = iter(range(10**6))
+
+    def cost(k):
+        hiccup = k == 4 and next(steps) % 25 == 24
+        return (15.0 if hiccup else 1.0) + 0.05 * k
+
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 1, cost=cost, alpha=0.85, steps=300)
+    assert chosen[40:].count(4) >= 0.95 * len(chosen[40:])
+
+
 def test_saturated_device_backs_off_to_zero():
     # Verifying k extra positions costs as much as k whole steps: never worth it.
     ctl = AdaptiveSpeculation(max_k=4)

@@ -4,6 +4,8 @@ greedy decode steps take."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 import workers.model_runner as model_runner
@@ -15,9 +17,12 @@ PROMPTS = ["def fibonacci(n):", "import os\n", "class Point:", "for i in range(1
            "x = [", "return"]
 
 
-def _generate(target, draft, k=4):
+def _generate(target, draft, k=4, k_caps=None):
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=k, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4)
+    if k_caps is not None:  # each step's k as adaptive speculation would set it
+        caps = itertools.cycle(k_caps)
+        llm.engine._choose_k = lambda: next(caps)
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     outs = llm.generate(PROMPTS, params)
     assert llm.engine.scheduler.allocator.num_used_blocks == 0
@@ -35,12 +40,31 @@ def test_one_program_proposals_equal_the_step_by_step_loop(monkeypatch):
                         lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
     fused = _generate(None, None)
     assert len(calls) >= 8 and calls.count(4) >= 6  # all but the last few steps
-    monkeypatch.setattr(model_runner, "CATCH_UP", -1)  # no batch qualifies: the old loop
+    # No batch qualifies: the old loop.
+    monkeypatch.setattr(model_runner, "_proposes_in_one_program", lambda seqs, batch: False)
     calls.clear()
     loop = _generate(None, None)
     assert not calls
     assert fused == loop
     assert sum(acc for _, _, acc in fused) > 0.4 * sum(prop for _, prop, _ in fused)
+
+
+def test_a_draft_behind_by_skipped_steps_still_proposes_in_one_program(monkeypatch):
+    """After steps with k = 0 the draft is more than two tokens behind: it
+    takes the extra ones in a plain forward first, then the one program
+    proposes what the step-by-step loop proposes."""
+    calls = []
+    real = draft_graphs.greedy_proposal
+    monkeypatch.setattr(model_runner, "greedy_proposal",
+                        lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    caps = [4, 0, 0, 3, 0, 2]
+    fused = _generate(None, None, k_caps=caps)
+    assert calls.count(3) >= 2 and calls.count(2) >= 2  # steps right after k = 0 steps
+    monkeypatch.setattr(model_runner, "_proposes_in_one_program", lambda seqs, batch: False)
+    calls.clear()
+    loop = _generate(None, None, k_caps=caps)
+    assert not calls
+    assert fused == loop
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ class ModelRunner:
         feeding = [s for s in seqs if s.draft_token_ids] if self.draft is not None else []
         if not feeding:
             return tokens, probs
-        if batch.greedy and batch.K and _uniform_decode(seqs, batch, CATCH_UP):
+        if batch.greedy and batch.K and _proposes_in_one_program(seqs, batch):
             return self._propose_greedy(seqs, K), None
         hidden = self._forward(
             self.draft, self.draft_caches, feeding,
@@ -242,9 +242,18 @@ class ModelRunner:
         return tokens, probs
 
     def _propose_greedy(self, seqs: list[ScheduledSequence], k: int) -> torch.Tensor:
-        """k argmax proposals per sequence in one program (one graph replay on CUDA)."""
-        catch_up = [s.draft_token_ids for s in seqs]
-        first = [s.num_draft_computed_tokens for s in seqs]
+        """k argmax proposals per sequence in one program (one graph replay on CUDA).
+
+        A draft that missed steps (they did not speculate) first takes all but
+        the last two of its catch-up tokens in one plain forward, so the
+        proposal itself still replays its captured graph."""
+        behind = [s for s in seqs if len(s.draft_token_ids) > CATCH_UP]
+        if behind:
+            self._forward(self.draft, self.draft_caches, behind,
+                          token_lists=[s.draft_token_ids[:-CATCH_UP] for s in behind],
+                          starts=[s.num_draft_computed_tokens for s in behind])
+        catch_up = [s.draft_token_ids[-CATCH_UP:] for s in seqs]
+        first = [s.num_draft_computed_tokens + len(s.draft_token_ids) - CATCH_UP for s in seqs]
         tables = [s.block_ids for s in seqs]
         if self.proposer is not None and self.proposer.can_run(len(seqs), k):
             return self.proposer.propose(catch_up, first, tables, k)
@@ -410,6 +419,13 @@ def _uniform_decode(seqs: list[ScheduledSequence], batch: _Batch,
     return (len(batch.seqs) == len(seqs) and all(k == batch.K for k in batch.ks)
             and all(len(s.token_ids) == 1 for s in seqs)
             and (catch_up is None or all(len(s.draft_token_ids) == catch_up for s in seqs)))
+
+
+def _proposes_in_one_program(seqs: list[ScheduledSequence], batch: _Batch) -> bool:
+    """A uniform decode step whose draft is at least the usual two tokens
+    behind (more after steps that did not speculate) on every sequence."""
+    return (_uniform_decode(seqs, batch)
+            and all(len(s.draft_token_ids) >= CATCH_UP for s in seqs))
 
 
 def _draft_prefixes(draft_tokens: torch.Tensor, rows: int) -> torch.Tensor:
