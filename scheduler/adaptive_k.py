@@ -29,10 +29,11 @@ def batch_bucket(batch_size: int) -> int:
 class AdaptiveSpeculation:
     def __init__(self, max_k: int, smoothing: float = 0.2, explore_every: int = 32,
                  prior_alpha: float = 0.7, max_explore_every: int = 512,
-                 window: int = 5) -> None:
+                 window: int = 5, stickiness: float = 0.03) -> None:
         self.max_k = max_k
         self.smoothing = smoothing
         self.window = window
+        self.stickiness = stickiness
         self.explore_every = explore_every
         self.max_explore_every = max_explore_every
         # Per bucket: steps between re-measurements, the step of the next one,
@@ -41,6 +42,7 @@ class AdaptiveSpeculation:
         self._interval: dict[int, int] = {}
         self._next_explore: dict[int, int] = {}
         self._best_before: dict[int, int] = {}
+        self._held: dict[int, int] = {}  # per bucket: the k chosen outside re-measurements
         self._wins = prior_alpha * 10.0  # a prior worth ten tries
         self._tries = 10.0
         self._cost: dict[tuple[int, int], float] = {}
@@ -96,6 +98,12 @@ class AdaptiveSpeculation:
             self.last_k = missing[0]
             return self.last_k
         best = max(range(self.max_k + 1), key=lambda k: self.goodput(curve, k))
+        held = self._held.get(bucket)
+        # A switch has costs of its own (the draft catches up on skipped
+        # steps, steps scheduled ahead drain): k moves only for a clear gain.
+        if held is not None and (self.goodput(curve, held)
+                                 >= (1 - self.stickiness) * self.goodput(curve, best)):
+            best = held
         interval = self._interval.get(bucket, self.explore_every)
         if n >= self._next_explore.get(bucket, self.explore_every):
             # Now and then, re-measure the stalest k: costs drift with context
@@ -112,7 +120,7 @@ class AdaptiveSpeculation:
             if before is not None:  # the first choice after a re-measurement
                 self._interval[bucket] = (min(2 * interval, self.max_explore_every)
                                           if before == best else self.explore_every)
-            self.last_k = best
+            self.last_k = self._held[bucket] = best
         return self.last_k
 
     def goodput(self, bucket: int, k: int) -> float:
