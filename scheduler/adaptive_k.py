@@ -73,8 +73,8 @@ class AdaptiveSpeculation:
         if key not in self._warm:  # a shape's first step can pay one-time costs
             self._warm.add(key)   # (kernel modules loaded lazily): not a sample
             return
-        # The median of the last few samples: a hiccup (a garbage collection,
-        # the host descheduled) is many times a step and would otherwise make
+        # The median of the last few samples: a hiccup (the host busy
+        # elsewhere for 10 ms) is many times a step and would otherwise make
         # a k look dear until its next re-measurement; drift still shows.
         recent = self._samples.setdefault(key, deque(maxlen=self.window))
         recent.append(seconds)

@@ -84,7 +84,9 @@ class ModelRunner:
         pool = torch.cuda.graph_pool_handle()
         models = [(self.target, self.target_caches, max_num_speculative_tokens + 1)]
         if self.draft is not None:
-            models.append((self.draft, self.draft_caches, 2))  # catch-up is 1 or 2 tokens
+            # Catch-ups of 1 or 2 tokens, and the tokens missed over one or
+            # two steps that did not speculate (an exploration of k = 0).
+            models.append((self.draft, self.draft_caches, 2))
         for model, caches, max_q in models:
             graphed = GraphedModel(model, caches, self.block_size, max_blocks_per_seq,
                                    pad_block, max_batch, max_q, self.device, pool)
@@ -412,13 +414,10 @@ class ModelRunner:
         return model(token_tensor, positions, caches, meta)
 
 
-def _uniform_decode(seqs: list[ScheduledSequence], batch: _Batch,
-                    catch_up: int | None = None) -> bool:
-    """Every sequence decodes one token and proposes the same K tokens
-    (and, given ``catch_up``, feeds the draft exactly that many)."""
+def _uniform_decode(seqs: list[ScheduledSequence], batch: _Batch) -> bool:
+    """Every sequence decodes one token and proposes the same K tokens."""
     return (len(batch.seqs) == len(seqs) and all(k == batch.K for k in batch.ks)
-            and all(len(s.token_ids) == 1 for s in seqs)
-            and (catch_up is None or all(len(s.draft_token_ids) == catch_up for s in seqs)))
+            and all(len(s.token_ids) == 1 for s in seqs))
 
 
 def _proposes_in_one_program(seqs: list[ScheduledSequence], batch: _Batch) -> bool:
