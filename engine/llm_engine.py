@@ -111,6 +111,7 @@ class LLMEngine:
         self._accepted_total = 0
         self._last_step_time = 0.0
         self._last_finish = 0.0
+        self._after_prompt = True  # the last applied step computed a prompt chunk
         self._pipelined = config.scheduler_config.async_output and self.executor.overlaps_steps
         self._in_flight = None  # pipelined: the launched step not yet read back
 
@@ -247,11 +248,15 @@ class LLMEngine:
                            default=0)
         # Where the pipeline fills or drains (a step launched ahead followed
         # by one that is not, or the reverse), the time between read-backs
-        # holds two steps' work or none of it: not a fair sample.
+        # holds two steps' work or none of it: not a fair sample. Nor is the
+        # step after a prompt chunk: pipelined, it also holds the host's work
+        # on that step's outputs, first tokens whose detokenizers start then.
         if (self.adaptive is not None and step.launched_ahead == next_ahead
-                and _is_steady(scheduler_output)):
+                and not self._after_prompt and _is_steady(scheduler_output)):
             self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
                                        self._last_step_time)
+        self._after_prompt = any(len(w.token_ids) > 1 or (w.sample and not w.num_output_tokens)
+                                 for w in scheduler_output.sequences)
         applied = []
         logprobs = runner_output.logprobs or [None] * len(scheduler_output.sequences)
         for work, request, emitted, proposed, lps in zip(

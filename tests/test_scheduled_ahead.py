@@ -254,3 +254,37 @@ def test_adaptive_cost_samples_each_hold_one_step(pair, monkeypatch):
     assert ahead
     assert {k for k, _ in samples} >= {0, 2, 3}
     assert all(t == 1.0 for _, t in samples), samples
+
+
+def test_adaptive_cost_samples_leave_out_the_work_after_a_prompt(pair, monkeypatch):
+    """Pipelined, the host works on a step's outputs while the next step
+    runs; after a prompt step that work is every request's first token (and
+    its detokenizer's set-up), many times a decode step's. A clock that moves
+    1 per launch and 5 for a prompt step's outputs: no sample may hold the 5."""
+    import types
+
+    import engine.llm_engine as llm_engine
+    target, draft = pair
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+              kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)
+    engine, clock, samples = llm.engine, [0.0], []
+    monkeypatch.setattr(llm_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    launch = engine.executor.launch
+    monkeypatch.setattr(engine.executor, "launch",
+                        lambda so: clock.__setitem__(0, clock[0] + 1.0) or launch(so))
+    emit, seen = engine._emit, set()
+
+    def slow_first_tokens(applied):
+        first = {request.request_id for request, _, _ in applied} - seen
+        if first:
+            seen.update(first)
+            clock[0] += 5.0
+        return emit(applied)
+
+    monkeypatch.setattr(engine, "_emit", slow_first_tokens)
+    observe = engine.adaptive.observe_step
+    monkeypatch.setattr(engine.adaptive, "observe_step",
+                        lambda b, k, t: samples.append(t) or observe(b, k, t))
+    for i in range(3):  # prompts arriving one after another, between decode steps
+        llm.generate(PROMPTS[i:i + 2], greedy(30))
+    assert samples and all(t == 1.0 for t in samples), samples
