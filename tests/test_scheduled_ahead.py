@@ -228,11 +228,9 @@ def test_requests_without_speculation_run_ahead_in_a_speculating_engine(pair, mo
     assert_no_blocks_used(engine)
 
 
-def test_adaptive_cost_samples_each_hold_one_step(pair, monkeypatch):
-    """A clock that moves only when a step is launched (on the CPU a launch
-    computes the step): every cost sample adaptive speculation takes must be
-    one step's, also where steps run ahead and where that stops (the time
-    between read-backs there holds two steps or none)."""
+def adaptive_on_a_step_clock(pair, monkeypatch):
+    """An adaptive engine whose clock moves 1 per launched step (on the CPU a
+    launch computes the step); returns (llm, clock, cost samples as (k, t))."""
     import types
 
     import engine.llm_engine as llm_engine
@@ -244,12 +242,20 @@ def test_adaptive_cost_samples_each_hold_one_step(pair, monkeypatch):
     launch = engine.executor.launch
     monkeypatch.setattr(engine.executor, "launch",
                         lambda so: clock.__setitem__(0, clock[0] + 1.0) or launch(so))
-    pattern = iter([0, 0, 0, 3, 3, 0, 2, 2, 0, 0] * 100)
-    monkeypatch.setattr(engine.adaptive, "choose", lambda batch: next(pattern))
     observe = engine.adaptive.observe_step
     monkeypatch.setattr(engine.adaptive, "observe_step",
                         lambda b, k, t: samples.append((k, t)) or observe(b, k, t))
-    ahead = count_ahead(engine, monkeypatch)
+    return llm, clock, samples
+
+
+def test_adaptive_cost_samples_each_hold_one_step(pair, monkeypatch):
+    """Every cost sample adaptive speculation takes must be one step's, also
+    where steps run ahead and where that stops (the time between read-backs
+    there holds two steps or none)."""
+    llm, _, samples = adaptive_on_a_step_clock(pair, monkeypatch)
+    pattern = iter([0, 0, 0, 3, 3, 0, 2, 2, 0, 0] * 100)
+    monkeypatch.setattr(llm.engine.adaptive, "choose", lambda batch: next(pattern))
+    ahead = count_ahead(llm.engine, monkeypatch)
     llm.generate(PROMPTS, greedy(40))
     assert ahead
     assert {k for k, _ in samples} >= {0, 2, 3}
@@ -259,20 +265,10 @@ def test_adaptive_cost_samples_each_hold_one_step(pair, monkeypatch):
 def test_adaptive_cost_samples_leave_out_the_work_after_a_prompt(pair, monkeypatch):
     """Pipelined, the host works on a step's outputs while the next step
     runs; after a prompt step that work is every request's first token (and
-    its detokenizer's set-up), many times a decode step's. A clock that moves
-    1 per launch and 5 for a prompt step's outputs: no sample may hold the 5."""
-    import types
-
-    import engine.llm_engine as llm_engine
-    target, draft = pair
-    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
-              kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)
-    engine, clock, samples = llm.engine, [0.0], []
-    monkeypatch.setattr(llm_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    launch = engine.executor.launch
-    monkeypatch.setattr(engine.executor, "launch",
-                        lambda so: clock.__setitem__(0, clock[0] + 1.0) or launch(so))
-    emit, seen = engine._emit, set()
+    its detokenizer's set-up), many times a decode step's. The clock also
+    moves 5 for a prompt step's outputs: no sample may hold the 5."""
+    llm, clock, samples = adaptive_on_a_step_clock(pair, monkeypatch)
+    emit, seen = llm.engine._emit, set()
 
     def slow_first_tokens(applied):
         first = {request.request_id for request, _, _ in applied} - seen
@@ -281,10 +277,7 @@ def test_adaptive_cost_samples_leave_out_the_work_after_a_prompt(pair, monkeypat
             clock[0] += 5.0
         return emit(applied)
 
-    monkeypatch.setattr(engine, "_emit", slow_first_tokens)
-    observe = engine.adaptive.observe_step
-    monkeypatch.setattr(engine.adaptive, "observe_step",
-                        lambda b, k, t: samples.append(t) or observe(b, k, t))
+    monkeypatch.setattr(llm.engine, "_emit", slow_first_tokens)
     for i in range(3):  # prompts arriving one after another, between decode steps
         llm.generate(PROMPTS[i:i + 2], greedy(30))
-    assert samples and all(t == 1.0 for t in samples), samples
+    assert samples and all(t == 1.0 for _, t in samples), samples
