@@ -251,12 +251,13 @@ class LLMEngine:
         # holds two steps' work or none of it: not a fair sample. Nor is the
         # step after a prompt chunk: pipelined, it also holds the host's work
         # on that step's outputs, first tokens whose detokenizers start then.
-        if (self.adaptive is not None and step.launched_ahead == next_ahead
-                and not self._after_prompt and _is_steady(scheduler_output)):
-            self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
-                                       self._last_step_time)
-        self._after_prompt = any(len(w.token_ids) > 1 or (w.sample and not w.num_output_tokens)
-                                 for w in scheduler_output.sequences)
+        if self.adaptive is not None:
+            if (step.launched_ahead == next_ahead and not self._after_prompt
+                    and _is_steady(scheduler_output)):
+                self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
+                                           self._last_step_time)
+            self._after_prompt = any(len(w.token_ids) > 1 or (w.sample and not w.num_output_tokens)
+                                     for w in scheduler_output.sequences)
         applied = []
         logprobs = runner_output.logprobs or [None] * len(scheduler_output.sequences)
         for work, request, emitted, proposed, lps in zip(
