@@ -5,7 +5,9 @@ Triton one-row kernel (workers/kernels/gemv.py) over a sweep of tile configs.
 
 Each shape gets one weight per layer (so the weights stream from HBM, not
 L2); a CUDA graph of all layers' matmuls is replayed and timed. Prints, per
-shape and for a whole token's matmuls, the time and the bandwidth reached.
+shape and for a whole token's matmuls, the time and the bandwidth reached,
+for the sweep's best config and for the one the engine takes
+(``gemv_config``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from workers.kernels.gemv import gemv  # noqa: E402
+from workers.kernels.gemv import gemv, gemv_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = [c for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 3))]
@@ -83,8 +85,10 @@ def main() -> None:
             t = time_graph(lambda: [gemv(x, w, cfg) for w in weights])
             if best is None or t < best[0]:
                 best = (t, cfg)
+        t_wired = time_graph(lambda: [gemv(x, w) for w in weights])
         rows.append({"shape": name, "N": n, "K": k, "count": count, "torch_us": t_torch * 1e6, "cublaslt_us": t_lt * 1e6,
                      "triton_us": best[0] * 1e6, "config": best[1],
+                     "wired_us": t_wired * 1e6, "wired_config": gemv_config(n, k),
                      "torch_GBps": nbytes / t_torch / 1e9, "triton_GBps": nbytes / best[0] / 1e9})
         total["torch"] += t_torch
         total["triton"] += best[0]
@@ -98,6 +102,10 @@ def main() -> None:
         print(f"{r['shape']:8s} {r['N']:6d} x {r['K']:6d} x{r['count']:3d}  "
               f"{r['torch_us']:9.1f} ({r['torch_GBps']:5.0f})  {r['triton_us']:9.1f} "
               f"({r['triton_GBps']:5.0f})  {r['config']}  {r['cublaslt_us']:.1f}")
+    print("\nshape    wired config        us (vs best)")
+    for r in rows:
+        print(f"{r['shape']:8s} {str(r['wired_config']):18s} {r['wired_us']:9.1f} "
+              f"({r['wired_us'] / r['triton_us'] - 1:+.1%})")
     b = total["bytes"]
     print(f"all      {b / 1e9:.2f} GB        {total['torch'] * 1e3:9.3f} ms ({b / total['torch'] / 1e9:5.0f})"
           f"  {total['triton'] * 1e3:7.3f} ms ({b / total['triton'] / 1e9:5.0f})")

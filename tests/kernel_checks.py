@@ -67,6 +67,28 @@ def check_gemv(device: str, dtype: torch.dtype, n: int, k: int) -> None:
     _close(gemv.linear(x, w), want, dtype, f"gemv {n}x{k}")
 
 
+def check_rotary_store(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int,
+                       head_dim: int) -> None:
+    """The fused store leaves q as ``rotate_qk`` does and puts k and v in
+    their slots; every other slot keeps its contents."""
+    g = torch.Generator().manual_seed(tokens * 11 + heads)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width, generator=g).to(device, dtype)
+    angles = torch.rand(tokens, head_dim // 2, generator=g) * 300
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    cache = torch.randn(2, 4, 4, kv_heads, head_dim, generator=g).to(device, dtype)
+    slots = torch.randperm(16, generator=g)[:tokens].to(device)
+    want_q, want_k, want_v = rotary.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads, head_dim)
+    want_cache = cache.clone()
+    want_cache.view(2, 16, kv_heads, head_dim)[0, slots] = want_k
+    want_cache.view(2, 16, kv_heads, head_dim)[1, slots] = want_v
+    assert rotary.store_fits(qkv, cache, kv_heads, head_dim)
+    got_q = rotary.rotate_q_store_kv(qkv, cos, sin, heads, kv_heads, head_dim, cache, slots)
+    assert torch.equal(got_q, want_q), "fused store: q differs from rotate_qk"
+    assert torch.equal(cache, want_cache), "fused store: cache differs from rotate_qk + store"
+
+
 def check_attention(device: str) -> None:
     """The paged-attention kernel and its KV store, one small mixed batch
     (decode, verification, prefill chunk) with context splits forced."""
@@ -85,8 +107,9 @@ def check_engine() -> None:
     """A speculative engine whose every kernel is Triton (interpreted on the
     CPU: fused norms, rotary, SiLU, KV store, paged attention) gives the same
     greedy tokens as the torch paths. Covers how the model calls the kernels:
-    in-place rotation of the fused QKV output, strided k/v views stored into
-    the cache, the residual stream carried through fused norms."""
+    in-place rotation of the fused QKV output with keys and values stored by
+    the rotary kernel, the residual stream carried through fused norms, the
+    one-row GEMV (a one-token prompt alone)."""
     import os
     import tempfile
 
@@ -107,6 +130,8 @@ def check_engine() -> None:
             for model in (runner.target, runner.draft):
                 model.set_attention_backend(TritonPagedBackend())
         outputs[mode] = [o.token_ids for o in llm.generate(prompts, params)]
+        # Alone, a one-token prompt and the draft's proposals are one-row forwards.
+        outputs[mode] += [o.token_ids for o in llm.generate([[15]], params)]
     assert outputs["1"] == outputs["0"], outputs
 
 
@@ -117,6 +142,7 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
             check_silu(device, dtype, rows, cols)
         for tokens, heads, kv_heads, head_dim in ((1, 4, 2, 64), (7, 8, 8, 32), (3, 32, 8, 128)):
             check_rotary(device, dtype, tokens, heads, kv_heads, head_dim)
+            check_rotary_store(device, dtype, tokens, heads, kv_heads, head_dim)
         # Even and uneven K tiles, square and tall weights.
         for n, k in ((32, 64), (48, 688), (4096, 4096), (256, 11008)):
             check_gemv(device, dtype, n, k)

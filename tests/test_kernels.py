@@ -78,3 +78,21 @@ def test_linear_takes_the_gemv_kernel_only_where_it_applies(monkeypatch):
         want = torch.nn.functional.linear(x, weight, bias)
         assert torch.equal(gemv.linear(x, weight, bias), want)
     assert calls == [(32, 64)]
+
+
+def test_a_backend_told_the_keys_are_stored_does_not_store_them():
+    """The fused rotary store writes the cache itself; the backend then only
+    attends (here: over a cache it must leave as it was)."""
+    from types import SimpleNamespace
+
+    from workers.attention.torch_ref import TorchReferenceBackend
+    cache = torch.randn(2, 2, 4, 1, 8)
+    before = cache.clone()
+    meta = SimpleNamespace(query_start_loc_cpu=[0, 1], seq_lens_cpu=[3],
+                           block_tables=torch.tensor([[1, 0]]), slot_mapping=torch.tensor([6]))
+    q = torch.randn(1, 2, 8)
+    out = TorchReferenceBackend().forward(q, None, None, cache, meta, 0.5, kv_stored=True)
+    assert torch.equal(cache, before)
+    keys, values = cache[0, 1, :3].expand(3, 2, 8), cache[1, 1, :3].expand(3, 2, 8)
+    weights = torch.softmax((q[0][:, None] * keys.transpose(0, 1)).sum(-1) * 0.5, -1)
+    assert torch.allclose(out[0], (weights[..., None] * values.transpose(0, 1)).sum(1), atol=1e-5)

@@ -29,15 +29,17 @@ class AttentionBackend(ABC):
     supports_cuda_graphs: bool = False
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, kv_stored: bool = False) -> torch.Tensor:
         """Attend ``q [T, Hq, D]`` over each sequence's context; returns ``[T, Hq, D]``.
 
         ``k, v [T, Hkv, D]`` are the new tokens' keys and values; they are
-        written into ``kv_cache`` at ``meta.slot_mapping`` first. Query i of a
-        sequence with q_len queries and context seq_len is at position
-        ``seq_len - q_len + i`` and sees the keys at positions up to its own.
+        written into ``kv_cache`` at ``meta.slot_mapping`` first, unless
+        ``kv_stored`` says the caller already did (a fused rotary store; k and
+        v may then be None). Query i of a sequence with q_len queries and
+        context seq_len is at position ``seq_len - q_len + i`` and sees the
+        keys at positions up to its own.
         """
 
     @staticmethod

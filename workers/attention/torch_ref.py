@@ -45,15 +45,16 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 class TorchReferenceBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, kv_stored: bool = False) -> torch.Tensor:
         """See ``AttentionBackend.forward``. With ``kv_cache=None`` (a forward
         with no cache, e.g. a memory profile), every sequence must be a whole
         prompt (query_len == seq_len) and attends over its own new tokens."""
         out = torch.empty_like(q)
         if kv_cache is not None:
-            self.write_kv(k, v, kv_cache, meta.slot_mapping)
+            if not kv_stored:
+                self.write_kv(k, v, kv_cache, meta.slot_mapping)
             block_size = kv_cache.shape[2]
         starts = meta.query_start_loc_cpu
         for b, seq_len in enumerate(meta.seq_lens_cpu):

@@ -40,8 +40,9 @@ Grid: ``(num_query_tiles * num_splits, num_seqs, num_kv_heads)``.
 Nothing here reads device values on the host: launch sizes come from the
 metadata's host fields (``max_query_len``, ``max_seq_len``) and the shapes of
 its tensors, so a captured CUDA graph replays it correctly. New keys and values
-go into the cache first, keys and values of a token in one program of a small
-store kernel (``_write_kv_kernel``).
+go into the cache first: from the model's fused rotary store
+(``workers.kernels.rotary.rotate_q_store_kv``), or else here, keys and values
+of a token in one program of a small store kernel (``_write_kv_kernel``).
 """
 
 from __future__ import annotations
@@ -275,15 +276,16 @@ class TritonPagedBackend(AttentionBackend):
         # Each split should still stream at least 4 chunks of keys.
         return max(1, min(splits, max_seq_len // (4 * block_n), _MAX_SPLITS))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, kv_stored: bool = False) -> torch.Tensor:
         """See ``AttentionBackend.forward``. Without a cache (a memory-profile
         forward over whole prompts) this defers to the torch reference."""
         if kv_cache is None:
             from workers.attention.torch_ref import TorchReferenceBackend
             return TorchReferenceBackend().forward(q, k, v, None, meta, scale)
-        write_kv_triton(k, v, kv_cache, meta.slot_mapping)
+        if not kv_stored:
+            write_kv_triton(k, v, kv_cache, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
         _, _, page_size, num_kv_heads, _ = kv_cache.shape
         if q.dtype != kv_cache.dtype:

@@ -2,8 +2,8 @@
 
 A decode step at batch 1 is a few hundred small kernels; fusing the
 element-wise work around the matmuls (the residual add with the norm, the
-rotary embedding of q and k, SiLU times up) cuts a layer from about forty
-launches to about a dozen. Each op has a Triton kernel used on CUDA and a
+rotary embedding of q and k with the KV-cache store, SiLU times up) cuts a
+layer from about forty launches to nine. Each op has a Triton kernel used on CUDA and a
 torch path used everywhere else, which is also the numerical reference.
 One-row matmuls (batch-1 decode) go through a Triton GEMV kernel on CUDA.
 """
@@ -11,6 +11,7 @@ One-row matmuls (batch-1 decode) go through a Triton GEMV kernel on CUDA.
 from workers.kernels.activation import silu_and_mul
 from workers.kernels.gemv import linear
 from workers.kernels.norm import add_rms_norm, rms_norm
-from workers.kernels.rotary import rotate_qk
+from workers.kernels.rotary import rotate_q_store_kv, rotate_qk, store_fits
 
-__all__ = ["add_rms_norm", "linear", "rms_norm", "rotate_qk", "silu_and_mul"]
+__all__ = ["add_rms_norm", "linear", "rms_norm", "rotate_q_store_kv", "rotate_qk",
+           "silu_and_mul", "store_fits"]

@@ -3,6 +3,10 @@
 The (cos, sin) tables are computed once per forward (``RotaryEmbedding``)
 and rounded to the model dtype as Hugging Face does; each layer then rotates
 its q and k heads in one pass. Halves are paired, not interleaved.
+
+``rotate_q_store_kv`` also puts the rotated keys and the values straight
+into their KV-cache slots, so a layer needs no separate store kernel: at
+batch 1 every launch saved is a few microseconds of a ~170 us layer.
 """
 
 from __future__ import annotations
@@ -36,6 +40,45 @@ if triton_available():
         tl.store(base + HALF, (b * c2[None, :] + a * s2[None, :]).to(x1.dtype), mask=mask)
 
 
+    @triton.jit
+    def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                             stride_t, stride_c, num_heads, num_kv_heads,
+                             HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """Heads [0, Hq) are q (rotated in place), [Hq, Hq + Hkv) k (rotated
+        into the key cache), the rest v (copied into the value cache)."""
+        tok = tl.program_id(0)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        dims = tl.arange(0, BLOCK_HALF)
+        dmask = dims < HALF
+        is_q = heads < num_heads
+        is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
+        is_v = (heads >= num_heads + num_kv_heads) & (heads < num_heads + 2 * num_kv_heads)
+        live = (is_q | is_k | is_v)[:, None] & dmask[None, :]
+        c1 = tl.load(cos_ptr + tok * stride_c + dims, mask=dmask, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + tok * stride_c + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + tok * stride_c + dims, mask=dmask, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + tok * stride_c + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
+        base = qkv_ptr + tok * stride_t + heads[:, None] * HEAD_DIM + dims[None, :]
+        x1 = tl.load(base, mask=live, other=0.0)
+        x2 = tl.load(base + HALF, mask=live, other=0.0)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        y1 = tl.where(is_v[:, None], x1, (a * c1[None, :] - b * s1[None, :]).to(x1.dtype))
+        y2 = tl.where(is_v[:, None], x2, (b * c2[None, :] + a * s2[None, :]).to(x1.dtype))
+        q_ok = is_q[:, None] & dmask[None, :]
+        tl.store(base, y1, mask=q_ok)
+        tl.store(base + HALF, y2, mask=q_ok)
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        kv_head = tl.where(is_v, heads - num_heads - num_kv_heads, heads - num_heads)
+        row = slot * (num_kv_heads * HEAD_DIM) + kv_head[:, None] * HEAD_DIM + dims[None, :]
+        k_ok = is_k[:, None] & dmask[None, :]
+        tl.store(k_cache_ptr + row, y1.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
+        tl.store(k_cache_ptr + row + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
+        v_ok = is_v[:, None] & dmask[None, :]
+        tl.store(v_cache_ptr + row, y1.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+        tl.store(v_cache_ptr + row + HALF, y2.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+
+
 def _torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
@@ -57,14 +100,41 @@ def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads
         return q, k, v.view(T, num_kv_heads, head_dim)
     rotated_heads = num_heads + num_kv_heads
     if T:
-        half = head_dim // 2
-        block_half = triton.next_power_of_2(half)
-        block_h = max(1, min(triton.next_power_of_2(rotated_heads), 4096 // block_half))
         cos, sin = cos.contiguous(), sin.contiguous()
-        _rotate_kernel[(T, triton.cdiv(rotated_heads, block_h))](
-            qkv, cos, sin, qkv.stride(0), cos.stride(0), rotated_heads,
-            HEAD_DIM=head_dim, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
-            num_warps=4)
+        grid, meta = _launch_sizes(T, rotated_heads, head_dim)
+        _rotate_kernel[grid](qkv, cos, sin, qkv.stride(0), cos.stride(0), rotated_heads, **meta)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     return (q.view(T, num_heads, head_dim), k.view(T, num_kv_heads, head_dim),
             v.view(T, num_kv_heads, head_dim))
+
+
+def _launch_sizes(tokens: int, heads: int, head_dim: int) -> tuple[tuple[int, int], dict]:
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = max(1, min(triton.next_power_of_2(heads), 4096 // block_half))
+    return ((tokens, triton.cdiv(heads, block_h)),
+            dict(HEAD_DIM=head_dim, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
+                 num_warps=4))
+
+
+def store_fits(qkv: torch.Tensor, kv_cache: torch.Tensor, num_kv_heads: int,
+               head_dim: int) -> bool:
+    """Whether ``rotate_q_store_kv`` applies: Triton, packed QKV rows and a
+    contiguous ``[2, blocks, block_size, Hkv, D]`` cache."""
+    return (use_triton(qkv) and qkv.stride(-1) == 1 and kv_cache.is_contiguous()
+            and tuple(kv_cache.shape[3:]) == (num_kv_heads, head_dim))
+
+
+def rotate_q_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      num_heads: int, num_kv_heads: int, head_dim: int,
+                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """``rotate_qk``, with k and v written to cache slots ``slot_mapping [T]``
+    instead of returned: q ``[T, Hq, D]`` (rotated in place in ``qkv``).
+    Only where ``store_fits``."""
+    T = qkv.shape[0]
+    if T:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        grid, meta = _launch_sizes(T, num_heads + 2 * num_kv_heads, head_dim)
+        _rotate_store_kernel[grid](qkv, cos, sin, kv_cache[0], kv_cache[1], slot_mapping,
+                                   qkv.stride(0), cos.stride(0), num_heads, num_kv_heads, **meta)
+    return qkv[:, :num_heads * head_dim].view(T, num_heads, head_dim)

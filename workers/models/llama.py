@@ -16,7 +16,8 @@ from torch import nn
 
 from workers.attention.backend import AttentionBackend, get_attention_backend
 from workers.attention.metadata import AttentionMetadata
-from workers.kernels import add_rms_norm, linear, rms_norm, rotate_qk, silu_and_mul
+from workers.kernels import (add_rms_norm, linear, rms_norm, rotate_q_store_kv, rotate_qk,
+                             silu_and_mul, store_fits)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -123,7 +124,9 @@ class PackedLinear(Linear):
 
 
 class PagedAttention(nn.Module):
-    """Hands q, k, v to the attention backend with this layer's KV cache."""
+    """RoPE on a fused QKV output, then the attention backend with this
+    layer's KV cache. Where the rotary kernel can store the keys and values
+    itself, the backend is told they are stored."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -131,8 +134,16 @@ class PagedAttention(nn.Module):
         self.scale = head_dim ** -0.5
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
+        """``qkv [T, (Hq + 2 Hkv) D]`` -> attention output ``[T, Hq, D]``."""
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if kv_cache is not None and store_fits(qkv, kv_cache, kv_heads, head_dim):
+            q = rotate_q_store_kv(qkv, cos, sin, heads, kv_heads, head_dim, kv_cache,
+                                  meta.slot_mapping)
+            return self.backend.forward(q, None, None, kv_cache, meta, self.scale,
+                                        kv_stored=True)
+        q, k, v = rotate_qk(qkv, cos, sin, heads, kv_heads, head_dim)
         return self.backend.forward(q, k, v, kv_cache, meta, self.scale)
 
 
@@ -157,12 +168,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
-        T = hidden.shape[0]
-        attn = self.attn
-        q, k, v = rotate_qk(self.qkv_proj(hidden), cos, sin, attn.num_heads,
-                            attn.num_kv_heads, attn.head_dim)
-        out = attn(q, k, v, kv_cache, meta)
-        return self.o_proj(out.reshape(T, self.q_size))
+        out = self.attn(self.qkv_proj(hidden), cos, sin, kv_cache, meta)
+        return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
