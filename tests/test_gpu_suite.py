@@ -9,7 +9,8 @@ from benchmarks.gpu_suite import print_table
 def test_the_table_prints_every_section(capsys):
     results = {
         "device": "GPU", "torch": "2.x", "cuda_graphs": True, "copy_bandwidth_GBps": 2969.0,
-        "batch1": {"tokens_per_s": 157.9, "floor_tokens_per_s": 220.3, "fraction_of_floor": 0.72},
+        "batch1": {"tokens_per_s": 157.9, "floor_tokens_per_s": 220.3, "fraction_of_floor": 0.72,
+                   "decode_tokens_per_s": 160.8, "decode_fraction_of_floor": 0.73},
         "throughput": {"requests": 256, "output_tokens_per_s": 3869.0,
                        "floor_output_tokens_per_s": 6735.0, "fraction_of_floor": 0.57,
                        "kv_fill_at_saturation": 0.99, "peak_running_sequences": 218,
@@ -27,7 +28,7 @@ def test_the_table_prints_every_section(capsys):
     }
     print_table(results)
     out = capsys.readouterr().out
-    for expected in ("72% of floor", "57% of floor", "99.0% of allocated slots",
+    for expected in ("160.8 after the first token", "72% / 73% of floor", "57% of floor", "99.0% of allocated slots",
                      "grpc_256 (gRPC): 3500 output tok/s; 52% of the floor",
                      "grpc_1000 (gRPC): 3000 output tok/s;", "2.00x", "8.0x HF assisted"):
         assert expected in out, expected

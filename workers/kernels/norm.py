@@ -43,7 +43,7 @@ def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-            eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+            eps: float, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x if x.stride(-1) == 1 else x.contiguous()
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols)
@@ -57,7 +57,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             x2.stride(0), r2.stride(0), out.stride(0),
             res_out.stride(0) if res_out is not None else 0,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n_cols),
-            num_warps=4 if n_cols <= 4096 else 8)
+            num_warps=num_warps or (4 if n_cols <= 4096 else 8))
     out = out.view(x.shape)
     return out, (res_out.view(x.shape) if res_out is not None else None)
 
