@@ -12,7 +12,6 @@ extra positions costs more than it returns. Pure Python, no torch.
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 
 
@@ -73,12 +72,14 @@ class AdaptiveSpeculation:
         if key not in self._warm:  # a shape's first step can pay one-time costs
             self._warm.add(key)   # (kernel modules loaded lazily): not a sample
             return
-        # The median of the last few samples: a hiccup (the host busy
-        # elsewhere for 10 ms) is many times a step and would otherwise make
-        # a k look dear until its next re-measurement; drift still shows.
+        # The fastest of the last few samples: noise only ever adds time (the
+        # host busy elsewhere for 10 ms is many times a step), and a k used
+        # only in re-measurements has few samples, often most of them slow;
+        # a median of those kept such a k out (GPU, RESULTS.md). Drift still
+        # shows once the window has turned over.
         recent = self._samples.setdefault(key, deque(maxlen=self.window))
         recent.append(seconds)
-        self._cost[key] = statistics.median(recent)
+        self._cost[key] = min(recent)
         self._seen[key] = self._steps.get(bucket, 0)
 
     def choose(self, batch_size: int) -> int:

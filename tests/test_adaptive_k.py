@@ -66,6 +66,34 @@ def test_a_rare_hiccup_does_not_move_the_choice():
     assert chosen[40:].count(4) >= 0.95 * len(chosen[40:])
 
 
+def test_a_k_seen_only_in_re_measurements_is_not_kept_out_by_old_slow_samples():
+    """k = 4's first steps at this batch size are slow (3.5x: lazy set-up on a
+    new shape), then as fast as they will be. k = 4 is then tried only in
+    re-measurements, two steps at a time: its fast steps must win it back
+    even while slow ones still fill most of its window. Seen on the GPU:
+    4.5 ms believed for a k = 4 whose steps took 1.5 ms, and k = 2 held."""
+    rng = random.Random(5)
+    seen = {k: 0 for k in range(5)}
+
+    def cost(k):
+        seen[k] += 1
+        base = {0: 1.0, 1: 1.45, 2: 1.55, 3: 1.6, 4: 1.5}[k]
+        return base * (3.5 if k == 4 and seen[k] <= 3 else 1.0)
+
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = []
+    for _ in range(600):
+        k = ctl.choose(16)
+        chosen.append(k)
+        ctl.observe_step(16, k, cost(k))
+        for _ in range(16 if k else 0):
+            accepted = 0
+            while accepted < k and rng.random() < 0.8:
+                accepted += 1
+            ctl.observe_acceptance(k, accepted)
+    assert chosen[-300:].count(4) >= 290, [chosen[-300:].count(k) for k in range(5)]
+
+
 def test_near_ties_do_not_flip_k_back_and_forth():
     """k = 3 and k = 4 give goodput within 1% of each other, and step times
     jitter by 2%: the controller holds one of them instead of switching."""
