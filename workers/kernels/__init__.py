@@ -3,8 +3,9 @@
 A decode step at batch 1 is a few hundred small kernels; fusing the
 element-wise work around the matmuls (the residual add with the norm, the
 rotary embedding of q and k with the KV-cache store, SiLU times up) cuts a
-layer from about forty launches to nine. Each op has a Triton kernel used on CUDA and a
-torch path used everywhere else, which is also the numerical reference.
+layer from about forty launches to nine. Each op has a Triton kernel used on
+CUDA and a torch path used everywhere else, which is also the numerical
+reference.
 One-row matmuls (batch-1 decode) go through a Triton GEMV kernel on CUDA.
 """
 
