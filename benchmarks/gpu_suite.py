@@ -132,6 +132,7 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
     bs = alloc.block_size
     peak_running, best_fill, fills, tokens = 0, 0.0, [], 0
     step_bytes = []
+    split = StepSplit()
     wbytes = weight_bytes(llm)
     kv_per_token = _kv_bytes_per_token(llm)
     torch.cuda.synchronize()
@@ -145,6 +146,8 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
             peak_running = max(peak_running, len(running))
             step_bytes.append(wbytes + kv_per_token * used)
         tokens += sum(len(o.new_token_ids) for o in engine.step())
+        if running:
+            split.add(engine.get_stats(), step_bytes[-1] / bw)
     torch.cuda.synchronize()
     secs = time.perf_counter() - start
     # Floor: each decode step reads the weights once and every running
@@ -158,7 +161,37 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
             "kv_fill_at_saturation": sum(saturated) / len(saturated),
             "peak_running_sequences": peak_running, "kv_blocks": alloc.num_blocks,
             "block_size": bs, "preemptions": sum(q.num_preemptions for q in seqs),
-            "kv_reserve": engine.scheduler.limits.kv_reserve}
+            "kv_reserve": engine.scheduler.limits.kv_reserve,
+            "steps": split.summary()}
+
+
+class StepSplit:
+    """Where a throughput run's time goes: steps that computed prompt tokens
+    (compute-bound, though the floor counts them as reads) against decode
+    steps, the latter by batch size, each against its share of the floor."""
+
+    BUCKETS = (1, 64, 128, 192)  # decode batch sizes from each bound up
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[float]] = {}  # name: [steps, seconds, floor seconds, tokens]
+
+    def add(self, stats, floor_secs: float) -> None:
+        seqs, tokens = stats.last_step_num_sequences, stats.last_step_num_tokens
+        if tokens > seqs:
+            name = "with prompt tokens"
+        else:
+            low = max(b for b in self.BUCKETS if b <= max(seqs, 1))
+            name = f"decode, batch {low:>3}+"
+        row = self.rows.setdefault(name, [0, 0.0, 0.0, 0])
+        row[0] += 1
+        row[1] += stats.last_step_time
+        row[2] += floor_secs
+        row[3] += tokens
+
+    def summary(self) -> dict:
+        return {name: {"steps": n, "seconds": secs, "floor_seconds": floor,
+                       "fraction_of_floor": floor / secs if secs else None, "tokens": tok}
+                for name, (n, secs, floor, tok) in sorted(self.rows.items())}
 
 
 def _kv_bytes_per_token(llm: LLM) -> int:
@@ -374,6 +407,10 @@ def print_table(r: dict) -> None:
               f"peak {t['peak_running_sequences']} sequences in {t['kv_blocks']} blocks of "
               f"{t['block_size']}; {t.get('preemptions', '?')} preemptions "
               f"(kv_reserve {t.get('kv_reserve', '?')})")
+        for name, row in t.get("steps", {}).items():
+            print(f"  steps {name}: {row['steps']} steps, {row['seconds']:.2f} s, "
+                  f"{row['tokens']} target tokens, {100 * row['fraction_of_floor']:.0f}% of "
+                  f"their floor")
     for name, g in r.get("grpc", {}).items():
         frac = (f"; {100 * g['fraction_of_floor']:.0f}% of the floor"
                 if g.get("fraction_of_floor") else "")

@@ -52,6 +52,11 @@ class EngineStats:
     draft_tokens_accepted_total: int
     last_step_time: float
     num_speculative_tokens: int  # k of the last step (adaptive speculation moves it)
+    # The last step read back: its sequences and the target tokens it computed
+    # (prompt chunks, last tokens and speculative slots), to tell prefill-bound
+    # steps from decode steps.
+    last_step_num_sequences: int = 0
+    last_step_num_tokens: int = 0
 
 
 def resolve_default_models(config: EngineConfig) -> None:
@@ -110,6 +115,7 @@ class LLMEngine:
         self._proposed_total = 0
         self._accepted_total = 0
         self._last_step_time = 0.0
+        self._last_step_shape = (0, 0)  # (sequences, target tokens) of the last step read back
         self._last_finish = 0.0
         self._after_prompt = True  # the last applied step computed a prompt chunk
         self._pipelined = config.scheduler_config.async_output and self.executor.overlaps_steps
@@ -244,6 +250,8 @@ class LLMEngine:
         now = time.perf_counter()
         self._last_step_time = now - max(step.started, self._last_finish)
         self._last_finish = now
+        self._last_step_shape = (len(scheduler_output.sequences),
+                                 scheduler_output.num_scheduled_tokens)
         self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences),
                            default=0)
         # Where the pipeline fills or drains (a step launched ahead followed
@@ -309,6 +317,8 @@ class LLMEngine:
             draft_tokens_accepted_total=self._accepted_total,
             last_step_time=self._last_step_time,
             num_speculative_tokens=self._last_k,
+            last_step_num_sequences=self._last_step_shape[0],
+            last_step_num_tokens=self._last_step_shape[1],
         )
 
     def model_info(self) -> dict:

@@ -262,3 +262,18 @@ def test_decode_steps_keep_one_k_to_the_end_and_max_tokens_holds(llm, monkeypatc
     assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
     assert all(k <= {3} for k in ks) and {3} in ks
     assert_no_blocks_used(engine)
+
+
+def test_stats_give_the_shape_of_the_step_read_back(llm):
+    """The GPU suite's time split tells prompt steps from decode steps by these."""
+    engine = llm.engine
+    engine.add_request("shape", list(range(5, 25)), greedy(8))
+    shapes = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        stats = engine.get_stats()
+        shapes.append((stats.last_step_num_sequences, stats.last_step_num_tokens))
+    # The prompt plus k = 3 slots, then the last token plus k = 3 slots.
+    assert shapes[0] == (1, 20 + 3)
+    assert len(shapes) > 1 and set(shapes[1:]) == {(1, 1 + 3)}
+    assert_no_blocks_used(engine)

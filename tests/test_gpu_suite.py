@@ -3,7 +3,11 @@ a formatting slip must not cost the end of a ten-minute GPU run."""
 
 from __future__ import annotations
 
-from benchmarks.gpu_suite import print_table
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.gpu_suite import StepSplit, print_table
 
 
 def test_the_table_prints_every_section(capsys):
@@ -14,7 +18,10 @@ def test_the_table_prints_every_section(capsys):
         "throughput": {"requests": 256, "output_tokens_per_s": 3869.0,
                        "floor_output_tokens_per_s": 6735.0, "fraction_of_floor": 0.57,
                        "kv_fill_at_saturation": 0.99, "peak_running_sequences": 218,
-                       "kv_blocks": 7181, "block_size": 16},
+                       "kv_blocks": 7181, "block_size": 16,
+                       "steps": {"with prompt tokens": {"steps": 20, "seconds": 3.1, "tokens": 160000,
+                                                        "floor_seconds": 1.0,
+                                                        "fraction_of_floor": 0.32}}},
         "grpc": {"grpc_256": {"output_tokens_per_s": 3500.0, "failed": 0, "ttft_p50_ms": 900.0,
                               "tpot_p50_ms": 40.0, "e2e_p50_s": 11.0,
                               "floor_output_tokens_per_s": 6735.0, "fraction_of_floor": 0.52},
@@ -29,6 +36,21 @@ def test_the_table_prints_every_section(capsys):
     print_table(results)
     out = capsys.readouterr().out
     for expected in ("160.8 after the first token", "72% / 73% of floor", "57% of floor", "99.0% of allocated slots",
+                     "steps with prompt tokens: 20 steps, 3.10 s, 160000 target tokens, 32%",
                      "grpc_256 (gRPC): 3500 output tok/s; 52% of the floor",
                      "grpc_1000 (gRPC): 3000 output tok/s;", "2.00x", "8.0x HF assisted"):
         assert expected in out, expected
+
+
+def test_the_step_split_sorts_steps_by_kind_and_batch():
+    split = StepSplit()
+    for seqs, tokens, secs in ((4, 2048, 0.2), (200, 200, 0.03), (200, 200, 0.03), (70, 70, 0.01),
+                               (3, 3, 0.005)):
+        split.add(SimpleNamespace(last_step_num_sequences=seqs, last_step_num_tokens=tokens,
+                                  last_step_time=secs), floor_secs=secs / 2)
+    rows = split.summary()
+    assert list(rows) == ["decode, batch   1+", "decode, batch  64+", "decode, batch 192+",
+                          "with prompt tokens"]
+    assert rows["decode, batch 192+"]["steps"] == 2
+    assert rows["decode, batch 192+"]["tokens"] == 400
+    assert rows["with prompt tokens"]["fraction_of_floor"] == pytest.approx(0.5)
