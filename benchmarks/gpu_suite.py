@@ -139,15 +139,17 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         running = engine.scheduler.running
+        floor_bytes = 0
         if running:
             held = sum(len(s.block_ids) for s in running) * bs
             used = sum(s.num_tokens for s in running)
             fills.append(used / held)
             peak_running = max(peak_running, len(running))
-            step_bytes.append(wbytes + kv_per_token * used)
+            floor_bytes = wbytes + kv_per_token * used
+            step_bytes.append(floor_bytes)
         tokens += sum(len(o.new_token_ids) for o in engine.step())
-        if running:
-            split.add(engine.get_stats(), step_bytes[-1] / bw)
+        if floor_bytes:
+            split.add(engine.get_stats(), floor_bytes / bw)
     torch.cuda.synchronize()
     secs = time.perf_counter() - start
     # Floor: each decode step reads the weights once and every running
