@@ -1,6 +1,8 @@
 """Where a decode step's time goes on a GPU: host vs device, top kernels.
 
     python benchmarks/profile_step.py [--config llama-2-7b] [--batch 1] [--steps 32]
+    python benchmarks/profile_step.py --batch 176 --prompt-len 600 --steps 16
+    python benchmarks/profile_step.py --batch 16 --prompt-len 512 --prefill --steps 4
     python benchmarks/profile_step.py --pair engine/default_models --k 4 --batch 16
     python benchmarks/profile_step.py --pair engine/default_models --batch 16 --adaptive
     python benchmarks/profile_step.py --pair engine/default_models --batch 4 --timeline --k 0
@@ -52,8 +54,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per timed generation")
     ap.add_argument("--prompts", choices=("random", "code"), default="random",
                     help="timeline prompts: 128 random tokens, or the suite's code prompts")
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    ap.add_argument("--prefill", action="store_true",
+                    help="profile the steps that compute the prompts (--steps times) instead")
     args = ap.parse_args()
-    kw = dict(dtype="bfloat16", max_num_seqs=max(8, args.batch), enforce_eager=args.enforce_eager)
+    kw = dict(dtype="bfloat16", max_num_seqs=max(8, args.batch), enforce_eager=args.enforce_eager,
+              max_num_batched_tokens=max(4096, args.batch * args.prompt_len if args.prefill else 0))
     if args.pair:
         llm = LLM(model=os.path.join(args.pair, "target"),
                   draft_model=os.path.join(args.pair, "draft"), num_speculative_tokens=args.k or 4,
@@ -71,32 +77,84 @@ def main() -> None:
                       None if args.adaptive else args.k)
         llm.shutdown()
         return
+    prompts = random_prompts(args.batch, args.prompt_len, engine.vocab_size)
+    if args.prefill:
+        profile_prefill(llm, prompts, args.steps)
+    else:
+        profile_decode(llm, prompts, args.steps)
+    llm.shutdown()
+    print(f"({name}, batch {args.batch}, prompts of {args.prompt_len} tokens)")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
+    """Steady decode steps, once every prompt is computed."""
+    engine = llm.engine
     params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(random_prompts(args.batch, 128, engine.vocab_size)):
+    for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
-    for _ in range(8):  # prefill and warm-up
+    warm = 0
+    while warm < 8:  # prefill, then warm-up: steps of one token and k slots per sequence
         engine.step()
-    torch.cuda.synchronize()
+        stats = engine.get_stats()
+        warm += (stats.last_step_num_sequences == len(prompts) and stats.last_step_num_tokens
+                 <= len(prompts) * (1 + engine.num_speculative_tokens))
+    sync()
     start = time.perf_counter()
     tokens = 0
-    for _ in range(args.steps):
+    for _ in range(steps):
         tokens += sum(len(o.new_token_ids) for o in engine.step())
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - start) / args.steps
+    sync()
+    wall = (time.perf_counter() - start) / steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.steps):
+        for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(f"\n{name} batch {args.batch}: wall {wall * 1e3:.2f} ms/step unprofiled, "
-          f"{tokens / args.steps / args.batch:.2f} tokens/step per sequence; "
-          f"device busy {device_us / args.steps / 1e3:.2f} ms/step (summed kernel time)")
+        sync()
+    print_profile(prof, steps)
+    print(f"decode: wall {wall * 1e3:.2f} ms/step unprofiled, "
+          f"{tokens / steps / len(prompts):.2f} tokens/step per sequence")
     for request_id in list(engine.requests):
         engine.abort_request(request_id)
-    llm.shutdown()
+
+
+def profile_prefill(llm: LLM, prompts: list[list[int]], steps: int) -> None:
+    """Steps that compute all the prompts at once (each a fresh set of
+    requests, aborted after its prompt step)."""
+    engine = llm.engine
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+    def one_step(tag: str) -> float:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"{tag}-{i}", p, params)
+        sync()
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        sync()
+        return time.perf_counter() - start
+
+    for i in range(2):
+        one_step(f"warm{i}")
+    wall = sorted(one_step(f"timed{i}") for i in range(steps))[steps // 2]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            one_step(f"profiled{i}")
+    print_profile(prof, steps)
+    tokens = sum(len(p) for p in prompts)
+    print(f"prefill: wall {wall * 1e3:.2f} ms for {tokens} prompt tokens (median of {steps}), "
+          f"{tokens / wall:.0f} tokens/s")
+
+
+def print_profile(prof, steps: int) -> None:
+    events = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=20))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"device busy {device_us / steps / 1e3:.2f} ms per step (summed kernel time)")
 
 
 def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256,
