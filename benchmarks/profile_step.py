@@ -59,6 +59,7 @@ def main() -> None:
                     help="profile the steps that compute the prompts (--steps times) instead")
     args = ap.parse_args()
     kw = dict(dtype="bfloat16", max_num_seqs=max(8, args.batch), enforce_eager=args.enforce_eager,
+              kv_reserve=0.0,
               max_num_batched_tokens=max(4096, args.batch * args.prompt_len if args.prefill else 0))
     if args.pair:
         llm = LLM(model=os.path.join(args.pair, "target"),
@@ -94,11 +95,18 @@ def sync() -> None:
 def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
     """Steady decode steps, once every prompt is computed."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    # Enough tokens for every step below; admission keeps no reserve
+    # (kv_reserve=0), so that the whole batch runs at once.
+    params = SamplingParams(max_tokens=(16 + 2 * steps) * (1 + engine.num_speculative_tokens),
+                            temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
-    warm = 0
+    warm, limit = 0, 64 + sum(map(len, prompts)) // 256
     while warm < 8:  # prefill, then warm-up: steps of one token and k slots per sequence
+        limit -= 1
+        if not limit:
+            raise RuntimeError(f"only {len(engine.scheduler.running)} of {len(prompts)} "
+                               "sequences run at once: the KV cache is too small")
         engine.step()
         stats = engine.get_stats()
         warm += (stats.last_step_num_sequences == len(prompts) and stats.last_step_num_tokens
