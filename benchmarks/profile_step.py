@@ -95,10 +95,13 @@ def sync() -> None:
 def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
     """Steady decode steps, once every prompt is computed."""
     engine = llm.engine
-    # Enough tokens for every step below; admission keeps no reserve
+    # Enough tokens for every step below, the first sequences' decode steps
+    # beside the later prompt chunks included; admission keeps no reserve
     # (kv_reserve=0), so that the whole batch runs at once.
-    params = SamplingParams(max_tokens=(16 + 2 * steps) * (1 + engine.num_speculative_tokens),
-                            temperature=0.0, ignore_eos=True)
+    chunks = sum(map(len, prompts)) // engine.config.scheduler_config.max_num_batched_tokens
+    params = SamplingParams(
+        max_tokens=(chunks + 16 + 2 * steps) * (1 + engine.num_speculative_tokens),
+        temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
     warm, limit = 0, 64 + sum(map(len, prompts)) // 256
