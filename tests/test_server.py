@@ -7,6 +7,8 @@ tests/test_server_e2e.py.
 
 from __future__ import annotations
 
+import gc
+
 import re
 import threading
 import time
@@ -377,6 +379,17 @@ def test_not_serving_while_loading():
     finally:
         release.set()
         srv.stop()
+
+
+def test_the_loaded_engine_is_kept_from_the_collector_while_serving():
+    """Frozen after loading (no full collection walks the models between two
+    steps), and thawed at shutdown so that a stopped engine can be collected."""
+    srv = start_fake_server()
+    try:
+        assert gc.get_freeze_count() > 0
+    finally:
+        srv.stop()
+    assert gc.get_freeze_count() == 0
 
 
 def test_load_failure_raises():
