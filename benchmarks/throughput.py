@@ -576,7 +576,7 @@ def write_plot(path: str, runs: list[tuple[Summary, list[RequestRecord]]]) -> No
 
 
 # -- a server of our own --------------------------------------------------------------------
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -599,7 +599,7 @@ def serve_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_serving(address: str, proc: subprocess.Popen, timeout: float) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
     deadline = time.monotonic() + timeout
@@ -632,7 +632,7 @@ def own_server(args: argparse.Namespace) -> Iterator[str]:
         finally:
             server.stop()
         return
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1], "--grace-period", "1", "--log-level", "warning",
            *serve_argv(args)]
@@ -643,7 +643,7 @@ def own_server(args: argparse.Namespace) -> Iterator[str]:
         try:
             print(f"starting a server on {address}: {' '.join(cmd[1:])}", file=sys.stderr)
             try:
-                _wait_serving(address, proc, args.server_start_timeout)
+                wait_serving(address, proc, args.server_start_timeout)
             except RuntimeError as exc:
                 log.seek(0)
                 tail = "".join(log.readlines()[-30:])

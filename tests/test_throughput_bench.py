@@ -8,6 +8,7 @@ whatever the machine's speed."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -196,3 +197,17 @@ def test_starts_its_own_server(pair, capsys):
                   "--num-requests", "4", "--input-len", "8", "--output-len", "6")
     assert rc == 0
     assert "Successful requests" in capsys.readouterr().out
+
+
+def test_grpc_ab_serves_a_tree_and_reads_its_step_counters(pair):
+    """benchmarks/grpc_ab.py: a server from a source tree, the workload, and
+    the server's own step count over it."""
+    from benchmarks import grpc_ab
+
+    target, _ = pair
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = grpc_ab.run_tree(root, target, ["--num-requests", "4", "--input-len", "8",
+                                          "--output-len", "6"], dummy=False, timeout=120)
+    assert run.output_tokens_per_s > 0
+    assert run.steps >= 6  # six tokens each, the warm-up requests' steps besides
+    assert run.mean_step_ms > 0

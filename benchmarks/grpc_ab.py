@@ -1,0 +1,115 @@
+"""The same gRPC workload against servers built from different source trees,
+one after another on one machine: an A/B of a change to the serving path.
+
+    git archive HEAD~1 engine workers scheduler proto benchmarks | tar -x -C /tmp/prev
+    python benchmarks/grpc_ab.py /tmp/prev . /tmp/prev .     # alternate, to see the noise
+
+Each tree's `specserve serve` runs as a child process (from that tree, with
+its metrics endpoint on) on the Llama-2-7B config with dummy weights (or
+``--model``); the workload is the suite's: ``--num-requests`` prompts of
+``--input-len`` tokens and ``--output-len`` new tokens, all at once. Prints a
+row per run: output tokens/s, the server's steps and mean step time over the
+run (warm-up requests included), TTFT and TPOT p50. Figures from different
+machines do not compare; rows of one call do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import throughput as tp  # noqa: E402
+
+
+@dataclass
+class Run:
+    tree: str
+    output_tokens_per_s: float
+    steps: int
+    mean_step_ms: float
+    ttft_p50_ms: float
+    tpot_p50_ms: float
+
+
+def step_counters(metrics_port: int) -> tuple[float, float]:
+    """The server's step-time histogram: (count, sum of seconds)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    text = text.decode()
+    count = re.search(r"^specserve_step_time_seconds_count (\S+)", text, re.M)
+    total = re.search(r"^specserve_step_time_seconds_sum (\S+)", text, re.M)
+    if count is None or total is None:
+        raise RuntimeError("the server's /metrics has no specserve_step_time_seconds")
+    return float(count.group(1)), float(total.group(1))
+
+
+def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: float) -> Run:
+    port, metrics_port = tp.free_port(), tp.free_port()
+    address = f"127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", "warning",
+           "--model", model, "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
+           *(["--load-format", "dummy", "--dtype", "bfloat16"] if dummy else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [tree, os.path.join(tree, "proto"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, env=env, cwd=tree)
+    try:
+        tp.wait_serving(address, proc, timeout)
+        args = tp.parse_args([*workload, "--target-address", address, "--no-progress",
+                              "--warmup-requests", "8", "--request-rate", "inf"])
+        count0, secs0 = step_counters(metrics_port)
+        result = asyncio.run(tp.benchmark(address, args))
+        count1, secs1 = step_counters(metrics_port)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    summary = result.runs[0][0]
+    steps = int(count1 - count0)
+    return Run(tree, summary.output_throughput, steps, 1e3 * (secs1 - secs0) / max(steps, 1),
+               summary.ttft_ms.p50 if summary.ttft_ms else float("nan"),
+               summary.tpot_ms.p50 if summary.tpot_ms else float("nan"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trees", nargs="+", help="source trees (each with engine/, workers/, ...)")
+    ap.add_argument("--model", default=None,
+                    help="a model directory (default: Llama-2-7B's config, dummy weights)")
+    ap.add_argument("--num-requests", default="256")
+    ap.add_argument("--input-len", default="512")
+    ap.add_argument("--output-len", default="256")
+    ap.add_argument("--server-start-timeout", type=float, default=300.0)
+    args = ap.parse_args()
+    for tree in args.trees:
+        if not os.path.isfile(os.path.join(tree, "engine", "cli.py")):
+            ap.error(f"{tree}: not a source tree (no engine/cli.py)")
+    model = args.model
+    if model is None:
+        from benchmarks.gpu_suite import dummy_model_dir  # noqa: PLC0415 (imports torch)
+
+        model = dummy_model_dir("llama-2-7b", tempfile.mkdtemp())
+    workload = ["--num-requests", args.num_requests, "--input-len", args.input_len,
+                "--output-len", args.output_len]
+    runs = []
+    for tree in args.trees:
+        runs.append(run_tree(os.path.abspath(tree), os.path.abspath(model), workload,
+                             args.model is None, args.server_start_timeout))
+        print(runs[-1], flush=True)
+    print(f"\n{'tree':<24} {'out tok/s':>9} {'steps':>6} {'step ms':>8} {'TTFT p50':>9} "
+          f"{'TPOT p50':>9}")
+    for r in runs:
+        print(f"{r.tree[-24:]:<24} {r.output_tokens_per_s:9.0f} {r.steps:6d} "
+              f"{r.mean_step_ms:8.2f} {r.ttft_p50_ms:9.0f} {r.tpot_p50_ms:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
