@@ -179,7 +179,7 @@ class StepSplit:
 
     def add(self, stats, floor_secs: float) -> None:
         seqs, tokens = stats.last_step_num_sequences, stats.last_step_num_tokens
-        if tokens > seqs:
+        if tokens > seqs * (1 + stats.num_speculative_tokens):  # more than decode slots
             name = "with prompt tokens"
         else:
             low = max(b for b in self.BUCKETS if b <= max(seqs, 1))

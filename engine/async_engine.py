@@ -356,8 +356,8 @@ class AsyncEngine:
             raise errors[0]
         # What exists now (models, captured graphs, tokenizers) lives as long
         # as the server: out of the collector's sight, a full collection while
-        # serving walks only the requests' objects, not a pause of tens of
-        # milliseconds between two steps.
+        # serving walks only the requests' objects, and the pause it puts
+        # between two steps does not grow with the models.
         gc.collect()
         gc.freeze()
         self.running = True

@@ -44,13 +44,15 @@ def test_the_table_prints_every_section(capsys):
 
 def test_the_step_split_sorts_steps_by_kind_and_batch():
     split = StepSplit()
-    for seqs, tokens, secs in ((4, 2048, 0.2), (200, 200, 0.03), (200, 200, 0.03), (70, 70, 0.01),
-                               (3, 3, 0.005)):
+    for seqs, tokens, k, secs in ((4, 2048, 0, 0.2), (200, 200, 0, 0.03), (200, 200, 0, 0.03),
+                                  (70, 70 * 5, 4, 0.01), (3, 3, 0, 0.005)):
         split.add(SimpleNamespace(last_step_num_sequences=seqs, last_step_num_tokens=tokens,
-                                  last_step_time=secs), floor_secs=secs / 2)
+                                  num_speculative_tokens=k, last_step_time=secs),
+                  floor_secs=secs / 2)
     rows = split.summary()
     assert list(rows) == ["decode, batch   1+", "decode, batch  64+", "decode, batch 192+",
                           "with prompt tokens"]
     assert rows["decode, batch 192+"]["steps"] == 2
     assert rows["decode, batch 192+"]["tokens"] == 400
+    assert rows["decode, batch  64+"]["tokens"] == 350  # k = 4 slots each: still decode
     assert rows["with prompt tokens"]["fraction_of_floor"] == pytest.approx(0.5)
