@@ -8,8 +8,8 @@ Each tree's `specserve serve` runs as a child process (from that tree, with
 its metrics endpoint on) on the Llama-2-7B config with dummy weights (or
 ``--model``); the workload is the suite's: ``--num-requests`` prompts of
 ``--input-len`` tokens and ``--output-len`` new tokens, all at once. Prints a
-row per run: output tokens/s, the server's steps and mean step time over the
-run (warm-up requests included), TTFT and TPOT p50. Figures from different
+row per run: output tokens/s, the server's steps, mean step time and
+preemptions over the run (warm-up requests included), TTFT and TPOT p50. Figures from different
 machines do not compare; rows of one call do.
 """
 
@@ -36,19 +36,25 @@ class Run:
     output_tokens_per_s: float
     steps: int
     mean_step_ms: float
+    preemptions: int
     ttft_p50_ms: float
     tpot_p50_ms: float
 
 
-def step_counters(metrics_port: int) -> tuple[float, float]:
-    """The server's step-time histogram: (count, sum of seconds)."""
+COUNTERS = ("specserve_step_time_seconds_count", "specserve_step_time_seconds_sum",
+            "specserve_num_preemptions_total")
+
+
+def server_counters(metrics_port: int) -> list[float]:
+    """The server's steps, seconds in steps and preemptions so far."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
-    text = text.decode()
-    count = re.search(r"^specserve_step_time_seconds_count (\S+)", text, re.M)
-    total = re.search(r"^specserve_step_time_seconds_sum (\S+)", text, re.M)
-    if count is None or total is None:
-        raise RuntimeError("the server's /metrics has no specserve_step_time_seconds")
-    return float(count.group(1)), float(total.group(1))
+    values = []
+    for name in COUNTERS:
+        found = re.search(rf"^{name} (\S+)", text.decode(), re.M)
+        if found is None:
+            raise RuntimeError(f"the server's /metrics has no {name}")
+        values.append(float(found.group(1)))
+    return values
 
 
 def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: float) -> Run:
@@ -65,15 +71,15 @@ def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: f
         tp.wait_serving(address, proc, timeout)
         args = tp.parse_args([*workload, "--target-address", address, "--no-progress",
                               "--warmup-requests", "8", "--request-rate", "inf"])
-        count0, secs0 = step_counters(metrics_port)
+        before = server_counters(metrics_port)
         result = asyncio.run(tp.benchmark(address, args))
-        count1, secs1 = step_counters(metrics_port)
+        steps, secs, preemptions = (b - a for a, b in zip(before, server_counters(metrics_port)))
     finally:
         proc.terminate()
         proc.wait(60)
     summary = result.runs[0][0]
-    steps = int(count1 - count0)
-    return Run(tree, summary.output_throughput, steps, 1e3 * (secs1 - secs0) / max(steps, 1),
+    return Run(tree, summary.output_throughput, int(steps), 1e3 * secs / max(steps, 1),
+               int(preemptions),
                summary.ttft_ms.p50 if summary.ttft_ms else float("nan"),
                summary.tpot_ms.p50 if summary.tpot_ms else float("nan"))
 
@@ -104,11 +110,12 @@ def main() -> None:
         runs.append(run_tree(os.path.abspath(tree), os.path.abspath(model), workload,
                              args.model is None, args.server_start_timeout))
         print(runs[-1], flush=True)
-    print(f"\n{'tree':<24} {'out tok/s':>9} {'steps':>6} {'step ms':>8} {'TTFT p50':>9} "
-          f"{'TPOT p50':>9}")
+    print(f"\n{'tree':<24} {'out tok/s':>9} {'steps':>6} {'step ms':>8} {'preempt':>7} "
+          f"{'TTFT p50':>9} {'TPOT p50':>9}")
     for r in runs:
         print(f"{r.tree[-24:]:<24} {r.output_tokens_per_s:9.0f} {r.steps:6d} "
-              f"{r.mean_step_ms:8.2f} {r.ttft_p50_ms:9.0f} {r.tpot_p50_ms:9.1f}")
+              f"{r.mean_step_ms:8.2f} {r.preemptions:7d} {r.ttft_p50_ms:9.0f} "
+              f"{r.tpot_p50_ms:9.1f}")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ class EngineStatsSnapshot:
     kv_blocks_total: int = 0
     draft_tokens_proposed_total: int = 0
     draft_tokens_accepted_total: int = 0
+    num_preemptions_total: int = 0
     num_unfinished: int = 0  # requests the front end has in flight
     num_speculative_tokens: float = 0.0  # mean over replicas of the last step's k
     per_replica: list[Any] = field(default_factory=list)
@@ -442,7 +443,8 @@ class AsyncEngine:
             if s is None:
                 continue
             for name in ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total",
-                         "draft_tokens_proposed_total", "draft_tokens_accepted_total"):
+                         "draft_tokens_proposed_total", "draft_tokens_accepted_total",
+                         "num_preemptions_total"):
                 setattr(snap, name, getattr(snap, name) + int(getattr(s, name, 0) or 0))
         ks = [getattr(s, "num_speculative_tokens", 0) for s in snap.per_replica if s is not None]
         snap.num_speculative_tokens = sum(ks) / len(ks) if ks else 0.0

@@ -57,6 +57,7 @@ class EngineStats:
     # steps from decode steps.
     last_step_num_sequences: int = 0
     last_step_num_tokens: int = 0
+    num_preemptions_total: int = 0  # running sequences sent back to recompute
 
 
 def resolve_default_models(config: EngineConfig) -> None:
@@ -319,6 +320,7 @@ class LLMEngine:
             num_speculative_tokens=self._last_k,
             last_step_num_sequences=self._last_step_shape[0],
             last_step_num_tokens=self._last_step_shape[1],
+            num_preemptions_total=self.scheduler.num_preemptions,
         )
 
     def model_info(self) -> dict:

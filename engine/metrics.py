@@ -42,6 +42,10 @@ class _EngineStatsCollector(Collector):
         yield CounterMetricFamily("specserve_draft_tokens_accepted_total",
                                   "Proposed tokens the target model accepted.",
                                   value=s.draft_tokens_accepted_total)
+        yield CounterMetricFamily("specserve_num_preemptions_total",
+                                  "Running requests sent back to wait and be recomputed "
+                                  "(KV blocks ran out).",
+                                  value=s.num_preemptions_total)
 
 
 class ServerMetrics:

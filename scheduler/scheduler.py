@@ -44,6 +44,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by arrival_order
         self._arrivals = 0
         self.step_k_cap: int | None = None  # set per step by adaptive speculation
+        self.num_preemptions = 0  # since start: each one recomputes a sequence
 
     # -- queue changes -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -183,6 +184,7 @@ class Scheduler:
         )
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.allocator.free(seq.block_ids)
         seq.reset_for_recompute()

@@ -63,6 +63,7 @@ def test_preemption_actually_happens(pair):
         engine.step()
         preempted |= {r.request_id for r in engine.requests.values() if r.seq.num_preemptions}
     assert preempted
+    assert engine.get_stats().num_preemptions_total >= len(preempted)
     assert_no_blocks_used(engine)
 
 

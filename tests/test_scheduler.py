@@ -126,6 +126,7 @@ def test_preemption_takes_newest_and_resumes_it_later():
     # a needs a third block for its 9th slot: b (newest) is preempted.
     run_step(s)
     assert b.status is SequenceStatus.WAITING and b.num_preemptions == 1
+    assert s.num_preemptions == 1
     assert b.num_computed_tokens == 0 and b.block_ids == [] and b.output_token_ids == [7, 7]
     s.finish(a)
     out = s.schedule()

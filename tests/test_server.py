@@ -339,6 +339,7 @@ def test_metrics_endpoint(server, stub):
     for name in ("specserve_num_requests_running", "specserve_num_requests_waiting",
                  "specserve_kv_blocks_used", "specserve_kv_blocks_total",
                  "specserve_draft_tokens_proposed_total", "specserve_draft_tokens_accepted_total",
+                 "specserve_num_preemptions_total",
                  "specserve_time_to_first_token_seconds_bucket",
                  "specserve_time_per_output_token_seconds_bucket",
                  "specserve_step_time_seconds_bucket"):
