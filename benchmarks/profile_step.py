@@ -98,13 +98,14 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
     # Enough tokens for every step below, the first sequences' decode steps
     # beside the later prompt chunks included; admission keeps no reserve
     # (kv_reserve=0), so that the whole batch runs at once.
-    chunks = sum(map(len, prompts)) // engine.config.scheduler_config.max_num_batched_tokens
+    prompt_tokens = sum(map(len, prompts))
+    chunks = prompt_tokens // engine.config.scheduler_config.max_num_batched_tokens
     params = SamplingParams(
         max_tokens=(chunks + 16 + 2 * steps) * (1 + engine.num_speculative_tokens),
         temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, params)
-    warm, limit = 0, 64 + sum(map(len, prompts)) // 256
+    warm, limit = 0, 64 + prompt_tokens // 256
     while warm < 8:  # prefill, then warm-up: steps of one token and k slots per sequence
         limit -= 1
         if not limit:
@@ -133,8 +134,8 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
 
 
 def profile_prefill(llm: LLM, prompts: list[list[int]], steps: int) -> None:
-    """Steps that compute all the prompts at once (each a fresh set of
-    requests, aborted after its prompt step)."""
+    """Steps that compute all the prompts at once: each a fresh set of
+    requests that ends with its first token."""
     engine = llm.engine
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
