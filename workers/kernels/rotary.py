@@ -20,39 +20,26 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, num_heads,
+    def _rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                       stride_t, stride_c, num_heads, num_kv_heads,
                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        tok = tl.program_id(0)
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        dims = tl.arange(0, BLOCK_HALF)
-        dmask = dims < HALF
-        mask = (heads < num_heads)[:, None] & dmask[None, :]
-        c1 = tl.load(cos_ptr + tok * stride_c + dims, mask=dmask, other=0.0).to(tl.float32)
-        c2 = tl.load(cos_ptr + tok * stride_c + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
-        s1 = tl.load(sin_ptr + tok * stride_c + dims, mask=dmask, other=0.0).to(tl.float32)
-        s2 = tl.load(sin_ptr + tok * stride_c + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
-        base = qkv_ptr + tok * stride_t + heads[:, None] * HEAD_DIM + dims[None, :]
-        x1 = tl.load(base, mask=mask, other=0.0)
-        x2 = tl.load(base + HALF, mask=mask, other=0.0)
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        tl.store(base, (a * c1[None, :] - b * s1[None, :]).to(x1.dtype), mask=mask)
-        tl.store(base + HALF, (b * c2[None, :] + a * s2[None, :]).to(x1.dtype), mask=mask)
-
-    @triton.jit
-    def _rotate_store_kernel(qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                             stride_t, stride_c, num_heads, num_kv_heads,
-                             HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        """Heads [0, Hq) are q (rotated in place), [Hq, Hq + Hkv) k (rotated
-        into the key cache), the rest v (copied into the value cache)."""
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr):
+        """Heads [0, Hq) are q, [Hq, Hq + Hkv) k, the rest v. q is rotated in
+        place. With STORE, k is rotated into the key cache and v copied into
+        the value cache; without, k is rotated in place and v left alone (the
+        cache pointers are then unused)."""
         tok = tl.program_id(0)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         dims = tl.arange(0, BLOCK_HALF)
         dmask = dims < HALF
         is_q = heads < num_heads
         is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
-        is_v = (heads >= num_heads + num_kv_heads) & (heads < num_heads + 2 * num_kv_heads)
+        if STORE:
+            is_v = (heads >= num_heads + num_kv_heads) & (heads < num_heads + 2 * num_kv_heads)
+            in_place = is_q
+        else:
+            is_v = heads < 0
+            in_place = is_q | is_k
         live = (is_q | is_k | is_v)[:, None] & dmask[None, :]
         c1 = tl.load(cos_ptr + tok * stride_c + dims, mask=dmask, other=0.0).to(tl.float32)
         c2 = tl.load(cos_ptr + tok * stride_c + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
@@ -64,18 +51,19 @@ if triton_available():
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         y1 = tl.where(is_v[:, None], x1, (a * c1[None, :] - b * s1[None, :]).to(x1.dtype))
         y2 = tl.where(is_v[:, None], x2, (b * c2[None, :] + a * s2[None, :]).to(x1.dtype))
-        q_ok = is_q[:, None] & dmask[None, :]
-        tl.store(base, y1, mask=q_ok)
-        tl.store(base + HALF, y2, mask=q_ok)
-        slot = tl.load(slot_ptr + tok).to(tl.int64)
-        kv_head = tl.where(is_v, heads - num_heads - num_kv_heads, heads - num_heads)
-        row = slot * (num_kv_heads * HEAD_DIM) + kv_head[:, None] * HEAD_DIM + dims[None, :]
-        k_ok = is_k[:, None] & dmask[None, :]
-        tl.store(k_cache_ptr + row, y1.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
-        tl.store(k_cache_ptr + row + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
-        v_ok = is_v[:, None] & dmask[None, :]
-        tl.store(v_cache_ptr + row, y1.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
-        tl.store(v_cache_ptr + row + HALF, y2.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+        place_ok = in_place[:, None] & dmask[None, :]
+        tl.store(base, y1, mask=place_ok)
+        tl.store(base + HALF, y2, mask=place_ok)
+        if STORE:
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            kv_head = tl.where(is_v, heads - num_heads - num_kv_heads, heads - num_heads)
+            row = slot * (num_kv_heads * HEAD_DIM) + kv_head[:, None] * HEAD_DIM + dims[None, :]
+            k_ok = is_k[:, None] & dmask[None, :]
+            tl.store(k_cache_ptr + row, y1.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(k_cache_ptr + row + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
+            v_ok = is_v[:, None] & dmask[None, :]
+            tl.store(v_cache_ptr + row, y1.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+            tl.store(v_cache_ptr + row + HALF, y2.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
 
 
 def _torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -97,11 +85,11 @@ def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads
         q = _torch_rotate(q.view(T, num_heads, head_dim), cos, sin)
         k = _torch_rotate(k.view(T, num_kv_heads, head_dim), cos, sin)
         return q, k, v.view(T, num_kv_heads, head_dim)
-    rotated_heads = num_heads + num_kv_heads
     if T:
         cos, sin = cos.contiguous(), sin.contiguous()
-        grid, meta = _launch_sizes(T, rotated_heads, head_dim)
-        _rotate_kernel[grid](qkv, cos, sin, qkv.stride(0), cos.stride(0), rotated_heads, **meta)
+        grid, meta = _launch_sizes(T, num_heads + num_kv_heads, head_dim)
+        _rotate_kernel[grid](qkv, cos, sin, qkv, qkv, qkv, qkv.stride(0), cos.stride(0),
+                             num_heads, num_kv_heads, STORE=False, **meta)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     return (q.view(T, num_heads, head_dim), k.view(T, num_kv_heads, head_dim),
             v.view(T, num_kv_heads, head_dim))
@@ -134,6 +122,7 @@ def rotate_q_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if T:
         cos, sin = cos.contiguous(), sin.contiguous()
         grid, meta = _launch_sizes(T, num_heads + 2 * num_kv_heads, head_dim)
-        _rotate_store_kernel[grid](qkv, cos, sin, kv_cache[0], kv_cache[1], slot_mapping,
-                                   qkv.stride(0), cos.stride(0), num_heads, num_kv_heads, **meta)
+        _rotate_kernel[grid](qkv, cos, sin, kv_cache[0], kv_cache[1], slot_mapping,
+                             qkv.stride(0), cos.stride(0), num_heads, num_kv_heads,
+                             STORE=True, **meta)
     return qkv[:, :num_heads * head_dim].view(T, num_heads, head_dim)
