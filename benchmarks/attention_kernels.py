@@ -11,6 +11,12 @@ bytes of the context's K and V read once / time, against a large
 device-to-device copy measured first (bytes read + written / time).
 
     python benchmarks/attention_kernels.py [--quick] [--sweep] [--json PATH]
+    python benchmarks/attention_kernels.py --sweep-only --sweep-shapes 160:640:1
+
+``--sweep`` times every (BLOCK_N, warps, stages) launch on the given shapes
+(B:ctx:q_len), and also prints a large read-only reduction's rate: the
+ceiling for a kernel that only reads, which a copy (half reads, half writes)
+understates.
 """
 
 from __future__ import annotations
@@ -94,20 +100,52 @@ class Case:
         del self.cache, self.q, self.k, self.v, self.meta
 
 
-def sweep(rows: list[str], results: dict) -> None:
+def read_bandwidth() -> float:
+    """GB/s of summing 1 GiB of bf16: bytes read / time."""
+    n = 1 << 29
+    src = torch.randn(n, device="cuda", dtype=torch.float32).to(DTYPE)
+    ms = bench(lambda: src.sum(dtype=torch.float32))
+    return src.numel() * src.element_size() / ms / 1e6
+
+
+SWEEP_SHAPES = "1:2048:1,64:2048:1,64:2048:5"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``B:ctx:q_len,...`` into shape triples."""
+    shapes = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"a sweep shape is B:ctx:q_len with positive integers, got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def sweep(rows: list[str], results: dict, shapes: list[tuple[int, int, int]],
+          copy_gbs: float) -> None:
     """Launch parameters on a few shapes, timed as CUDA-graph replays (eager
     timings of a one-sequence batch measure host launch jitter, not the
     kernels); prints the best per shape."""
-    shapes = [(1, 2048, 1), (64, 2048, 1), (64, 2048, 5)]
-    variants = [dict(block_n=bn, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]
+    read_gbs = read_bandwidth()
+    rows.append(f"read-only reduction: {read_gbs:.0f} GB/s ({100 * read_gbs / copy_gbs:.0f}% of "
+                f"copy {copy_gbs:.0f} GB/s)")
+    print(rows[-1], flush=True)
+    variants = [dict(block_n=bn, num_warps=w, num_stages=st)
+                for bn in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]
     out = results.setdefault("sweep", [])
     for shape in shapes:
         case = Case(*shape)
         timings = []
         for var in variants:
-            ms = case.graph_ms(TritonPagedBackend(**var))
+            try:
+                ms = case.graph_ms(TritonPagedBackend(**var))
+            except Exception as exc:  # e.g. out of shared memory: not a candidate
+                print(f"  {shape} {var}: {type(exc).__name__}", flush=True)
+                continue
             timings.append((ms, var))
-            out.append(dict(shape=shape, **var, us=ms * 1e3))
+            out.append(dict(shape=shape, **var, us=ms * 1e3,
+                            gbs=case.kv_bytes / ms / 1e6))
         if shape[0] == 1:
             for splits in (1, 2, 4, 8, 16, 32):
                 ms = case.graph_ms(TritonPagedBackend(num_splits=splits))
@@ -116,32 +154,20 @@ def sweep(rows: list[str], results: dict) -> None:
         default_ms = case.graph_ms(TritonPagedBackend())
         best_ms, best = min(timings, key=lambda t: t[0])
         rows.append(f"sweep B={shape[0]:<4} ctx={shape[1]:<5} q={shape[2]}: default "
-                    f"{default_ms * 1e3:7.1f} us, best {best_ms * 1e3:7.1f} us with {best}")
+                    f"{default_ms * 1e3:7.1f} us ({case.kv_bytes / default_ms / 1e6:.0f} GB/s), "
+                    f"best {best_ms * 1e3:7.1f} us ({case.kv_bytes / best_ms / 1e6:.0f} GB/s) "
+                    f"with {best}")
         print(rows[-1], flush=True)
+        for ms, var in sorted(timings, key=lambda t: t[0])[:5]:
+            print(f"  {ms * 1e3:7.1f} us {var}", flush=True)
         case.free()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes")
-    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
-    parser.add_argument("--json", default=None, help="write all numbers here")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    props = torch.cuda.get_device_properties(0)
-    import triton
-    device_line = (f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
-                   f"triton {triton.__version__}")
-    print(device_line, flush=True)
-    copy_gbs = copy_bandwidth()
-    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
-    results: dict = dict(device=device_line, copy_gbs=copy_gbs, rows=[])
-
+def backend_table(results: dict, copy_gbs: float, device_line: str, quick: bool) -> None:
+    """Triton against the torch reference: decode and verification rows and
+    one prefill row, with relative errors; prints a markdown table."""
     triton_backend, torch_backend = TritonPagedBackend(), TorchReferenceBackend()
-    batches = (1, 16, 64, 256) if not args.quick else (1, 64)
+    batches = (1, 16, 64, 256) if not quick else (1, 64)
     contexts = (512, 2048)
     table = []
     for q_len in (1, 5):
@@ -187,12 +213,42 @@ def main() -> None:
     print(f"prefill 4 x 512 over 2048 ctx: triton {p['triton_us']:.0f} us (w4 "
           f"{p['triton_w4_us']:.0f}, w8 {p['triton_w8_us']:.0f}), torch {p['torch_us']:.0f} us, "
           f"rel err {p['err']:.1e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    if args.sweep:
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch parameters")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep")
+    parser.add_argument("--sweep-shapes", default=SWEEP_SHAPES,
+                        help=f"B:ctx:q_len,... to sweep (default {SWEEP_SHAPES})")
+    parser.add_argument("--json", default=None, help="write all numbers here")
+    args = parser.parse_args()
+    try:
+        shapes = parse_shapes(args.sweep_shapes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    props = torch.cuda.get_device_properties(0)
+    import triton
+    device_line = (f"{props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+                   f"triton {triton.__version__}")
+    print(device_line, flush=True)
+    copy_gbs = copy_bandwidth()
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    results: dict = dict(device=device_line, copy_gbs=copy_gbs, rows=[])
+
+    if not args.sweep_only:
+        backend_table(results, copy_gbs, device_line, args.quick)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    if args.sweep or args.sweep_only:
         sweep_rows: list[str] = []
-        sweep(sweep_rows, results)
+        sweep(sweep_rows, results, shapes, copy_gbs)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
