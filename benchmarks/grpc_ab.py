@@ -3,6 +3,10 @@ one after another on one machine: an A/B of a change to the serving path.
 
     git archive HEAD~1 engine workers scheduler proto benchmarks | tar -x -C /tmp/prev
     python benchmarks/grpc_ab.py /tmp/prev . /tmp/prev .     # alternate, to see the noise
+    python benchmarks/grpc_ab.py .@--burst-wait-ms=0 . .@--burst-wait-ms=0 .   # a server flag
+
+A run is ``TREE[@FLAG,FLAG...]``: the flags after ``@`` go to that run's
+server.
 
 Each tree's `specserve serve` runs as a child process (from that tree, with
 its metrics endpoint on) on the Llama-2-7B config with dummy weights (or
@@ -57,13 +61,21 @@ def server_counters(metrics_port: int) -> list[float]:
     return values
 
 
-def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: float) -> Run:
+def parse_run(spec: str) -> tuple[str, list[str]]:
+    """``TREE[@FLAG,FLAG...]`` into the tree and its server flags."""
+    tree, _, flags = spec.partition("@")
+    return tree, [f for f in flags.split(",") if f]
+
+
+def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: float,
+             server_flags: list[str] | None = None) -> Run:
     port, metrics_port = tp.free_port(), tp.free_port()
     address = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", "warning",
            "--model", model, "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
-           *(["--load-format", "dummy", "--dtype", "bfloat16"] if dummy else [])]
+           *(["--load-format", "dummy", "--dtype", "bfloat16"] if dummy else []),
+           *(server_flags or [])]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [tree, os.path.join(tree, "proto"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, env=env, cwd=tree)
@@ -87,7 +99,9 @@ def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("trees", nargs="+", help="source trees (each with engine/, workers/, ...)")
+    ap.add_argument("runs", nargs="+", metavar="TREE[@FLAGS]",
+                    help="source trees (each with engine/, workers/, ...), each optionally "
+                         "with comma-separated server flags after @")
     ap.add_argument("--model", default=None,
                     help="a model directory (default: Llama-2-7B's config, dummy weights)")
     ap.add_argument("--num-requests", default="256")
@@ -95,7 +109,8 @@ def main() -> None:
     ap.add_argument("--output-len", default="256")
     ap.add_argument("--server-start-timeout", type=float, default=300.0)
     args = ap.parse_args()
-    for tree in args.trees:
+    runs_wanted = [parse_run(spec) for spec in args.runs]
+    for tree, _ in runs_wanted:
         if not os.path.isfile(os.path.join(tree, "engine", "cli.py")):
             ap.error(f"{tree}: not a source tree (no engine/cli.py)")
     model = args.model
@@ -106,11 +121,13 @@ def main() -> None:
     workload = ["--num-requests", args.num_requests, "--input-len", args.input_len,
                 "--output-len", args.output_len]
     runs = []
-    for tree in args.trees:
-        runs.append(run_tree(os.path.abspath(tree), os.path.abspath(model), workload,
-                             args.model is None, args.server_start_timeout))
-        print(runs[-1], flush=True)
-    print(f"\n{'tree':<24} {'out tok/s':>9} {'steps':>6} {'step ms':>8} {'preempt':>7} "
+    for spec, (tree, flags) in zip(args.runs, runs_wanted):
+        run = run_tree(os.path.abspath(tree), os.path.abspath(model), workload,
+                       args.model is None, args.server_start_timeout, flags)
+        run.tree = spec
+        runs.append(run)
+        print(run, flush=True)
+    print(f"\n{'run':<24} {'out tok/s':>9} {'steps':>6} {'step ms':>8} {'preempt':>7} "
           f"{'TTFT p50':>9} {'TPOT p50':>9}")
     for r in runs:
         print(f"{r.tree[-24:]:<24} {r.output_tokens_per_s:9.0f} {r.steps:6d} "

@@ -51,3 +51,38 @@ def test_seeded_sampling_on_cuda_is_reproducible(pair):
     assert a[0] == b[0]
     stats = llm.engine.get_stats()
     assert stats.kv_blocks_used == 0
+
+
+def test_launching_a_step_does_not_wait_for_the_device(pair):
+    """A step scheduled ahead is launched while the one before runs; a host
+    synchronisation inside the launch would drain the device queue. Prompt
+    steps (eager), decode steps (graphed) and speculating steps are checked
+    with torch's sync debug mode, which raises on a synchronising call."""
+    import torch
+
+    target, draft = pair
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="bfloat16",
+              device="cuda", num_kv_blocks=512)
+    executor = llm.engine.executor
+    launch = executor.launch
+    kinds = set()
+
+    def checked_launch(scheduler_output):
+        works = scheduler_output.sequences
+        kinds.add("prompt" if any(len(w.token_ids) > 1 and not w.num_speculative_tokens
+                                  for w in works) else
+                  "speculating" if any(w.num_speculative_tokens for w in works) else "decode")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(scheduler_output)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    executor.launch = checked_launch
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    llm.generate(PROMPTS, params, num_speculative_tokens=0)
+    llm.generate(PROMPTS, params)
+    llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True))
+    assert kinds == {"prompt", "decode", "speculating"}
+    assert llm.engine.get_stats().kv_blocks_used == 0
+    llm.shutdown()

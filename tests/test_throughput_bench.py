@@ -206,8 +206,12 @@ def test_grpc_ab_serves_a_tree_and_reads_its_step_counters(pair):
 
     target, _ = pair
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = grpc_ab.run_tree(root, target, ["--num-requests", "4", "--input-len", "8",
-                                          "--output-len", "6"], dummy=False, timeout=120)
+    tree, flags = grpc_ab.parse_run(f"{root}@--burst-wait-ms=0,--max-queue=64")
+    assert (tree, flags) == (root, ["--burst-wait-ms=0", "--max-queue=64"])
+    assert grpc_ab.parse_run(root) == (root, [])
+    run = grpc_ab.run_tree(tree, target, ["--num-requests", "4", "--input-len", "8",
+                                          "--output-len", "6"], dummy=False, timeout=120,
+                           server_flags=flags)
     assert run.output_tokens_per_s > 0
     assert run.steps >= 6  # six tokens each, the warm-up requests' steps besides
     assert run.mean_step_ms > 0
