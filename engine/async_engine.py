@@ -3,9 +3,7 @@
 `LLMEngine` is not thread-safe, so each replica's engine lives in a thread of
 its own and is touched by nothing else. The event loop talks to it through a
 thread-safe inbox (new requests and aborts), drained at the top of every step;
-the thread sleeps on a condition variable while it has nothing to do. When
-a request wakes an idle engine, the thread gathers the rest of its burst
-before the first step (see ``EngineReplica._gather``). Each
+the thread sleeps on a condition variable while it has nothing to do. Each
 step's outputs go back to the event loop as one batch (one
 ``call_soon_threadsafe`` per step), where they are fanned out to per-request
 asyncio queues that the gRPC handlers read.
@@ -84,7 +82,6 @@ class _Abort:
 
 
 _ABORTED = object()  # queued to a stream that the front end aborted itself
-_BURST_CAP = 0.02  # seconds: the longest an idle engine gathers a burst
 
 
 class EngineReplica:
@@ -92,13 +89,11 @@ class EngineReplica:
 
     def __init__(self, index: int, make_engine: Callable[[], Any],
                  deliver: Callable[[int, list[tuple[str, Any]]], None],
-                 on_step: Callable[[float], None] | None = None,
-                 burst_wait: float = 0.0) -> None:
+                 on_step: Callable[[float], None] | None = None) -> None:
         self.index = index
         self._make_engine = make_engine
         self._deliver = deliver
         self._on_step = on_step
-        self._burst_wait = burst_wait
         self._cond = threading.Condition()
         self._inbox: deque[_Add | _Abort] = deque()
         self._stopping = False
@@ -173,13 +168,12 @@ class EngineReplica:
             with self._cond:
                 while not (self._inbox or self._stopping or engine.has_unfinished_requests()):
                     self._cond.wait()
-                idle = not engine.has_unfinished_requests()
                 commands = list(self._inbox)
                 self._inbox.clear()
                 stopping = self._stopping
-            self._apply_all(commands, live)
-            if idle and self._burst_wait > 0 and not stopping:
-                stopping = self._gather(live)
+            rejected = [ev for cmd in commands if (ev := self._apply(cmd, live)) is not None]
+            if rejected:  # tell those clients now, not after the step
+                self._deliver(self.index, rejected)
             if stopping:
                 for rid in list(live):
                     engine.abort_request(rid)
@@ -205,32 +199,6 @@ class EngineReplica:
                 logger.exception("engine replica %d: get_stats failed", self.index)
             if events:
                 self._deliver(self.index, events)
-
-    def _gather(self, live: set[str]) -> bool:
-        """Take in the rest of a burst before an idle engine's first step, so
-        that step holds what arrived together and not only the request that
-        woke the thread. Stops when no request comes within ``burst_wait``, a
-        step's budget is waiting, or ``_BURST_CAP`` passed. Returns whether
-        the replica is stopping."""
-        deadline = time.monotonic() + _BURST_CAP
-        while not self.engine.waiting_fills_a_step():
-            left = deadline - time.monotonic()
-            with self._cond:
-                if not (self._inbox or self._stopping) and left > 0:
-                    self._cond.wait(min(self._burst_wait, left))
-                commands = list(self._inbox)
-                self._inbox.clear()
-                if self._stopping:
-                    return True
-            self._apply_all(commands, live)
-            if not commands or left <= 0:
-                return False
-        return False
-
-    def _apply_all(self, commands: list[_Add | _Abort], live: set[str]) -> None:
-        rejected = [ev for cmd in commands if (ev := self._apply(cmd, live)) is not None]
-        if rejected:  # tell those clients now, not after the step
-            self._deliver(self.index, rejected)
 
     def _apply(self, cmd: _Add | _Abort, live: set[str]) -> tuple[str, Exception] | None:
         engine = self.engine
@@ -353,20 +321,16 @@ def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
 
 
 class AsyncEngine:
-    """N engine replicas behind one asyncio front end. ``burst_wait``
-    (seconds, 0: off) is how long an idle replica waits for the next request
-    of a burst before its first step (``EngineReplica._gather``)."""
+    """N engine replicas behind one asyncio front end."""
 
     def __init__(self, make_engine: Callable[[int], Any], num_replicas: int = 1, *,
                  max_num_seqs: int = 128, max_queue: int = 1024,
-                 on_step: Callable[[float], None] | None = None,
-                 burst_wait: float = 0.0) -> None:
+                 on_step: Callable[[float], None] | None = None) -> None:
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         self._make_engine = make_engine
         self._num_replicas = num_replicas
         self._on_step = on_step
-        self._burst_wait = burst_wait
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
         self.replicas: list[EngineReplica] = []
@@ -381,7 +345,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self.replicas = [
             EngineReplica(i, (lambda i=i: self._make_engine(i)), self._deliver_threadsafe,
-                          self._on_step, self._burst_wait)
+                          self._on_step)
             for i in range(self._num_replicas)
         ]
         for replica in self.replicas:

@@ -71,9 +71,6 @@ ENGINE_OPTION_HELP = {
                   "free KV blocks, less its prompt's, cover this fraction of what the running "
                   "requests may still grow by (to their max_tokens); 0 admits while prompts "
                   "fit and preempts (recomputes) when the cache fills.",
-    "burst_wait_ms": "Server only: when a request reaches an idle engine, the first step "
-                     "waits for more while they keep coming (each within this many ms), "
-                     "until a step's budget is waiting or 20 ms pass; 0 starts at once.",
     "max_queue": "Most requests waiting per replica beyond the running ones; more are refused "
                  "with RESOURCE_EXHAUSTED.",
     # ParallelConfig

@@ -86,7 +86,6 @@ class SchedulerConfig:
     max_queue: int = 1024
     async_output: bool = True
     kv_reserve: float = 0.5
-    burst_wait_ms: float = 2.0
 
     def __post_init__(self) -> None:
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
@@ -95,8 +94,6 @@ class SchedulerConfig:
         _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         _check(0.0 <= self.kv_reserve <= 1.0,
                f"kv_reserve must be in [0, 1], got {self.kv_reserve}")
-        _check(0.0 <= self.burst_wait_ms <= 100.0,
-               f"burst_wait_ms must be in [0, 100], got {self.burst_wait_ms}")
 
 
 @dataclass

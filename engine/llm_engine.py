@@ -159,14 +159,6 @@ class LLMEngine:
     def num_unfinished_requests(self) -> int:
         return len(self.requests)
 
-    def waiting_fills_a_step(self) -> bool:
-        """Whether the waiting requests already fill one step (its token or
-        sequence budget): a front end gathering a burst need wait no longer."""
-        waiting = self.scheduler.waiting
-        limits = self.scheduler.limits
-        return (len(waiting) >= limits.max_num_seqs or sum(
-            s.num_uncomputed_tokens for s in waiting) >= limits.max_num_batched_tokens)
-
     # -- one step --------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step: the outputs of the newest step that finished.

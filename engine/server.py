@@ -141,7 +141,6 @@ class SpecServer:
         self.engine = AsyncEngine(engine_factory or _default_engine_factory(config),
                                   config.parallel_config.data_parallel_size,
                                   max_num_seqs=sc.max_num_seqs, max_queue=sc.max_queue,
-                                  burst_wait=sc.burst_wait_ms / 1e3,
                                   on_step=self._on_step)
         self.metrics = ServerMetrics(self.engine.get_stats) if self.metrics_port else None
         self.health = health.aio.HealthServicer()

@@ -48,12 +48,9 @@ class FakeEngine:
 
     instances: list["FakeEngine"] = []
 
-    def __init__(self, index: int, step_delay: float = 0.002, vocab_size: int = 1000,
-                 step_budget: int | None = None) -> None:
+    def __init__(self, index: int, step_delay: float = 0.002, vocab_size: int = 1000) -> None:
         self.index = index
         self.step_delay = step_delay
-        self.step_budget = step_budget  # requests not yet stepped that fill a step
-        self.step_sizes: list[int] = []  # requests in each step
         self.tokenizer = FakeTokenizer()
         self.vocab_size = vocab_size
         self.requests: dict[str, FakeRequest] = {}
@@ -102,15 +99,9 @@ class FakeEngine:
     def num_unfinished_requests(self):
         return len(self.requests)
 
-    def waiting_fills_a_step(self):
-        self._touch()
-        waiting = sum(1 for r in self.requests.values() if not r.out)
-        return self.step_budget is not None and waiting >= self.step_budget
-
     def step(self):
         self._touch()
         self.num_steps += 1
-        self.step_sizes.append(len(self.requests))
         time.sleep(self.step_delay)
         if any("BOOM" in self.tokenizer.decode(r.prompt) for r in self.requests.values()):
             raise RuntimeError("worker exploded")

@@ -42,14 +42,13 @@ def test_flags_become_the_engine_config(tmp_path):
     args = _serve_args("--model", str(tmp_path), "--draft-model", "d", "--num-speculative-tokens",
                        "5", "--max-num-seqs", "7", "--gpu-memory-utilization", "0.5",
                        "--kv-cache-memory", "2G", "--dtype", "float16", "--max-model-len", "99",
-                       "--data-parallel-size", "2", "--executor", "ray", "--burst-wait-ms", "2.5")
+                       "--data-parallel-size", "2", "--executor", "ray")
     config = cli.engine_config_from_args(args)
     assert config.model_config.model == str(tmp_path)
     assert config.model_config.dtype == "float16" and config.model_config.max_model_len == 99
     assert config.speculative_config.draft_model == "d"
     assert config.speculative_config.num_speculative_tokens == 5
     assert config.scheduler_config.max_num_seqs == 7
-    assert config.scheduler_config.burst_wait_ms == 2.5
     assert config.cache_config.gpu_memory_utilization == 0.5
     assert config.cache_config.kv_cache_memory == 2 << 30
     assert config.parallel_config.data_parallel_size == 2
@@ -65,8 +64,6 @@ def test_bad_values_are_refused():
         _serve_args("--max-num-seqs", "many")
     with pytest.raises(SystemExit, match="num_speculative_tokens"):
         cli.engine_config_from_args(_serve_args("--model", "m", "--num-speculative-tokens", "99"))
-    with pytest.raises(SystemExit, match="burst_wait_ms must be in"):
-        cli.engine_config_from_args(_serve_args("--model", "m", "--burst-wait-ms", "-1"))
 
 
 def test_no_model_and_no_default_pair_says_what_to_pass(tmp_path, monkeypatch):

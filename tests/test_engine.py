@@ -278,25 +278,3 @@ def test_stats_give_the_shape_of_the_step_read_back(llm):
     assert shapes[0] == (1, 20 + 3)
     assert len(shapes) > 1 and set(shapes[1:]) == {(1, 1 + 3)}
     assert_no_blocks_used(engine)
-
-
-def test_waiting_fills_a_step_by_tokens_or_sequences(pair):
-    """A front end gathering a burst stops once a step's budget is waiting."""
-    target, draft = pair
-    llm = LLM(model=target, draft_model=draft, dtype="float32", kv_cache_memory=1 << 24,
-              block_size=4, max_num_batched_tokens=64, max_num_seqs=4)
-    engine = llm.engine
-    engine.add_request("a", list(range(5, 45)), greedy(2))  # 40 prompt tokens
-    assert not engine.waiting_fills_a_step()
-    engine.add_request("b", list(range(5, 29)), greedy(2))  # 64 in all: the token budget
-    assert engine.waiting_fills_a_step()
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert not engine.waiting_fills_a_step()
-    for i in range(4):  # four short prompts: the sequence budget
-        assert not engine.waiting_fills_a_step()
-        engine.add_request(f"s{i}", [5, 6], greedy(2))
-    assert engine.waiting_fills_a_step()
-    while engine.has_unfinished_requests():
-        engine.step()
-    assert_no_blocks_used(engine)

@@ -7,7 +7,6 @@ tests/test_server_e2e.py.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 
 import re
@@ -392,47 +391,6 @@ def test_the_loaded_engine_is_kept_from_the_collector_while_serving():
     finally:
         srv.stop()
     assert gc.get_freeze_count() == 0
-
-
-def _first_step_of_a_burst(burst_wait: float, spacing: float, step_budget: int | None = None,
-                           n: int = 5) -> list[int]:
-    """Requests every ``spacing`` s into an idle fake engine; its step sizes."""
-    engines = []
-
-    def make(index):
-        engines.append(FakeEngine(index, step_delay=0.05, step_budget=step_budget))
-        return engines[-1]
-
-    async def run():
-        engine = AsyncEngine(make, burst_wait=burst_wait)
-        await engine.start()
-        try:
-            streams = []
-            for i in range(n):
-                streams.append(engine.add_request(f"r{i}", "abc", SamplingParams(max_tokens=2)))
-                await asyncio.sleep(spacing)
-            for stream in streams:
-                async for _ in stream:
-                    pass
-        finally:
-            await engine.stop()
-
-    asyncio.run(run())
-    return engines[0].step_sizes
-
-
-def test_an_idle_engine_gathers_a_burst_into_its_first_step():
-    assert _first_step_of_a_burst(burst_wait=0.015, spacing=0.001)[0] == 5
-
-
-def test_gathering_stops_once_a_step_is_full():
-    # Every request arrives within the wait, but three fill a step.
-    assert _first_step_of_a_burst(burst_wait=0.015, spacing=0.004, step_budget=3)[0] == 3
-
-
-def test_without_a_burst_wait_the_first_request_starts_alone():
-    # The engine steps at once; the next requests arrive during its 50 ms step.
-    assert _first_step_of_a_burst(burst_wait=0.0, spacing=0.01)[0] == 1
 
 
 def test_load_failure_raises():
