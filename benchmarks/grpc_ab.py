@@ -3,7 +3,7 @@ one after another on one machine: an A/B of a change to the serving path.
 
     git archive HEAD~1 engine workers scheduler proto benchmarks | tar -x -C /tmp/prev
     python benchmarks/grpc_ab.py /tmp/prev . /tmp/prev .     # alternate, to see the noise
-    python benchmarks/grpc_ab.py .@--burst-wait-ms=0 . .@--burst-wait-ms=0 .   # a server flag
+    python benchmarks/grpc_ab.py .@--kv-reserve=1 . .@--kv-reserve=1 .   # a server flag
 
 A run is ``TREE[@FLAG,FLAG...]``: the flags after ``@`` go to that run's
 server.

@@ -206,8 +206,8 @@ def test_grpc_ab_serves_a_tree_and_reads_its_step_counters(pair):
 
     target, _ = pair
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tree, flags = grpc_ab.parse_run(f"{root}@--burst-wait-ms=0,--max-queue=64")
-    assert (tree, flags) == (root, ["--burst-wait-ms=0", "--max-queue=64"])
+    tree, flags = grpc_ab.parse_run(f"{root}@--kv-reserve=0.5,--max-queue=64")
+    assert (tree, flags) == (root, ["--kv-reserve=0.5", "--max-queue=64"])
     assert grpc_ab.parse_run(root) == (root, [])
     run = grpc_ab.run_tree(tree, target, ["--num-requests", "4", "--input-len", "8",
                                           "--output-len", "6"], dummy=False, timeout=120,
