@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--num-requests", default="256")
     ap.add_argument("--input-len", default="512")
     ap.add_argument("--output-len", default="256")
+    ap.add_argument("--max-concurrency", default=None,
+                    help="most requests in flight (default: all at once)")
     ap.add_argument("--server-start-timeout", type=float, default=300.0)
     args = ap.parse_args()
     runs_wanted = [parse_run(spec) for spec in args.runs]
@@ -119,7 +121,8 @@ def main() -> None:
 
         model = dummy_model_dir("llama-2-7b", tempfile.mkdtemp())
     workload = ["--num-requests", args.num_requests, "--input-len", args.input_len,
-                "--output-len", args.output_len]
+                "--output-len", args.output_len,
+                *(["--max-concurrency", args.max_concurrency] if args.max_concurrency else [])]
     runs = []
     for spec, (tree, flags) in zip(args.runs, runs_wanted):
         run = run_tree(os.path.abspath(tree), os.path.abspath(model), workload,
