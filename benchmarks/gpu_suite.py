@@ -11,7 +11,10 @@
    child process loaded by benchmarks/throughput.py), against the workload's
    floor (weights plus KV bytes read per decode step over bandwidth, from the
    offline run's schedule); then 1000 requests with prompts uniform in
-   128..1024 tokens at most 256 in flight, through gRPC;
+   128..1024 tokens at most 256 in flight, through gRPC. These runs admit
+   with ``--kv-reserve`` 1.0 (default here): their requests all run to
+   max_tokens, so a sequence starts only if every running one can finish;
+
 3. speculation with the `bench` pair, trained first in the same run by
    benchmarks/train_pair.py (or a given --pair): speedup over target-only at
    batch sizes 1, 4, 16, 64, fixed k and adaptive k, and at batch 1 against
@@ -130,7 +133,7 @@ def throughput(llm: LLM, bw: float, n: int) -> dict:
         seqs.append(engine.requests[f"tp-{i}"].seq)
     alloc = engine.scheduler.allocator
     bs = alloc.block_size
-    peak_running, best_fill, fills, tokens = 0, 0.0, [], 0
+    peak_running, fills, tokens = 0, [], 0
     step_bytes = []
     split = StepSplit()
     wbytes = weight_bytes(llm)
@@ -241,14 +244,15 @@ def speculation(pair_dir: str, batch_sizes: list[int], k: int, max_tokens: int,
     return rows
 
 
-def grpc_runs(model_dir: str, out: str, offline_floor: float | None) -> dict:
+def grpc_runs(model_dir: str, out: str, offline_floor: float | None,
+              kv_reserve: float) -> dict:
     """The throughput workloads through gRPC against one `specserve serve`
     child process (the server flags of the offline run)."""
     from benchmarks import throughput as tp
 
     server_flags = ["--model", model_dir, "--load-format", "dummy", "--dtype", "bfloat16",
                     "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
-                    "--server-start-timeout", "300"]
+                    "--kv-reserve", str(kv_reserve), "--server-start-timeout", "300"]
     workloads = {
         "grpc_256": ["--num-requests", "256", "--input-len", "512", "--output-len", "256"],
         "grpc_1000": ["--num-requests", "1000", "--input-len", "128:1024", "--output-len", "256",
@@ -338,6 +342,11 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,4,16,64")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--kv-reserve", type=float, default=1.0,
+                    help="the throughput runs' admission reserve: these requests all run "
+                         "to max_tokens (ignore_eos), so reserving all of their growth "
+                         "admits what fits without preempting (the engine default, 0.5, is "
+                         "for requests that may stop early)")
     ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per request (speculation)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: "
                                                "batch1,throughput,grpc,speculation,hf")
@@ -366,14 +375,16 @@ def main() -> None:
     model = dummy_model_dir("llama-2-7b", tempfile.mkdtemp())
     if not {"batch1", "throughput"} <= skip:
         llm = LLM(model=model, load_format="dummy", dtype="bfloat16", max_num_seqs=256,
-                  max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
+                  max_num_batched_tokens=8192, kv_reserve=args.kv_reserve,
+                  enforce_eager=args.enforce_eager)
         section("batch1", lambda: batch1_decode(llm, bw))
         section("throughput", lambda: throughput(llm, bw, args.requests))
         llm.shutdown()
         del llm
         torch.cuda.empty_cache()
     floor = results.get("throughput", {}).get("floor_output_tokens_per_s")
-    section("grpc", lambda: grpc_runs(model, args.out, floor if args.requests == 256 else None))
+    section("grpc", lambda: grpc_runs(model, args.out, floor if args.requests == 256 else None,
+                                      args.kv_reserve))
     pair = args.pair
     if pair is None and "speculation" not in skip:
         target_s, draft_s = (float(x) for x in args.train_seconds.split(","))
