@@ -14,7 +14,6 @@
    128..1024 tokens at most 256 in flight, through gRPC. These runs admit
    with ``--kv-reserve`` 1.0 (default here): their requests all run to
    max_tokens, so a sequence starts only if every running one can finish;
-
 3. speculation with the `bench` pair, trained first in the same run by
    benchmarks/train_pair.py (or a given --pair): speedup over target-only at
    batch sizes 1, 4, 16, 64, fixed k and adaptive k, and at batch 1 against
