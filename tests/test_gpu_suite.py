@@ -56,3 +56,12 @@ def test_the_step_split_sorts_steps_by_kind_and_batch():
     assert rows["decode, batch 192+"]["tokens"] == 400
     assert rows["decode, batch  64+"]["tokens"] == 350  # k = 4 slots each: still decode
     assert rows["with prompt tokens"]["fraction_of_floor"] == pytest.approx(0.5)
+
+
+def test_attention_sweep_shapes_parse_or_say_what_is_wrong():
+    from benchmarks.attention_kernels import parse_shapes
+
+    assert parse_shapes("160:640:1,1:2048:5") == [(160, 640, 1), (1, 2048, 5)]
+    for bad in ("1:2", "0:512:1", "a:512:1", "1:512:1:4"):
+        with pytest.raises(ValueError, match="B:ctx:q_len"):
+            parse_shapes(bad)
