@@ -138,4 +138,5 @@ def model_info_to_proto(info: dict, data_parallel_size: int = 1) -> "pb.ModelInf
         num_speculative_tokens=int(info.get("num_speculative_tokens") or 0),
         block_size=int(info.get("block_size") or 0),
         data_parallel_size=data_parallel_size,
+        eos_token_ids=[int(t) for t in info.get("eos_token_ids") or ()],
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from transformers import AutoConfig
 
 from engine.config import EngineConfig
+from engine.eos import eos_token_ids
 from engine.outputs import RequestOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -95,7 +96,7 @@ class LLMEngine:
         self.vocab_size = hf_config.vocab_size
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.tokenizer = Tokenizer(mc.tokenizer or mc.model)
-        self.eos_token_id = self.tokenizer.eos_token_id
+        self.eos_token_ids = eos_token_ids(mc.model, hf_config, self.tokenizer.eos_token_id)
         self.num_speculative_tokens = sc.num_speculative_tokens if sc.draft_model else 0
         self.executor = executor or make_executor(config)
         block_size = config.cache_config.block_size
@@ -139,7 +140,7 @@ class LLMEngine:
             sampling_params=params,
             priority=priority,
         )
-        self.requests[request_id] = Request(seq, params, self.tokenizer, self.eos_token_id,
+        self.requests[request_id] = Request(seq, params, self.tokenizer, self.eos_token_ids,
                                             self.max_model_len)
         self.scheduler.add(seq)
 
@@ -285,10 +286,11 @@ class LLMEngine:
                 continue
             if proposed:
                 self._proposed_total += proposed
-                self._accepted_total += num_accepted
-                if self.adaptive is not None:
+                if self.adaptive is not None:  # the draft's record, whatever is kept
                     self.adaptive.observe_acceptance(proposed, num_accepted)
+            accepted_before = request.metrics.draft_tokens_accepted
             applied.append((request, request.append_tokens(emitted, proposed), lps))
+            self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
             if request.finished:
                 self._retire(request)
         return applied
@@ -297,7 +299,10 @@ class LLMEngine:
         outputs = []
         for request, kept, lps in applied:
             was_finished = request.finished
+            accepted_before = request.metrics.draft_tokens_accepted
             outputs.append(request.emit(kept, lps))
+            # A stop string may take back accepted tokens past its match.
+            self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
             if request.finished and not was_finished:  # a stop string
                 self._retire(request)
         return outputs
@@ -332,6 +337,7 @@ class LLMEngine:
             "vocab_size": self.vocab_size,
             "num_speculative_tokens": self.num_speculative_tokens,
             "block_size": self.config.cache_config.block_size,
+            "eos_token_ids": sorted(self.eos_token_ids),
         }
 
     def shutdown(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _MAX_LOGPROBS = 20
+_MAX_SEED = (1 << 63) - 1  # seeds travel as the proto's int64 and key int64 draws
 
 
 @dataclass
@@ -52,8 +53,10 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0.0 <= self.min_p <= 1.0:
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= _MAX_SEED):
+            bad(f"seed must be an integer in [0, 2**63 - 1] (the proto's int64), "
+                f"got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad(f"stop strings must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -130,14 +130,14 @@ def test_stop_string_cuts_text_before_it(llm):
 def test_eos_stops_unless_ignored(pair):
     target, _ = pair
     llm = LLM(model=target, dtype="float32", kv_cache_memory=1 << 24)
-    eos = llm.engine.eos_token_id
+    eos = llm.engine.eos_token_ids
     full = llm.generate([PROMPTS[2]], greedy(40))[0].token_ids
-    llm.engine.eos_token_id = full[3]  # pretend a token the model emits is EOS
+    llm.engine.eos_token_ids = frozenset([full[3]])  # pretend a token the model emits is EOS
     out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=40, temperature=0))[0]
     assert out.token_ids == full[:full.index(full[3]) + 1] and out.finish_reason is FinishReason.STOP
     ignored = llm.generate([PROMPTS[2]], greedy(40))[0]
     assert ignored.token_ids == full
-    llm.engine.eos_token_id = eos
+    llm.engine.eos_token_ids = eos
 
 
 def test_text_is_the_decode_of_the_tokens(llm):
