@@ -174,7 +174,7 @@ def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256,
     """Every applied step's cost (read-back to read-back) with its shape."""
     engine = llm.engine
     records = []
-    apply = engine._apply_tokens
+    apply = engine._apply
 
     def timed_apply(step, output, **kw):
         applied = apply(step, output, **kw)
@@ -184,7 +184,7 @@ def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256,
                         max(len(s.draft_token_ids) for s in seqs)))
         return applied
 
-    engine._apply_tokens = timed_apply
+    engine._apply = timed_apply
     if prompts == "code":
         from benchmarks.offline import CODE_PROMPTS
         prompts = (CODE_PROMPTS * (batch // len(CODE_PROMPTS) + 1))[:batch]

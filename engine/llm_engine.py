@@ -20,8 +20,8 @@ from engine.tokenizer import Tokenizer
 from scheduler.adaptive_k import AdaptiveSpeculation
 from scheduler.block_manager import BlockAllocator
 from scheduler.output import ModelRunnerOutput, SchedulerOutput
-from scheduler.scheduler import Scheduler, SchedulerLimits
-from scheduler.sequence import Sequence
+from scheduler.scheduler import Scheduler, SchedulerLimits, SequenceUpdate
+from scheduler.sequence import FinishReason, Sequence
 from workers.executor import Executor
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ class _InFlight:
     scheduler_output: SchedulerOutput
     handle: object
     started: float
-    requests: list[Request | None]  # per scheduled sequence, as at launch
-    # Scheduled ahead of: the scheduler already counts this step's chunks as
-    # computed and its samples as pending.
-    advanced: bool = False
     launched_ahead: bool = False  # launched before its predecessor was read back
 
 
@@ -119,9 +115,10 @@ class LLMEngine:
         self._last_step_time = 0.0
         self._last_step_shape = (0, 0)  # (sequences, target tokens) of the last step read back
         self._last_finish = 0.0
-        self._after_prompt = True  # the last applied step computed a prompt chunk
-        self._pipelined = config.scheduler_config.async_output and self.executor.overlaps_steps
-        self._in_flight = None  # pipelined: the launched step not yet read back
+        # Two loops, chosen once: pipelined steps where the executor overlaps them.
+        self.pipelined = config.scheduler_config.async_output and self.executor.overlaps_steps
+        self._step = self._step_pipelined if self.pipelined else self._step_sync
+        self._in_flight: _InFlight | None = None  # pipelined: launched, not yet read back
 
     # -- requests --------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -132,16 +129,17 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt_ids = self._prompt_token_ids(prompt)
+        stop_ids = frozenset(params.stop_token_ids)
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             max_tokens=params.max_tokens,
             num_speculative_tokens=self._speculation_for(num_speculative_tokens),
             sampling_params=params,
+            stop_token_ids=stop_ids if params.ignore_eos else stop_ids | self.eos_token_ids,
             priority=priority,
         )
-        self.requests[request_id] = Request(seq, params, self.tokenizer, self.eos_token_ids,
-                                            self.max_model_len)
+        self.requests[request_id] = Request(seq, params, self.tokenizer)
         self.scheduler.add(seq)
 
     def new_request_id(self) -> str:
@@ -151,7 +149,7 @@ class LLMEngine:
         request = self.requests.pop(request_id, None)
         if request is not None:
             request.abort()
-            self.scheduler.finish(request.seq)
+            self.scheduler.finish(request.seq, FinishReason.ABORTED)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -162,30 +160,40 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step: the outputs of the newest step that finished.
+        """One engine step: the outputs of the newest step that finished."""
+        try:
+            return self._step()
+        except BaseException:
+            # A failed step is never read back: forget it (and one launched
+            # ahead of it); the caller aborts the requests it held.
+            self._in_flight = None
+            self.scheduler.forget_launched()
+            raise
 
-        With ``async_output`` (and an executor that overlaps), steps are
-        pipelined. While step N runs on the device, step N + 1 is scheduled
-        and launched, and N's outputs are worked out only then:
+    def _step_sync(self) -> list[RequestOutput]:
+        """Schedule, run and apply one step; nothing overlaps."""
+        launched = self._launch_next(self._choose_k())
+        if launched is None:
+            return []
+        runner_output = self.executor.finish(launched.handle)
+        return self._emit(self._apply(launched, runner_output, next_ahead=False))
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """While step N runs on the device, step N + 1 is scheduled and
+        launched, and N's outputs are worked out only then:
 
         - when N does not speculate (nor has penalties) and none of its
           sequences may speculate in N + 1, N + 1 is scheduled before N is
-          read back: each of N's samples counts as a
-          pending token, which N + 1 takes from N's output on the device, and
+          read back (``Scheduler.schedule_ahead``): each of N's samples is a
+          pending token that N + 1 takes from N's output on the device, so
           the device always has the next step queued;
         - otherwise N is read back and its tokens applied first (a draft's
           catch-up and a speculating step's slots depend on them), and only
           N's text (detokenizing, stop strings, outputs) overlaps N + 1.
 
-        A request that N finishes (a stop token or string) may already be part
-        of N + 1: its tokens from that step are dropped.
+        A request that N finishes (a stop token or string) may already be
+        part of N + 1: the scheduler skips its tokens from that step.
         """
-        if not self._pipelined:
-            launched = self._launch_next(self._choose_k())
-            if launched is None:
-                return []
-            return self._emit(self._apply_tokens(launched, self.executor.finish(launched.handle),
-                                                 next_ahead=False))
         current, self._in_flight = self._in_flight, None
         if current is None:
             current = self._launch_next(self._choose_k())
@@ -193,8 +201,8 @@ class LLMEngine:
                 return []
         k_cap = self._choose_k()
         ahead = self._launch_ahead(current, k_cap)
-        applied = self._apply_tokens(current, self.executor.finish(current.handle),
-                                     next_ahead=ahead is not None)
+        applied = self._apply(current, self.executor.finish(current.handle),
+                              next_ahead=ahead is not None)
         self._in_flight = ahead if ahead is not None else self._launch_next(k_cap)
         return self._emit(applied)
 
@@ -213,42 +221,43 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return None
-        return self._launch(scheduler_output, started)
+        return _InFlight(scheduler_output, self.executor.launch(scheduler_output), started)
 
     def _launch_ahead(self, current: _InFlight, k_cap: int | None) -> _InFlight | None:
         """Schedule and start the step after ``current`` before ``current`` is
         read back, where its tokens are not needed to do so; else None."""
-        works = current.scheduler_output.sequences
-        if any(w.num_speculative_tokens or w.prompt_token_ids is not None for w in works):
-            return None  # its accepted counts (or penalty history) are unknown until read
-        if k_cap != 0 and any(w.sample and r is not None and r.seq.num_speculative_tokens
-                              for w, r in zip(works, current.requests)):
-            return None  # a sequence whose sample is pending may speculate next
         started = time.perf_counter()
-        for work, request in zip(works, current.requests):
-            if request is not None and not request.finished:
-                self.scheduler.advance_ahead(request.seq, work)
-        current.advanced = True
         self.scheduler.step_k_cap = k_cap
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
+        scheduler_output = self.scheduler.schedule_ahead(current.scheduler_output)
+        if scheduler_output is None:
             return None
-        return self._launch(scheduler_output, started, ahead=True)
-
-    def _launch(self, scheduler_output: SchedulerOutput, started: float,
-                ahead: bool = False) -> _InFlight:
-        requests = [self.requests.get(w.request_id) for w in scheduler_output.sequences]
         return _InFlight(scheduler_output, self.executor.launch(scheduler_output), started,
-                         requests, launched_ahead=ahead)
+                         launched_ahead=True)
 
-    def _apply_tokens(self, step: _InFlight, runner_output: ModelRunnerOutput,
-                      next_ahead: bool) -> list[tuple]:
-        """Everything the next schedule depends on: sequences advance (or,
-        scheduled ahead, their pending samples land), kept tokens join them,
-        requests finished by a token leave the scheduler."""
+    def _apply(self, step: _InFlight, runner_output: ModelRunnerOutput,
+               next_ahead: bool) -> list[tuple[Request, SequenceUpdate]]:
+        """Everything the next schedule depends on: the scheduler applies the
+        step's tokens (finishing requests at a stop token or a limit), and
+        the step's cost and acceptance go to the records."""
+        self._record_step(step, next_ahead)
+        applied = []
+        for update in self.scheduler.update_from_output(step.scheduler_output, runner_output):
+            request = self.requests[update.request_id]
+            if update.num_proposed:
+                self._proposed_total += update.counted_proposed
+                self._accepted_total += update.counted_accepted
+                if self.adaptive is not None:  # the draft's record, whatever is kept
+                    self.adaptive.observe_acceptance(update.num_proposed, update.num_accepted)
+            request.apply(update)
+            applied.append((request, update))
+            if request.finished:
+                del self.requests[request.request_id]
+        return applied
+
+    def _record_step(self, step: _InFlight, next_ahead: bool) -> None:
+        """A step's cost runs from its scheduling, or (pipelined: scheduled
+        right after it) from the previous step's read-back, to its own."""
         scheduler_output = step.scheduler_output
-        # A step's cost runs from its scheduling, or (pipelined: scheduled
-        # right after it) from the previous step's read-back, to its own.
         now = time.perf_counter()
         self._last_step_time = now - max(step.started, self._last_finish)
         self._last_finish = now
@@ -256,60 +265,24 @@ class LLMEngine:
                                  scheduler_output.num_scheduled_tokens)
         self._last_k = max((s.num_speculative_tokens for s in scheduler_output.sequences),
                            default=0)
-        # Where the pipeline fills or drains (a step launched ahead followed
-        # by one that is not, or the reverse), the time between read-backs
-        # holds two steps' work or none of it: not a fair sample. Nor is the
-        # step after a prompt chunk: pipelined, it also holds the host's work
-        # on that step's outputs, first tokens whose detokenizers start then.
         if self.adaptive is not None:
-            if (step.launched_ahead == next_ahead and not self._after_prompt
-                    and _is_steady(scheduler_output)):
-                self.adaptive.observe_step(len(scheduler_output.sequences), self._last_k,
-                                           self._last_step_time)
-            self._after_prompt = any(len(w.token_ids) > 1 or (w.sample and not w.num_output_tokens)
-                                     for w in scheduler_output.sequences)
-        applied = []
-        logprobs = runner_output.logprobs or [None] * len(scheduler_output.sequences)
-        for work, request, emitted, proposed, lps in zip(
-                scheduler_output.sequences, step.requests, runner_output.sampled_token_ids,
-                runner_output.num_draft_proposed, logprobs):
-            # Aborted, or stopped by a stop string, while the step ran.
-            if request is None or request.finished:
-                continue
-            num_accepted = len(emitted) - 1 if emitted else 0
-            if step.advanced:
-                if work.sample:
-                    self.scheduler.land(request.seq)
-            else:
-                self.scheduler.advance(request.seq, work, num_accepted)
-            if not emitted:
-                continue
-            if proposed:
-                self._proposed_total += proposed
-                if self.adaptive is not None:  # the draft's record, whatever is kept
-                    self.adaptive.observe_acceptance(proposed, num_accepted)
-            accepted_before = request.metrics.draft_tokens_accepted
-            applied.append((request, request.append_tokens(emitted, proposed), lps))
-            self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
-            if request.finished:
-                self._retire(request)
-        return applied
+            self.adaptive.observe_step(scheduler_output, self._last_step_time,
+                                       launched_ahead=step.launched_ahead, next_ahead=next_ahead)
 
-    def _emit(self, applied: list[tuple]) -> list[RequestOutput]:
+    def _emit(self, applied: list[tuple[Request, SequenceUpdate]]) -> list[RequestOutput]:
+        """The text work: detokenize, check stop strings, build the outputs."""
         outputs = []
-        for request, kept, lps in applied:
+        for request, update in applied:
             was_finished = request.finished
             accepted_before = request.metrics.draft_tokens_accepted
-            outputs.append(request.emit(kept, lps))
-            # A stop string may take back accepted tokens past its match.
-            self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
-            if request.finished and not was_finished:  # a stop string
-                self._retire(request)
+            outputs.append(request.emit(update.new_token_ids, update.logprobs))
+            if request.finished and not was_finished:  # a stop string, which may take
+                # back accepted tokens past its match
+                self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
+                self.scheduler.finish(request.seq, FinishReason.STOP,
+                                      num_output_tokens=request.metrics.completion_tokens)
+                self.requests.pop(request.request_id, None)
         return outputs
-
-    def _retire(self, request: Request) -> None:
-        self.scheduler.finish(request.seq)
-        self.requests.pop(request.request_id, None)
 
     # -- information -----------------------------------------------------
     def get_stats(self) -> EngineStats:
@@ -369,18 +342,6 @@ class LLMEngine:
             raise ValueError(f"num_speculative_tokens={requested} exceeds this engine's "
                              f"{self.num_speculative_tokens} (it can only be lowered per request)")
         return requested
-
-
-def _is_steady(scheduler_output: SchedulerOutput) -> bool:
-    """A step that costs what its k costs, a fair sample for the cost model:
-    decode only (no prompt chunk), one k for every sequence, and no draft
-    catching up on more than the two tokens of every speculating decode step
-    (longer catch-ups follow steps that did not speculate). Other steps run
-    outside the captured graphs and cost many times more."""
-    seqs = scheduler_output.sequences
-    k = seqs[0].num_speculative_tokens if seqs else 0
-    return all(len(s.token_ids) == 1 and len(s.draft_token_ids) <= 2
-               and s.num_speculative_tokens == k for s in seqs)
 
 
 def _load_hf_config(model_dir: str):

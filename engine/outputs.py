@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 
 from scheduler.output import TokenLogprobs
+from scheduler.sequence import FinishReason
 
-
-class FinishReason(str, Enum):
-    LENGTH = "length"
-    STOP = "stop"
-    ABORTED = "aborted"
+__all__ = ["CompletionOutput", "FinishReason", "RequestMetrics", "RequestOutput"]
 
 
 @dataclass

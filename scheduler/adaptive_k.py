@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from scheduler.output import SchedulerOutput
+
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Mean tokens a step emits per sequence with k proposals."""
@@ -51,6 +53,7 @@ class AdaptiveSpeculation:
         self._warm: set[tuple[int, int]] = set()  # (bucket, k) seen once
         self.last_k = max_k
         self._repeat = 0
+        self._after_prompt = True  # the last step observed computed a prompt chunk
         self.choices = [0] * (max_k + 1)  # how often each k was chosen (for metrics)
 
     @property
@@ -66,7 +69,24 @@ class AdaptiveSpeculation:
         self._wins = self._wins * decay + num_accepted
         self._tries = self._tries * decay + tries
 
-    def observe_step(self, batch_size: int, k: int, seconds: float) -> None:
+    def observe_step(self, scheduler_output: SchedulerOutput, seconds: float, *,
+                     launched_ahead: bool, next_ahead: bool) -> None:
+        """A step read back after ``seconds`` (from its scheduling, or from the
+        previous read-back if that came later), kept as a sample of its k's
+        cost only when it is a fair one. Where the pipeline fills or drains
+        (a step launched ahead followed by one that is not, or the reverse),
+        the time between read-backs holds two steps' work or none of it. Nor
+        is the step after a prompt chunk fair: pipelined, it also holds the
+        host's work on that step's outputs, first tokens whose detokenizers
+        start then."""
+        seqs = scheduler_output.sequences
+        if launched_ahead == next_ahead and not self._after_prompt and is_steady(scheduler_output):
+            self.observe_cost(len(seqs), seqs[0].num_speculative_tokens, seconds)
+        self._after_prompt = any(len(w.token_ids) > 1 or (w.sample and not w.num_output_tokens)
+                                 for w in seqs)
+
+    def observe_cost(self, batch_size: int, k: int, seconds: float) -> None:
+        """One fair sample of a step's cost at this batch size and k."""
         bucket = batch_bucket(batch_size)
         key = (bucket, k)
         if key not in self._warm:  # a shape's first step can pay one-time costs
@@ -146,3 +166,15 @@ class AdaptiveSpeculation:
         hi = min(j for j in ks if j > k)
         t_lo, t_hi = self._cost[(bucket, lo)], self._cost[(bucket, hi)]
         return t_lo + (t_hi - t_lo) * (k - lo) / (hi - lo)
+
+
+def is_steady(scheduler_output: SchedulerOutput) -> bool:
+    """A step that costs what its k costs, a fair sample for the cost model:
+    decode only (no prompt chunk), one k for every sequence, and no draft
+    catching up on more than the two tokens of every speculating decode step
+    (longer catch-ups follow steps that did not speculate). Other steps run
+    outside the captured graphs and cost many times more."""
+    seqs = scheduler_output.sequences
+    k = seqs[0].num_speculative_tokens if seqs else 0
+    return bool(seqs) and all(len(s.token_ids) == 1 and len(s.draft_token_ids) <= 2
+                              and s.num_speculative_tokens == k for s in seqs)

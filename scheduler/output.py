@@ -54,6 +54,7 @@ class SchedulerOutput:
     """Everything the workers need for one step, in batch order."""
 
     sequences: list[ScheduledSequence]
+    step_id: int = 0  # names the step when its output comes back to the scheduler
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -9,11 +9,13 @@ a chunk that reaches the end of its sequence also samples.
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 from scheduler.block_manager import BlockAllocator
-from scheduler.output import ScheduledSequence, SchedulerOutput
-from scheduler.sequence import Sequence, SequenceStatus
+from scheduler.output import (ModelRunnerOutput, ScheduledSequence, SchedulerOutput,
+                              TokenLogprobs)
+from scheduler.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass
@@ -24,6 +26,23 @@ class SchedulerLimits:
     # Fraction of running sequences' possible growth (to max_tokens) that
     # admission keeps free; 0 admits while the prompt fits.
     kv_reserve: float = 0.0
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step did for one sequence, for the engine to detokenize and stream."""
+
+    request_id: str
+    new_token_ids: list[int]  # kept: cut at a stop token, max_tokens or the context
+    num_proposed: int  # draft tokens proposed
+    num_accepted: int  # of them, accepted by the verifier: the draft's record
+    # What the request's usage counts: proposals that could have been output
+    # (within max_tokens and the context: a decode step near the end still
+    # proposes k, to keep one shape) and the accepted tokens that were output.
+    counted_proposed: int
+    counted_accepted: int
+    finish_reason: FinishReason | None
+    logprobs: list[TokenLogprobs] | None  # one per kept token, when asked for
 
 
 class Scheduler:
@@ -45,6 +64,10 @@ class Scheduler:
         self._arrivals = 0
         self.step_k_cap: int | None = None  # set per step by adaptive speculation
         self.num_preemptions = 0  # since start: each one recomputes a sequence
+        self._step_ids = itertools.count(1)
+        # Launched steps not yet read back: step id -> (the scheduled sequences,
+        # whether the next step was scheduled ahead of it).
+        self._launched: dict[int, tuple[list[Sequence], bool]] = {}
 
     # -- queue changes -------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -53,8 +76,13 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=_waiting_key)
 
-    def finish(self, seq: Sequence) -> None:
-        """Drop a sequence (done or aborted) and free its blocks."""
+    def finish(self, seq: Sequence, reason: FinishReason = FinishReason.ABORTED,
+               num_output_tokens: int | None = None) -> None:
+        """Drop a sequence and free its blocks. ``num_output_tokens`` keeps
+        only that many output tokens (a stop string matched before the end
+        of the step's tokens)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
@@ -62,6 +90,9 @@ class Scheduler:
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if num_output_tokens is not None:
+            del seq.output_token_ids[num_output_tokens:]
 
     @property
     def num_unfinished(self) -> int:
@@ -71,6 +102,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.limits.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
+        chosen: list[Sequence] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
@@ -89,6 +121,7 @@ class Scheduler:
             if work is None:
                 break
             scheduled.append(work)
+            chosen.append(seq)
             budget -= work.num_scheduled_tokens
             i += 1
 
@@ -108,8 +141,34 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_running_key)
             scheduled.append(work)
+            chosen.append(seq)
             budget -= work.num_scheduled_tokens
-        return SchedulerOutput(sequences=scheduled)
+        if not scheduled:
+            return SchedulerOutput(sequences=[])
+        step_id = next(self._step_ids)
+        self._launched[step_id] = (chosen, False)
+        return SchedulerOutput(sequences=scheduled, step_id=step_id)
+
+    def schedule_ahead(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """Schedule the step after ``in_flight`` before it is read back, where
+        its outcome is not needed to: it proposes nothing and reads no penalty
+        history, and none of its samples may be speculated on next. Its chunks
+        then count as computed and its samples as pending, which the next
+        step reads from its output on the device. None when it cannot be
+        done or nothing is left to schedule."""
+        seqs, _ = self._launched[in_flight.step_id]
+        works = in_flight.sequences
+        if any(w.num_speculative_tokens or w.prompt_token_ids is not None for w in works):
+            return None  # its accepted counts (or penalty history) are unknown until read
+        live = [(w, s) for w, s in zip(works, seqs) if s.status is not SequenceStatus.FINISHED]
+        if self.step_k_cap != 0 and any(w.sample and s.num_speculative_tokens for w, s in live):
+            return None  # a sequence whose sample is pending may speculate next
+        for work, seq in live:
+            seq.num_computed_tokens = work.num_computed_tokens + len(work.token_ids)
+            seq.num_pending_tokens += work.sample
+        self._launched[in_flight.step_id] = (seqs, True)
+        out = self.schedule()
+        return None if out.is_empty else out
 
     def _done_when_pending_land(self, seq: Sequence) -> bool:
         """Whether the samples still in flight take ``seq`` to max_tokens or
@@ -191,32 +250,70 @@ class Scheduler:
         bisect.insort(self.waiting, seq, key=_waiting_key)
 
     # -- after the step ------------------------------------------------
-    @staticmethod
-    def advance_ahead(seq: Sequence, work: ScheduledSequence) -> None:
-        """Account for a launched step that proposes nothing before it is
-        read back, so the next step can be scheduled while it runs: its chunk
-        counts as computed, its sample (if any) as pending. ``land`` settles
-        the sample once it is read."""
-        if work.num_speculative_tokens:
-            raise ValueError("a speculating step's outcome is unknown until it is read back")
-        seq.num_computed_tokens = work.num_computed_tokens + len(work.token_ids)
-        seq.num_pending_tokens += work.sample
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> list[SequenceUpdate]:
+        """Apply a step's results: each sequence advances by what the target
+        computed, keeps its tokens up to a stop token, max_tokens or the
+        context, and finishes there (its blocks freed). Sequences finished
+        while the step ran (aborted, or stopped by a stop string) are skipped.
+        Returns an update per sequence that got tokens."""
+        seqs, scheduled_ahead = self._launched.pop(scheduler_output.step_id)
+        logprobs = runner_output.logprobs or [None] * len(seqs)
+        updates = []
+        for work, seq, emitted, proposed, lps in zip(
+                scheduler_output.sequences, seqs, runner_output.sampled_token_ids,
+                runner_output.num_draft_proposed, logprobs):
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            num_accepted = len(emitted) - 1 if emitted else 0
+            if scheduled_ahead:
+                seq.num_pending_tokens -= work.sample  # its sample has landed
+            else:
+                _advance(seq, work, num_accepted)
+            if not emitted:
+                continue
+            room = self._room(seq)
+            kept, reason = self._keep(seq, emitted, room)
+            seq.output_token_ids.extend(kept)
+            num_accepted = num_accepted if proposed else 0
+            updates.append(SequenceUpdate(
+                request_id=seq.request_id, new_token_ids=kept, num_proposed=proposed,
+                num_accepted=num_accepted, counted_proposed=min(proposed, room),
+                counted_accepted=min(len(kept), num_accepted),
+                finish_reason=reason, logprobs=lps[:len(kept)] if lps is not None else None))
+            if reason is not None:
+                self.finish(seq, reason)
+        return updates
+
+    def forget_launched(self) -> None:
+        """The launched steps will never be read back (their workers failed)."""
+        self._launched.clear()
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens the sequence may still output: up to max_tokens and the context."""
+        return min(seq.max_tokens - seq.num_output_tokens,
+                   self.limits.max_model_len - seq.num_tokens)
 
     @staticmethod
-    def land(seq: Sequence) -> None:
-        """A pending sample was read back (the caller appends its token)."""
-        seq.num_pending_tokens -= 1
+    def _keep(seq: Sequence, token_ids: list[int],
+              room: int) -> tuple[list[int], FinishReason | None]:
+        """The tokens a sequence keeps of a step's, and why it ends there, if it does."""
+        kept = token_ids[:room]
+        for i, token in enumerate(kept):
+            if token in seq.stop_token_ids:
+                return kept[:i + 1], FinishReason.STOP
+        return kept, FinishReason.LENGTH if len(kept) == room else None
 
-    @staticmethod
-    def advance(seq: Sequence, work: ScheduledSequence, num_accepted: int) -> None:
-        """Account for what the step computed: the chunk plus the accepted
-        draft tokens in the target's cache; in the draft's, everything up to
-        the last token it was fed (it never sees its own last proposal)."""
-        end = work.num_computed_tokens + len(work.token_ids)
-        seq.num_computed_tokens = end + num_accepted
-        if work.draft_token_ids:
-            k = work.num_speculative_tokens
-            seq.num_draft_computed_tokens = end + min(num_accepted, max(k - 1, 0))
+
+def _advance(seq: Sequence, work: ScheduledSequence, num_accepted: int) -> None:
+    """Account for what a step computed: the chunk plus the accepted draft
+    tokens in the target's cache; in the draft's, everything up to the last
+    token it was fed (it never sees its own last proposal)."""
+    end = work.num_computed_tokens + len(work.token_ids)
+    seq.num_computed_tokens = end + num_accepted
+    if work.draft_token_ids:
+        k = work.num_speculative_tokens
+        seq.num_draft_computed_tokens = end + min(num_accepted, max(k - 1, 0))
 
 
 def _waiting_key(seq: Sequence) -> tuple[int, int]:

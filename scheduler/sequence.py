@@ -16,6 +16,12 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens or the context length
+    STOP = "stop"  # a stop token (EOS included) or a stop string
+    ABORTED = "aborted"
+
+
 @dataclass
 class Sequence:
     """Token-level state of one request.
@@ -35,6 +41,7 @@ class Sequence:
     max_tokens: int
     num_speculative_tokens: int = 0  # this request's k (<= the engine's)
     sampling_params: Any = None
+    stop_token_ids: frozenset[int] = frozenset()  # EOS ids included, unless ignored
     priority: int = 0
     arrival_order: int = 0
     output_token_ids: list[int] = field(default_factory=list)
@@ -42,6 +49,7 @@ class Sequence:
     num_draft_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_pending_tokens: int = 0  # sampled by a launched step, not read back yet
 

@@ -17,7 +17,7 @@ def drive(ctl: AdaptiveSpeculation, batch: int, cost, alpha: float, steps: int =
     for _ in range(steps):
         k = ctl.choose(batch)
         chosen.append(k)
-        ctl.observe_step(batch, k, cost(k))
+        ctl.observe_cost(batch, k, cost(k))
         for _ in range(batch if k else 0):
             accepted = 0
             while accepted < k and rng.random() < alpha:
@@ -85,7 +85,7 @@ def test_a_k_seen_only_in_re_measurements_is_not_kept_out_by_old_slow_samples():
     for _ in range(600):
         k = ctl.choose(16)
         chosen.append(k)
-        ctl.observe_step(16, k, cost(k))
+        ctl.observe_cost(16, k, cost(k))
         for _ in range(16 if k else 0):
             accepted = 0
             while accepted < k and rng.random() < 0.8:
@@ -160,7 +160,7 @@ def test_engine_with_adaptive_k_is_lossless(tmp_path):
 
 
 def test_cost_samples_only_from_one_shape_decode_steps():
-    from engine.llm_engine import _is_steady
+    from scheduler.adaptive_k import is_steady as _is_steady
     from scheduler.output import ScheduledSequence, SchedulerOutput
 
     def work(k, catch_up=2, chunk=1):

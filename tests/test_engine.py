@@ -229,7 +229,7 @@ def test_pipelined_steps_give_the_same_outputs_and_free_every_block(pair, llm):
               seeded(5, 40, stop=["\n\n"])]
     sync = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
                kv_cache_memory=1 << 24, block_size=4, async_output=False)
-    assert llm.engine._pipelined and not sync.engine._pipelined
+    assert llm.engine.pipelined and not sync.engine.pipelined
     want = sync.generate(PROMPTS, params)
     got = llm.generate(PROMPTS, params)
     for a, b in zip(got, want):

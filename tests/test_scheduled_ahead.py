@@ -10,7 +10,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.outputs import FinishReason
 from scheduler.block_manager import BlockAllocator
-from scheduler.output import PENDING_TOKEN
+from scheduler.output import PENDING_TOKEN, ModelRunnerOutput
 from scheduler.scheduler import Scheduler, SchedulerLimits
 from scheduler.sequence import Sequence
 from tests.pair_factory import make_pair
@@ -37,10 +37,17 @@ def seeded(seed, n=24, **kw):
 
 
 def count_ahead(engine, monkeypatch) -> list[int]:
+    """A list that gets an entry for each step scheduled ahead."""
     calls = []
-    advance_ahead = engine.scheduler.advance_ahead
-    monkeypatch.setattr(engine.scheduler, "advance_ahead",
-                        lambda seq, work: calls.append(1) or advance_ahead(seq, work))
+    schedule_ahead = engine.scheduler.schedule_ahead
+
+    def counted(in_flight):
+        out = schedule_ahead(in_flight)
+        if engine.scheduler._launched[in_flight.step_id][1]:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(engine.scheduler, "schedule_ahead", counted)
     return calls
 
 
@@ -66,19 +73,24 @@ def make_scheduler(max_len=256):
     return Scheduler(SchedulerLimits(8, 64, max_len), BlockAllocator(64, 4))
 
 
+def land(s: Scheduler, out, tokens: dict[str, list[int]]) -> None:
+    """Read back a step scheduled ahead of: its samples land."""
+    sampled = [tokens.get(w.request_id, [9]) if w.sample else [] for w in out.sequences]
+    s.update_from_output(out, ModelRunnerOutput([w.request_id for w in out.sequences], sampled,
+                                                [0] * len(out.sequences)))
+
+
 def test_a_pending_sample_is_the_next_steps_input():
     s = make_scheduler()
     a = Sequence("a", [1, 2, 3, 4, 5], max_tokens=8)
     s.add(a)
-    prefill = s.schedule().sequences[0]
-    s.advance_ahead(a, prefill)
+    prefill = s.schedule()
+    decode = s.schedule_ahead(prefill).sequences[0]
     assert (a.num_computed_tokens, a.num_pending_tokens, a.num_tokens) == (5, 1, 6)
-    decode = s.schedule().sequences[0]
     assert decode.token_ids == [PENDING_TOKEN] and decode.sample
     assert decode.num_computed_tokens == 5
     assert decode.num_output_tokens == 1  # the seeded draws' position counts the pending one
-    s.land(a)
-    a.output_token_ids.append(9)
+    land(s, prefill, {"a": [9]})
     assert a.token_slice(4, 6) == [5, 9] and a.num_pending_tokens == 0
 
 
@@ -95,28 +107,25 @@ def test_no_step_for_a_sequence_whose_pending_sample_is_its_last():
     b = Sequence("b", [1, 2, 3], max_tokens=5)
     for x in (a, b):
         s.add(x)
-    first = s.schedule()
-    for x, work in zip((a, b), first.sequences):
-        s.advance_ahead(x, work)
-    assert [w.request_id for w in s.schedule().sequences] == ["b"]
+    ahead = s.schedule_ahead(s.schedule())
+    assert [w.request_id for w in ahead.sequences] == ["b"]
 
 
 def test_no_step_past_the_context_on_pending_samples():
     s = make_scheduler(max_len=4)
     a = Sequence("a", [1, 2, 3], max_tokens=10)
     s.add(a)
-    s.advance_ahead(a, s.schedule().sequences[0])
-    assert s.schedule().is_empty  # the pending token fills the context
+    assert s.schedule_ahead(s.schedule()) is None  # the pending token fills the context
+    assert a.num_pending_tokens == 1
 
 
-def test_a_speculating_step_cannot_be_scheduled_ahead_of():
+def test_no_step_is_scheduled_ahead_of_a_speculating_one():
     s = make_scheduler()
     a = Sequence("a", [1, 2, 3], max_tokens=10, num_speculative_tokens=2)
     s.add(a)
-    work = s.schedule().sequences[0]
-    assert work.num_speculative_tokens == 2
-    with pytest.raises(ValueError, match="speculating"):
-        s.advance_ahead(a, work)
+    out = s.schedule()
+    assert out.sequences[0].num_speculative_tokens == 2
+    assert s.schedule_ahead(out) is None and a.num_pending_tokens == 0
 
 
 # -- the engine ---------------------------------------------------------------
@@ -242,8 +251,8 @@ def adaptive_on_a_step_clock(pair, monkeypatch):
     launch = engine.executor.launch
     monkeypatch.setattr(engine.executor, "launch",
                         lambda so: clock.__setitem__(0, clock[0] + 1.0) or launch(so))
-    observe = engine.adaptive.observe_step
-    monkeypatch.setattr(engine.adaptive, "observe_step",
+    observe = engine.adaptive.observe_cost
+    monkeypatch.setattr(engine.adaptive, "observe_cost",
                         lambda b, k, t: samples.append((k, t)) or observe(b, k, t))
     return llm, clock, samples
 
@@ -271,7 +280,7 @@ def test_adaptive_cost_samples_leave_out_the_work_after_a_prompt(pair, monkeypat
     emit, seen = llm.engine._emit, set()
 
     def slow_first_tokens(applied):
-        first = {request.request_id for request, _, _ in applied} - seen
+        first = {request.request_id for request, _ in applied} - seen
         if first:
             seen.update(first)
             clock[0] += 5.0

@@ -4,9 +4,9 @@ for speculation, preemption and the accounting after each step."""
 from __future__ import annotations
 
 from scheduler.block_manager import BlockAllocator
-from scheduler.output import ScheduledSequence
+from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
 from scheduler.scheduler import Scheduler, SchedulerLimits
-from scheduler.sequence import Sequence, SequenceStatus
+from scheduler.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def make(num_blocks=64, block_size=4, max_seqs=8, max_tokens_budget=64, max_len=256):
@@ -19,14 +19,17 @@ def seq(rid, n_prompt=5, k=0, max_tokens=32):
                     max_tokens=max_tokens, num_speculative_tokens=k)
 
 
+def runner_output(out: SchedulerOutput, emitted: dict[str, list[int]] | None = None):
+    """What workers would return had they sampled ``emitted`` (default: one token)."""
+    sampled = [(emitted or {}).get(w.request_id, [7]) if w.sample else [] for w in out.sequences]
+    return ModelRunnerOutput([w.request_id for w in out.sequences], sampled,
+                             [w.num_speculative_tokens for w in out.sequences])
+
+
 def run_step(s: Scheduler, emitted: dict[str, list[int]] | None = None):
-    """Schedule, then pretend the workers sampled ``emitted`` (default: one token)."""
+    """Schedule, then apply what the workers would return for ``emitted``."""
     out = s.schedule()
-    for work in out.sequences:
-        sq = next(x for x in s.running if x.request_id == work.request_id)
-        tokens = (emitted or {}).get(work.request_id, [7]) if work.sample else []
-        s.advance(sq, work, max(len(tokens) - 1, 0))
-        sq.output_token_ids.extend(tokens)
+    s.update_from_output(out, runner_output(out, emitted))
     return out
 
 
@@ -205,3 +208,60 @@ def test_full_reserve_finishes_without_preemption():
                 s.finish(q)
     assert all(q.num_preemptions == 0 for q in seqs)
     assert s.allocator.num_free_blocks == 12
+
+
+# -- applying a step's output ----------------------------------------------------------------
+def test_a_stop_token_keeps_the_tokens_up_to_it_and_frees_the_blocks():
+    s = make(num_blocks=16)
+    a = seq("a", n_prompt=4, k=3)
+    a.stop_token_ids = frozenset({50})
+    s.add(a)
+    out = s.schedule()
+    (update,) = s.update_from_output(out, runner_output(out, {"a": [9, 50, 11, 12]}))
+    assert update.new_token_ids == [9, 50] and update.finish_reason is FinishReason.STOP
+    assert (update.num_proposed, update.num_accepted, update.counted_accepted) == (3, 3, 2)
+    assert a.status is SequenceStatus.FINISHED and a.output_token_ids == [9, 50]
+    assert s.allocator.num_free_blocks == 16 and not s.running
+
+
+def test_max_tokens_and_the_context_cut_the_accepted_run():
+    s = make(max_len=10)
+    a = seq("a", n_prompt=4, k=3, max_tokens=3)
+    b = seq("b", n_prompt=7, k=2, max_tokens=20)
+    s.add(a)
+    s.add(b)
+    out = s.schedule()  # a's prompt proposes 2 (max_tokens), b's 2 (the context)
+    ua, ub = s.update_from_output(out, runner_output(out, {"a": [1], "b": [4, 5, 6]}))
+    assert ua.new_token_ids == [1] and ua.finish_reason is None
+    assert ub.new_token_ids == [4, 5, 6] and ub.finish_reason is FinishReason.LENGTH  # 7 + 3 = 10
+    assert (ub.counted_proposed, ub.counted_accepted) == (2, 2)
+    out = s.schedule()  # a decode step keeps its k = 3 though 2 tokens are left
+    (ua,) = s.update_from_output(out, runner_output(out, {"a": [2, 3, 4, 5]}))
+    assert ua.new_token_ids == [2, 3] and ua.finish_reason is FinishReason.LENGTH
+    assert (ua.num_proposed, ua.num_accepted) == (3, 3)
+    assert (ua.counted_proposed, ua.counted_accepted) == (2, 2)
+    assert s.num_unfinished == 0 and s.allocator.num_free_blocks == s.allocator.num_blocks
+
+
+def test_a_sequence_finished_while_its_step_ran_is_skipped():
+    s = make()
+    a, b = seq("a"), seq("b")
+    s.add(a)
+    s.add(b)
+    out = s.schedule()
+    s.finish(a)  # aborted while the step ran
+    updates = s.update_from_output(out, runner_output(out))
+    assert [u.request_id for u in updates] == ["b"] and a.output_token_ids == []
+    assert a.finish_reason is FinishReason.ABORTED
+
+
+def test_finish_can_take_back_output_tokens():
+    s = make()
+    a = seq("a")
+    s.add(a)
+    run_step(s, {"a": [1]})
+    out = s.schedule()
+    s.update_from_output(out, runner_output(out, {"a": [2, 3, 4]}))
+    s.finish(a, FinishReason.STOP, num_output_tokens=2)  # a stop string matched at token 2
+    assert a.output_token_ids == [1, 2] and a.finish_reason is FinishReason.STOP
+    assert s.allocator.num_free_blocks == s.allocator.num_blocks
