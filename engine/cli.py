@@ -82,6 +82,9 @@ ENGINE_OPTION_HELP = {
                    "a local one.",
     "enforce_eager": "Never capture CUDA graphs (they are used on CUDA for decode, "
                      "verification and draft steps where the attention backend allows).",
+    "batch_invariant": "Compute every token the same way whatever else is in its step (the "
+                       "batch, its own query count, chunk boundaries), so that greedy and "
+                       "seeded outputs are bit-identical alone and in any batch; slower.",
 }
 
 ENGINE_OPTION_CHOICES = {

@@ -105,6 +105,7 @@ class ParallelConfig:
     data_parallel_size: int = 1
     ray_address: str | None = None
     enforce_eager: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         _check(self.executor in EXECUTORS, f"executor must be one of {EXECUTORS}, got {self.executor!r}")

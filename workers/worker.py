@@ -41,10 +41,12 @@ class Worker:
     def load(self) -> int:
         """Load both models, size and allocate the KV cache; returns its block count."""
         mc, sc, cc = self.config.model_config, self.config.speculative_config, self.config.cache_config
+        invariant = self.config.parallel_config.batch_invariant
         torch.manual_seed(mc.seed)
         target_cfg = load_hf_config(mc.model)
         dtype = resolve_dtype(mc.dtype, target_cfg, self.device)
-        target = load_model(mc.model, dtype, self.device, mc.load_format, seed=mc.seed)
+        target = load_model(mc.model, dtype, self.device, mc.load_format, seed=mc.seed,
+                            batch_invariant=invariant)
         draft, draft_cfg = None, None
         if sc.draft_model is not None:
             draft_cfg = load_hf_config(sc.draft_model)
@@ -52,7 +54,8 @@ class Worker:
                 raise ValueError(
                     f"the draft {sc.draft_model} has a vocabulary of {draft_cfg.vocab_size} "
                     f"tokens, the target {mc.model} of {target_cfg.vocab_size}: they must share one")
-            draft = load_model(sc.draft_model, dtype, self.device, mc.load_format, seed=mc.seed + 1)
+            draft = load_model(sc.draft_model, dtype, self.device, mc.load_format,
+                               seed=mc.seed + 1, batch_invariant=invariant)
         shapes = [ModelShape.from_hf_config(c) for c in (target_cfg, draft_cfg) if c is not None]
         per_block = sum(kv_cache_bytes_per_block(s.num_layers, cc.block_size, s.num_kv_heads,
                                                  s.head_dim, dtype) for s in shapes)

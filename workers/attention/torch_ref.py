@@ -3,6 +3,7 @@
 Correct for any mix of query lengths in one batch (a prompt chunk, a
 one-token decode, a k+1-token verification) on CPU or CUDA. It loops over
 sequences in Python, so it is the yardstick for faster backends, not one.
+In batch-invariant mode it attends with ``invariant_attend`` instead of SDPA.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from workers.attention.backend import AttentionBackend
+from workers.attention.invariant_ref import invariant_attend
 from workers.attention.metadata import AttentionMetadata
+from workers.kernels.batch_invariant import batch_invariant
 
 
 def _causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -52,6 +55,7 @@ class TorchReferenceBackend(AttentionBackend):
         with no cache, e.g. a memory profile), every sequence must be a whole
         prompt (query_len == seq_len) and attends over its own new tokens."""
         out = torch.empty_like(q)
+        attend = invariant_attend if batch_invariant() else _attend
         if kv_cache is not None:
             if not kv_stored:
                 self.write_kv(k, v, kv_cache, meta.slot_mapping)
@@ -72,5 +76,5 @@ class TorchReferenceBackend(AttentionBackend):
                 # [2, num_blocks, block_size, Hkv, D] -> [2, num_blocks*block_size, Hkv, D]
                 context = kv_cache[:, blocks].flatten(1, 2)[:, :seq_len]
                 keys, values = context[0], context[1]
-            out[start:end] = _attend(q[start:end], keys.to(q.dtype), values.to(q.dtype), scale)
+            out[start:end] = attend(q[start:end], keys.to(q.dtype), values.to(q.dtype), scale)
         return out

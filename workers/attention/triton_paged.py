@@ -37,6 +37,13 @@ Grid: ``(num_query_tiles * num_splits, num_seqs, num_kv_heads)``.
   log-sum-exp, and a small second kernel merges them. The split boundaries are
   computed on the device from each sequence's own length.
 
+Batch-invariant mode (``workers.kernels.batch_invariant``): no context splits,
+and the query tile is the prefill path's for every batch (its shape depends
+on the GQA group alone). A query's row then goes through MMAs of one shape
+over the same key chunks, counted from position 0, in the same order; chunks
+past its own position are masked and change nothing, so its output does not
+depend on the batch, its sequence's query count or where a chunk began.
+
 Nothing here reads device values on the host: launch sizes come from the
 metadata's host fields (``max_query_len``, ``max_seq_len``) and the shapes of
 its tensors, so a captured CUDA graph replays it correctly. New keys and values
@@ -54,6 +61,7 @@ import triton.language as tl
 
 from workers.attention.backend import AttentionBackend
 from workers.attention.metadata import AttentionMetadata
+from workers.kernels.batch_invariant import batch_invariant
 
 _LOG2E = 1.4426950408889634
 _MAX_ROWS_SMALL = 64  # largest M tile for one-tile-per-sequence (decode / verify)
@@ -242,6 +250,7 @@ class TritonPagedBackend(AttentionBackend):
 
     ``block_n``, ``num_warps``, ``num_stages`` and ``num_splits`` override the
     launch heuristics (benchmarks and tests use them); ``None`` keeps them.
+    In batch-invariant mode ``num_splits`` is ignored: the context is never split.
     """
 
     name = "triton"
@@ -256,10 +265,11 @@ class TritonPagedBackend(AttentionBackend):
 
     # -- launch sizes ---------------------------------------------------------
     @staticmethod
-    def _tile(max_query_len: int, group: int) -> tuple[int, int]:
-        """(BLOCK_Q query positions, BLOCK_M rows) of one program's tile."""
+    def _tile(max_query_len: int, group: int, invariant: bool = False) -> tuple[int, int]:
+        """(BLOCK_Q query positions, BLOCK_M rows) of one program's tile;
+        ``invariant``: the same tile for every batch."""
         q_pow2 = _next_pow2(max(1, max_query_len))
-        if q_pow2 * group <= _MAX_ROWS_SMALL:  # decode / verify: one tile per sequence
+        if q_pow2 * group <= _MAX_ROWS_SMALL and not invariant:  # decode / verify: one tile
             # A group that is not a power of two (12 heads over 4) leaves rows unused.
             return q_pow2, max(16, _next_pow2(q_pow2 * group))
         rows = max(_PREFILL_ROWS, _next_pow2(group))
@@ -297,14 +307,15 @@ class TritonPagedBackend(AttentionBackend):
         if num_tokens == 0 or num_seqs == 0:
             return out
         group = num_heads // num_kv_heads
-        block_q, block_m = self._tile(meta.max_query_len, group)
+        invariant = batch_invariant()
+        block_q, block_m = self._tile(meta.max_query_len, group, invariant)
         num_q_tiles = -(-meta.max_query_len // block_q)
         block_d = _next_pow2(head_dim)
         block_n = self.block_n or max(page_size, 64 if block_d <= 128 else 32)
         if block_n % page_size:
             block_n = page_size * (-(-block_n // page_size))
-        splits = self._splits(num_q_tiles * num_seqs * num_kv_heads, meta.max_seq_len,
-                              block_n, q.device)
+        splits = 1 if invariant else self._splits(num_q_tiles * num_seqs * num_kv_heads,
+                                                  meta.max_seq_len, block_n, q.device)
         # 4 warps: on an H100, 8 were no faster for decode and 27% slower for
         # a 4 x 512-token prefill chunk (benchmarks/attention_kernels.py).
         num_warps = self.num_warps or 4

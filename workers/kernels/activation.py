@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workers.kernels.batch_invariant import batch_invariant
 from workers.kernels.triton_support import triton_available, use_triton
 
 if triton_available():
@@ -29,7 +30,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``x [..., 2I]`` (gate then up) -> ``[..., I]``."""
     if not use_triton(x):
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return _invariant_silu_and_mul(gate, up) if batch_invariant() else F.silu(gate) * up
     n_cols = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * n_cols)
     if x2.stride(-1) != 1:
@@ -40,3 +41,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n_cols, block))](
             x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4)
     return out.view(*x.shape[:-1], n_cols)
+
+
+def _invariant_silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel's formula on the CPU. ``F.silu`` is not batch-invariant
+    there: its SIMD body and its scalar tail (where a tensor's or a thread's
+    share of it ends, which moves with the row count) use different formulas
+    and differ in the last bit. ``exp``, ``+`` and ``/`` agree in both paths."""
+    g = gate.float()
+    act = (g / (1.0 + torch.exp(-g))).to(gate.dtype).float()
+    return (act * up.float()).to(gate.dtype)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workers.kernels.batch_invariant import batch_invariant
+from workers.kernels.invariant_matmul import invariant_linear
 from workers.kernels.triton_support import triton_available, use_triton
 
 if triton_available():
@@ -51,7 +53,10 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through the one-row kernel where it applies."""
+    """``F.linear``, through the one-row kernel where it applies; in
+    batch-invariant mode, through the one-order matmul instead."""
+    if batch_invariant():
+        return invariant_linear(x, weight, bias)
     if bias is None and gemv_fits(x, weight):
         return gemv(x, weight)
     return F.linear(x, weight, bias)

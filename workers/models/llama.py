@@ -18,6 +18,7 @@ from workers.attention.backend import AttentionBackend, get_attention_backend
 from workers.attention.metadata import AttentionMetadata
 from workers.kernels import (add_rms_norm, linear, rms_norm, rotate_q_store_kv, rotate_qk,
                              silu_and_mul, store_fits)
+from workers.kernels.batch_invariant import batch_invariant_mode
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -236,7 +237,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder plus the LM head (its own weight, or the embedding's when tied)."""
+    """The decoder plus the LM head (its own weight, or the embedding's when tied).
+
+    With ``batch_invariant`` set, its forward and logits run in batch-invariant
+    mode (``workers.kernels.batch_invariant``): every token's hidden state and
+    logits are bitwise the same whatever else is in the batch.
+    """
 
     # Fused module -> the checkpoint modules it packs, in the order of its shards.
     packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -251,6 +257,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (None if self.tie_word_embeddings
                         else Linear(config.hidden_size, config.vocab_size, bias=False))
         self.attention_backend: AttentionBackend | None = None
+        self.batch_invariant = False
         if attention_backend is not None:
             self.set_attention_backend(attention_backend)
 
@@ -265,12 +272,14 @@ class LlamaForCausalLM(nn.Module):
         their keys and values into ``kv_caches`` (one tensor per layer)."""
         if self.attention_backend is None:
             self.set_attention_backend(get_attention_backend(input_ids.device))
-        return self.model(input_ids, positions, kv_caches, meta)
+        with batch_invariant_mode(self.batch_invariant):
+            return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden_size]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        with batch_invariant_mode(self.batch_invariant):
+            return linear(hidden, weight).float()
 
 
 # ----------------------------------------------------------------- config --

@@ -198,11 +198,13 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, attention_backend: AttentionBackend | None = None,
-               seed: int = 0) -> LlamaForCausalLM:
+               seed: int = 0, batch_invariant: bool = False) -> LlamaForCausalLM:
     """Build the model of ``model_dir`` on ``device`` in ``dtype``, in eval mode.
 
     ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy``
     reads only ``config.json`` and fills random weights (seeded by ``seed``).
+    ``batch_invariant``: compute each token independently of its batch
+    (``LlamaForCausalLM.batch_invariant``).
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"unknown load_format {load_format!r}; expected auto, safetensors or dummy")
@@ -220,4 +222,5 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     else:
         load_weights(model, model_dir)
     model.set_attention_backend(attention_backend or get_attention_backend(device))
+    model.batch_invariant = batch_invariant
     return model.eval().requires_grad_(False)

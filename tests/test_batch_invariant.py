@@ -1,0 +1,210 @@
+"""--batch-invariant: a token is computed bitwise the same alone and in any
+batch. Unit checks of each op (matmul rows for M = 1..300, norms, SiLU,
+rotary, attention of one query in every surrounding, sampler rows), the
+Triton kernels in the interpreter, then the engine: token ids and logprob
+floats compared with ``==``, alone vs batched, with speculation and chunked
+prefill. The CUDA tests repeat the kernel and engine checks in bfloat16."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from tests.batch_invariance_checks import check_attention_rows, check_matmul_rows, check_triton
+from tests.pair_factory import make_pair
+from workers.attention.torch_ref import TorchReferenceBackend
+from workers.kernels import add_rms_norm, rms_norm, silu_and_mul
+from workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
+from workers.models.llama import RotaryEmbedding
+from workers.sampler import compute_logprobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads: element-wise ops then split big tensors between
+    threads at boundaries that move with the row count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ ops --
+
+def test_switch_is_scoped():
+    assert not batch_invariant()
+    with batch_invariant_mode(True):
+        assert batch_invariant()
+        with batch_invariant_mode(False):
+            assert not batch_invariant()
+        assert batch_invariant()
+    assert not batch_invariant()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_rows_are_the_same_for_any_m(dtype, two_threads):
+    check_matmul_rows("cpu", dtype, range(1, 301), 96, 64, bias=True)
+    check_matmul_rows("cpu", dtype, (1, 2, 15, 16, 17, 33, 100), 640, 256)
+
+
+def _rows_agree(fn, width: int, dtype=torch.float32, max_rows: int = 300) -> None:
+    """``fn``'s output row for one input row is the same for batches of
+    1..max_rows rows at the row's first, middle and last place."""
+    g = torch.Generator().manual_seed(width)
+    row = torch.randn(width, generator=g).to(dtype)
+    want = fn(row[None])[0]
+    for m in (1, 2, 3, 31, 64, 127, 128, 129, 200, max_rows):
+        x = torch.randn(m, width, generator=g).to(dtype)
+        at = sorted({0, m // 2, m - 1})
+        x[at] = row
+        out = fn(x)
+        for i in at:
+            assert torch.equal(out[i], want), f"row {i} of {m}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_and_silu_rows_are_the_same_for_any_m(dtype, two_threads):
+    # 300 rows x 256 columns is past the size where torch splits an
+    # element-wise op between threads.
+    w = (1 + 0.1 * torch.randn(256)).to(dtype)
+    residual = torch.randn(256).to(dtype)
+    with batch_invariant_mode(True):
+        _rows_agree(lambda x: rms_norm(x, w, 1e-5), 256, dtype)
+        _rows_agree(lambda x: add_rms_norm(x, residual.expand_as(x), w, 1e-5)[0], 256, dtype)
+        _rows_agree(silu_and_mul, 2 * 640, dtype)
+
+
+def test_rotary_tables_are_the_same_for_any_batch(two_threads):
+    rope = RotaryEmbedding(64, {"rope_type": "default", "rope_theta": 10000.0})
+    want = [t[0] for t in rope(torch.tensor([300]), torch.float32)]
+    for n in (2, 17, 600):
+        positions = torch.arange(n) + 300 - n // 2
+        for got, w in zip(rope(positions, torch.float32), want):
+            assert torch.equal(got[n // 2], w)
+
+
+def test_logprobs_rows_are_the_same_for_any_batch(two_threads):
+    g = torch.Generator().manual_seed(0)
+    row = torch.randn(4096, generator=g) * 4
+    want = compute_logprobs(row[None], torch.tensor([7]), 5)
+    for n in (2, 9, 64):
+        logits = torch.randn(n, 4096, generator=g) * 4
+        logits[n - 1] = row
+        got = compute_logprobs(logits, torch.full((n,), 7), 5)
+        assert all(torch.equal(a[n - 1], b[0]) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_attention_query_is_the_same_in_any_surrounding(dtype, two_threads):
+    """Decoded alone, in a 5-token verification, inside prompt chunks (one
+    from position 0), batched before, between and after other sequences."""
+    check_attention_rows(TorchReferenceBackend(), "cpu", dtype)
+
+
+def test_triton_kernels_are_batch_invariant_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    run = subprocess.run([sys.executable, "-m", "tests.batch_invariance_checks", "cpu",
+                          "float32", "float16"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------- engine --
+
+PROMPT = "def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):"
+OTHERS = ["import os\n", "for i in range(10):\n    if i % 2 == 0:", "class Point:",
+          "Hello world! The quick brown fox"]
+
+
+def greedy(n: int = 24) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=3)
+
+
+def seeded(seed: int, n: int = 24) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.8, top_p=0.95, seed=seed,
+                          ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+def make_llm(pair, device: str = "cpu", dtype: str = "float32", **kw) -> LLM:
+    target, draft = pair
+    kw = dict(dict(num_speculative_tokens=3, block_size=4, max_num_batched_tokens=16,
+                   kv_cache_memory=1 << 24), **kw)
+    return LLM(model=target, draft_model=draft, dtype=dtype, device=device,
+               batch_invariant=True, **kw)
+
+
+def fingerprint(out) -> tuple:
+    """Token ids and every logprob float (the token's and the top ones')."""
+    return (out.token_ids, [(lp.token_id, lp.logprob, lp.top_token_ids, lp.top_logprobs)
+                            for lp in out.logprobs])
+
+
+def alone_and_batched(llm: LLM, params: list[SamplingParams], k: int | None = None):
+    """Each request alone, then all of them among other requests."""
+    alone = [fingerprint(llm.generate([PROMPT], p, k)[0]) for p in params]
+    prompts = [PROMPT] * len(params) + OTHERS
+    batch_params = params + [greedy(30), seeded(99, 17), greedy(9), seeded(5, 40)]
+    batched = [fingerprint(o) for o in llm.generate(prompts, batch_params, k)]
+    return alone, batched[:len(params)]
+
+
+def test_engine_outputs_are_bitwise_the_same_alone_and_batched(pair):
+    """Speculation on (k = 3), prompts chunked 16 tokens at a time."""
+    llm = make_llm(pair)
+    alone, batched = alone_and_batched(llm, [greedy(), seeded(7), seeded(8)])
+    assert alone == batched
+
+
+def test_greedy_logprobs_are_the_same_with_and_without_speculation(pair):
+    """A position scored in a k + 1 verification, in a one-token decode and
+    in the prompt's last chunk: the same logprob floats."""
+    llm = make_llm(pair)
+    plain = fingerprint(llm.generate([PROMPT], greedy(), 0)[0])
+    spec = fingerprint(llm.generate([PROMPT], greedy(), 3)[0])
+    assert plain == spec
+
+
+def test_adaptive_speculation_greedy_outputs_are_the_same_alone_and_batched(pair):
+    """Adaptive k changes each step's query counts with timing and batch
+    size: greedy tokens and logprobs must not notice."""
+    llm = make_llm(pair, adaptive_speculation=True, num_speculative_tokens=4)
+    alone, batched = alone_and_batched(llm, [greedy(40)])
+    assert alone == batched
+
+
+# ----------------------------------------------------------------- CUDA --
+
+@pytest.mark.cuda
+def test_triton_kernels_are_batch_invariant_on_cuda():
+    check_triton("cuda", [torch.float32, torch.bfloat16])
+    check_matmul_rows("cuda", torch.bfloat16, range(1, 301), 4096, 4096)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cuda_engine_outputs_are_bitwise_the_same_alone_and_batched(pair, enforce_eager):
+    """bfloat16 on the Triton path, with CUDA graphs and without."""
+    cuda = dict(device="cuda", dtype="bfloat16", enforce_eager=enforce_eager, num_kv_blocks=512,
+                max_num_seqs=16)
+    llm = make_llm(pair, **cuda)
+    alone, batched = alone_and_batched(llm, [greedy(), seeded(7), seeded(8)])
+    assert alone == batched
+    del llm
+    adaptive = make_llm(pair, adaptive_speculation=True, **cuda)
+    alone, batched = alone_and_batched(adaptive, [greedy(40)])
+    assert alone == batched
