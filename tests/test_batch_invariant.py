@@ -21,7 +21,7 @@ from workers.attention.torch_ref import TorchReferenceBackend
 from workers.kernels import add_rms_norm, rms_norm, silu_and_mul
 from workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
 from workers.models.llama import RotaryEmbedding
-from workers.sampler import compute_logprobs
+from workers.sampler import SamplingTensors, compute_logprobs, logits_to_probs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,6 +99,20 @@ def test_logprobs_rows_are_the_same_for_any_batch(two_threads):
         logits[n - 1] = row
         got = compute_logprobs(logits, torch.full((n,), 7), 5)
         assert all(torch.equal(a[n - 1], b[0]) for a, b in zip(got, want))
+
+
+def test_sampling_distributions_do_not_depend_on_the_other_rows():
+    """A transform that some row uses runs over the whole batch; it must
+    leave the rows that do not use it bitwise alone."""
+    g = torch.Generator().manual_seed(1)
+    row = torch.randn(1, 4096, generator=g) * 3
+    mine = SamplingParams(temperature=0.8, seed=1)
+    alone = logits_to_probs(row, SamplingTensors.from_params([mine], [1], "cpu"))
+    for other in (SamplingParams(temperature=0.8, min_p=0.05), SamplingParams(top_k=5),
+                  SamplingParams(top_p=0.5), SamplingParams(temperature=0.0)):
+        logits = torch.cat([torch.randn(1, 4096, generator=g), row])
+        both = logits_to_probs(logits, SamplingTensors.from_params([other, mine], [1, 1], "cpu"))
+        assert torch.equal(both[1], alone[0]), other
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -198,8 +198,11 @@ def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     probs = torch.softmax(x, dim=-1)
     if t.any_min_p:
         threshold = t.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        kept = probs.masked_fill(probs < threshold, 0.0)
+        # Only rows with a min_p are renormalised: a row's distribution must
+        # not depend on the other rows of its batch (--batch-invariant).
+        probs = torch.where((t.min_p > 0).unsqueeze(1),
+                            kept / kept.sum(dim=-1, keepdim=True), probs)
 
     if not t.any_greedy:
         return probs
