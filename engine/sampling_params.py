@@ -13,9 +13,12 @@ class SamplingParams:
     """What a request asks of the sampler; the same names as the CLI and the proto.
 
     ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` turn
-    those filters off. ``seed`` makes a request reproducible: the random draw
-    for each output position is keyed by (seed, position), so the same seed
-    gives the same tokens, also across preemption.
+    those filters off. ``seed`` makes a request reproducible: each output
+    position's token is a Gumbel-max draw with noise keyed by (seed, position,
+    token id), so its tokens depend on the seed, prompt, parameters and weights
+    alone: the same alone or in any batch, across preemption, and at any number
+    of speculative tokens, with speculation on or off. Speculation then
+    accepts fewer draft tokens than without a seed.
     """
 
     max_tokens: int = 16

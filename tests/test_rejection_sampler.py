@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from workers.rejection_sampler import greedy_verify, rejection_sample
-from workers.sampler import SamplingTensors, logits_to_probs, sample_from_probs
+from workers.random_draws import gumbel_noise
+from workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
+from workers.sampler import SamplingTensors, gumbel_argmax, logits_to_probs, sample_from_probs
 
 V = 6
 K = 3
@@ -383,6 +384,90 @@ def test_a_draft_token_the_draft_gave_no_probability():
     assert num_emitted.tolist() == [2, 1]
     assert tokens[0].tolist() == [0, 2]
     assert p[1, 0, tokens[1, 0]] > 0  # the correction comes from the residual max(0, p - q)
+
+
+# ---------------------------------------------------------------- Gumbel coupling (seeded rows)
+
+
+def test_gumbel_verify_emits_the_targets_gumbel_argmax_whatever_the_draft_proposes():
+    gen = torch.Generator().manual_seed(81)
+    batch, k, vocab = 500, 4, 12
+    target_probs = torch.softmax(3 * torch.randn(batch, k + 1, vocab, generator=gen), -1)
+    target_probs[:, :, 5] = 0.0  # a token the target never emits
+    noise = gumbel_noise(torch.arange(batch, dtype=torch.int64),
+                         torch.arange(k + 1).expand(batch, -1), vocab)
+    target_tokens = gumbel_argmax(target_probs, noise)  # what k = 0 decoding emits
+    # Drafts agree with the target for a random number of positions, then differ.
+    agree_for = torch.randint(0, k + 1, (batch,), generator=gen)
+    other = (target_tokens[:, :k] + torch.randint(1, vocab, (batch, k), generator=gen)) % vocab
+    agree = torch.arange(k).unsqueeze(0) < agree_for.unsqueeze(1)
+    draft_ids = torch.where(agree, target_tokens[:, :k], other)
+    n = torch.randint(0, k + 1, (batch,), generator=gen)
+    draft_ids = draft_ids.masked_fill(torch.arange(k).unsqueeze(0) >= n.unsqueeze(1), -1)
+
+    tokens, num_emitted = gumbel_verify(draft_ids, n, target_probs, noise)
+    accepted = torch.minimum(agree_for, n)  # the longest agreeing prefix of the proposal
+    assert torch.equal(num_emitted, accepted + 1)
+    keep = torch.arange(k + 1).unsqueeze(0) <= accepted.unsqueeze(1)
+    assert torch.equal(tokens, torch.where(keep, target_tokens, -1))
+    assert bool((tokens != 5).all())
+    plain, plain_num = gumbel_verify(draft_ids[:, :0], None, target_probs[:, :1], noise[:, :1])
+    assert torch.equal(plain[:, 0], target_tokens[:, 0]) and bool((plain_num == 1).all())
+
+
+def _coupled_generate(p_chain: torch.Tensor, q_chain: torch.Tensor, length: int, rows: int,
+                      gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Seeded speculative generation (row r has seed r): the draft proposes
+    Gumbel-argmaxes of q with the keyed noise of each output position, a random
+    number of them per step, and `gumbel_verify` checks them against p.
+    Returns the tokens and the fraction of proposals accepted."""
+    seeds = torch.arange(rows, dtype=torch.int64)
+    out = torch.full((rows, length + K + 1), -1, dtype=torch.int64)
+    produced = torch.zeros(rows, dtype=torch.int64)
+    last = torch.full((rows,), START_TOKEN, dtype=torch.int64)
+    proposed_total = accepted_total = 0
+    while bool((produced < length).any()):
+        noise = gumbel_noise(seeds, produced.unsqueeze(1) + torch.arange(K + 1), V)
+        prev, drafts = last, []
+        for j in range(K):
+            prev = gumbel_argmax(q_chain[prev], noise[:, j])
+            drafts.append(prev)
+        draft_ids = torch.stack(drafts, 1)
+        target_probs = p_chain[torch.cat([last.unsqueeze(1), draft_ids], 1)]
+        n = torch.randint(0, K + 1, (rows,), generator=gen)
+        tokens, num_emitted = gumbel_verify(draft_ids, n, target_probs, noise)
+        proposed_total += int(n.sum())
+        accepted_total += int((num_emitted - 1).sum())
+        at = (produced.unsqueeze(1) + torch.arange(K + 1)).clamp(max=out.shape[1] - 1)
+        emitted = torch.arange(K + 1).unsqueeze(0) < num_emitted.unsqueeze(1)
+        out.scatter_(1, at, torch.where(emitted, tokens, out.gather(1, at)))
+        last = tokens.gather(1, (num_emitted - 1).unsqueeze(1)).squeeze(1)
+        produced += num_emitted
+    return out[:, :length], accepted_total / max(proposed_total, 1)
+
+
+def test_coupled_generation_follows_the_target_and_does_not_depend_on_k():
+    p_chain, q_chain = _all_chains()["markov"]
+    rows = 100_000
+    tokens, _ = _coupled_generate(p_chain, q_chain, 3, rows, torch.Generator().manual_seed(91))
+    assert _sequence_ratio(tokens, p_chain) < 1.0
+    # Different random k per step, same seeds: the same tokens, token for token.
+    again, _ = _coupled_generate(p_chain, q_chain, 3, rows, torch.Generator().manual_seed(92))
+    assert torch.equal(tokens, again)
+
+
+def test_gumbel_acceptance_matches_theory():
+    """Gumbel-max draws of p and q agree on x with probability
+    1 / sum_y max(p_y / p_x, q_y / q_x): less than rejection sampling's
+    sum_x min(p_x, q_x)."""
+    p, q = (torch.tensor(d).double() for d in CASES["generic"])
+    agree = sum(1.0 / torch.maximum(p / p[x], q / q[x]).sum().item() for x in range(V))
+    rows = 400_000
+    noise = gumbel_noise(torch.arange(rows, dtype=torch.int64), torch.zeros(rows, 1), V)[:, 0]
+    measured = (gumbel_argmax(p.float().expand(rows, V), noise)
+                == gumbel_argmax(q.float().expand(rows, V), noise)).double().mean().item()
+    assert abs(measured - agree) < 5 * math.sqrt(agree * (1 - agree) / rows)
+    assert agree < torch.minimum(p, q).sum().item()
 
 
 @pytest.mark.cuda

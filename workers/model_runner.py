@@ -23,10 +23,13 @@ from workers.cuda_graphs import GraphedModel, batch_buckets
 from workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
 from workers.host_transfer import HostCopy, to_device
 from workers.models.llama import LlamaForCausalLM
-from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms
-from workers.rejection_sampler import greedy_verify, rejection_sample
-from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
+from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms, keyed_gumbel
+from workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
+from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs, gumbel_argmax,
                              logits_to_probs, sample_from_probs)
+
+# Which rows of a batch a draw covers: all of them (no gather), or these.
+_Rows = slice | torch.Tensor
 
 
 @dataclass
@@ -38,7 +41,13 @@ class _Batch:
     ks: list[int]
     K: int
     greedy: bool  # every row greedy with no penalties: argmaxes, no distributions
-    uniforms: torch.Tensor | None  # [S, K+1, NUM_TAGS]; None when greedy
+    # Rows that sample with the worker's uniforms (rejection sampling), and
+    # seeded rows (Gumbel-max on keyed noise); None when there are none.
+    # Greedy rows in a sampled batch are plain rows with one-hot distributions.
+    plain: _Rows | None
+    seeded: _Rows | None
+    uniforms: torch.Tensor | None  # [plain rows, K+1, NUM_TAGS]
+    noise: torch.Tensor | None  # [seeded rows, K+1, V] keyed Gumbel noise
     prompt_mask: torch.Tensor | None  # [S, V] for penalties
     output_counts: torch.Tensor | None  # [S, V] before this step's tokens
 
@@ -168,11 +177,21 @@ class ModelRunner:
         K = max(ks, default=0)
         greedy = all(s.sampling_params.greedy and not s.sampling_params.has_penalties
                      for s in chosen)
-        uniforms = None if greedy else draw_uniforms(
-            [s.sampling_params.seed for s in chosen], [s.num_output_tokens for s in chosen],
-            K + 1, self.generator, self.device)
+        seeded = [] if greedy else [r for r, s in enumerate(chosen) if _keyed(s)]
+        plain = [] if greedy else [r for r, s in enumerate(chosen) if not _keyed(s)]
+        uniforms = draw_uniforms(len(plain), K + 1, self.generator, self.device) if plain else None
+        noise = keyed_gumbel(
+            [chosen[r].sampling_params.seed for r in seeded],
+            [chosen[r].num_output_tokens for r in seeded],
+            K + 1, self.vocab_size, self.device) if seeded else None
         mask, counts = self._penalty_history(chosen)
-        return _Batch(index, chosen, ks, K, greedy, uniforms, mask, counts)
+        return _Batch(index, chosen, ks, K, greedy, self._rows(plain, len(chosen)),
+                      self._rows(seeded, len(chosen)), uniforms, noise, mask, counts)
+
+    def _rows(self, rows: list[int], total: int) -> _Rows | None:
+        if not rows:
+            return None
+        return slice(None) if len(rows) == total else to_device(rows, self.device)
 
     def _penalty_history(self, seqs: list[ScheduledSequence]):
         if not any(s.prompt_token_ids is not None for s in seqs):
@@ -238,10 +257,23 @@ class ModelRunner:
             logits = torch.zeros((S, self.vocab_size), dtype=torch.float32, device=self.device)
             logits[act] = self.draft.compute_logits(last_hidden)
             logits = self._penalise(logits, params, batch, tokens[:, :j].unsqueeze(1))
-            q = logits_to_probs(logits, params)[act]
-            probs[act, j] = q
-            tokens[act, j] = sample_from_probs(q, batch.uniforms[act, j, TAG_DRAFT])
+            q = logits_to_probs(logits, params)
+            probs[act, j] = q[act]
+            tokens[act, j] = self._draft_draw(batch, q, j)[act]
         return tokens, probs
+
+    @staticmethod
+    def _draft_draw(batch: _Batch, q: torch.Tensor, j: int) -> torch.Tensor:
+        """Every row's proposal at draft step j from its distribution ``q`` [S, V]:
+        inverse-CDF on the worker's uniforms for plain rows, Gumbel-argmax on the
+        position's keyed noise (the noise the target's token will use) for seeded rows."""
+        parts = []
+        if batch.plain is not None:
+            parts.append((batch.plain, sample_from_probs(q[batch.plain],
+                                                         batch.uniforms[:, j, TAG_DRAFT])))
+        if batch.seeded is not None:
+            parts.append((batch.seeded, gumbel_argmax(q[batch.seeded], batch.noise[:, j])))
+        return _merge_rows(parts, q.shape[0])
 
     def _propose_greedy(self, seqs: list[ScheduledSequence], k: int) -> torch.Tensor:
         """k argmax proposals per sequence in one program (one graph replay on CUDA).
@@ -337,7 +369,8 @@ class ModelRunner:
 
     # -- sampling --------------------------------------------------------
     def _accept(self, batch: _Batch, draft_tokens, draft_probs, target_logits):
-        """(emitted tokens [S, K+1], how many [S]) by rejection sampling."""
+        """(emitted tokens [S, K+1], how many [S]): rejection sampling for plain
+        rows, Gumbel-coupled verification for seeded rows."""
         # Plain decoding (K = 0) needs no proposal counts: no copy for them.
         ks = to_device(batch.ks, self.device) if batch.K else None
         if batch.greedy:
@@ -348,9 +381,18 @@ class ModelRunner:
         logits = self._penalise(target_logits.reshape(S * K1, V), params, batch,
                                 _draft_prefixes(draft_tokens, K1))
         target_probs = logits_to_probs(logits, params).view(S, K1, V)
-        return rejection_sample(draft_tokens, ks, draft_probs, target_probs,
-                                batch.uniforms[:, :-1, TAG_ACCEPT],
-                                batch.uniforms[:, :, TAG_RECOVER])
+        parts = []
+        if batch.plain is not None:
+            r = batch.plain
+            parts.append((r, rejection_sample(
+                draft_tokens[r], _take(ks, r), draft_probs[r], target_probs[r],
+                batch.uniforms[:, :-1, TAG_ACCEPT], batch.uniforms[:, :, TAG_RECOVER])))
+        if batch.seeded is not None:
+            r = batch.seeded
+            parts.append((r, gumbel_verify(draft_tokens[r], _take(ks, r), target_probs[r],
+                                           batch.noise)))
+        return (_merge_rows([(r, out) for r, (out, _) in parts], S),
+                _merge_rows([(r, num) for r, (_, num) in parts], S))
 
     def _penalise(self, logits: torch.Tensor, params: SamplingTensors, batch: _Batch,
                   prefixes: torch.Tensor) -> torch.Tensor:
@@ -425,6 +467,27 @@ def _proposes_in_one_program(seqs: list[ScheduledSequence], batch: _Batch) -> bo
     behind (more after steps that did not speculate) on every sequence."""
     return (_uniform_decode(seqs, batch)
             and all(len(s.draft_token_ids) >= CATCH_UP for s in seqs))
+
+
+def _keyed(s: ScheduledSequence) -> bool:
+    """A seeded sampling row: its draws are keyed Gumbel noise (greedy rows need none)."""
+    return s.sampling_params.seed is not None and not s.sampling_params.greedy
+
+
+def _take(t: torch.Tensor | None, rows: _Rows) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def _merge_rows(parts: list[tuple[_Rows, torch.Tensor]], total: int) -> torch.Tensor:
+    """One tensor of ``total`` rows from the results of row sets that together
+    cover every row once (index puts on the device, no host sync)."""
+    if len(parts) == 1 and isinstance(parts[0][0], slice):
+        return parts[0][1]
+    first = parts[0][1]
+    merged = first.new_empty((total, *first.shape[1:]))
+    for rows, values in parts:
+        merged[rows] = values
+    return merged
 
 
 def _draft_prefixes(draft_tokens: torch.Tensor, rows: int) -> torch.Tensor:

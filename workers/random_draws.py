@@ -1,10 +1,16 @@
-"""The uniforms that sampling and rejection sampling consume.
+"""The randomness that sampling consumes, drawn on the device for a whole batch.
 
-A seeded request's draw for output position p and purpose `tag` is a pure
-function of (seed, p, tag): a counter-based hash, computed on the device for
-the whole batch at once. So a seed gives the same tokens whatever the batch,
-the step boundaries or a preemption; and workers keep no per-request random
-state. Unseeded requests draw from the worker's generator.
+Seeded requests use Gumbel noise keyed per (seed, output position p, token
+id x): G_p(x) = -log(-log U(seed, p, x)), with U a counter-based hash. The
+token at position p is argmax_x(log p'_p(x) + G_p(x)), an exact sample of the
+processed distribution p'_p (Gumbel-max). The draft proposes with the same
+noise and the target's Gumbel-argmax is what is emitted, so a seeded
+request's tokens depend on (seed, prompt, parameters, weights) alone: not on
+k, the batch, the step boundaries or a preemption, and the same as without
+speculation. Workers keep no per-request random state.
+
+Unseeded requests draw uniforms from the worker's generator, one per purpose
+(TAG_*) and position, for inverse-CDF draws and rejection sampling.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ TAG_RECOVER = 2  # the target's token: correction, bonus, or a plain decode
 NUM_TAGS = 3
 
 _M32 = 0xFFFFFFFF
+# Odd constants that keep the all-zero input (seed 0, position 0, token 0)
+# away from the hash's fixed point at 0.
+_POSITION_SALT = 0x9E3779B9
+_TOKEN_SALT = 0x85EBCA6B
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -29,6 +39,7 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2**32) with good avalanche (Wellons' lowbias32)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -36,28 +47,53 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def keyed_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Uniforms in [0, 1), shape [S, P, NUM_TAGS], for seeds [S] and positions [S, P]."""
+def draw_uniforms(num_rows: int, width: int, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor:
+    """[num_rows, width, NUM_TAGS] uniforms in [0, 1) from the worker's
+    generator, for unseeded rows (seeded rows ignore theirs)."""
+    return torch.rand((num_rows, width, NUM_TAGS), generator=generator, device=device)
+
+
+def position_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A 32-bit key per (seed, output position): seeds [S], positions [S, P] -> [S, P]."""
     seeds = seeds.to(torch.int64)
-    lo = (seeds & _M32).view(-1, 1, 1)
-    hi = ((seeds >> 32) & _M32).view(-1, 1, 1)
-    tags = torch.arange(NUM_TAGS, device=seeds.device, dtype=torch.int64).view(1, 1, -1)
-    counter = (positions.to(torch.int64).unsqueeze(-1) * NUM_TAGS + tags) & _M32
-    h = _mix32(lo ^ _mix32(hi ^ _mix32(counter)))
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    lo = (seeds & _M32).view(-1, 1)
+    hi = ((seeds >> 32) & _M32).view(-1, 1)
+    pos = (positions.to(torch.int64) + _POSITION_SALT) & _M32
+    return _mix32(lo ^ _mix32(hi ^ _mix32(pos)))
 
 
-def draw_uniforms(seeds: list[int | None], first_positions: list[int], width: int,
-                  generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """[S, width, NUM_TAGS] uniforms: row s covers output positions
-    first_positions[s] .. + width - 1, keyed for seeded rows."""
-    shape = (len(seeds), width, NUM_TAGS)
-    u = torch.rand(shape, generator=generator, device=device)
-    seeded = [i for i, s in enumerate(seeds) if s is not None]
-    if seeded:
-        rows = to_device(seeded, device)
-        seed_t = to_device([seeds[i] for i in seeded], device)
-        first = to_device([first_positions[i] for i in seeded], device)
-        pos = first.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-        u[rows] = keyed_uniforms(seed_t, pos)
-    return u
+def _gumbel_from_bits(h: torch.Tensor) -> torch.Tensor:
+    """-log(-log U) for U = (h + 0.5) / 2**32 in (0, 1), float32.
+
+    -log U is taken from U when U < 1/2 and from 1 - U (with log1p) above, so
+    that float32 resolves the upper tail, where the maxima are, to the hash's
+    full 32 bits: the noise is finite and lies in about [-3.1, 22.9]."""
+    scale = 2.0 ** -32
+    u = (h.to(torch.float32) + 0.5) * scale
+    one_minus_u = ((_M32 - h).to(torch.float32) + 0.5) * scale
+    e = torch.where(h < (1 << 31), -torch.log(u), -torch.log1p(-one_minus_u))
+    return -torch.log(e)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """G(seed, p, x), float32 [S, P, V], for seeds [S] (int64) and output
+    positions [S, P]: keyed, so the same arguments give the same noise on
+    any device and in any batch.
+
+    Within one position the token ids pass through a bijection before the
+    last mix, so no two tokens of a position share a uniform."""
+    keys = position_keys(seeds, positions).unsqueeze(-1)  # [S, P, 1]
+    tokens = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    token_bits = _mix32((tokens + _TOKEN_SALT) & _M32)  # [V]
+    return _gumbel_from_bits(_mix32(keys ^ token_bits))
+
+
+def keyed_gumbel(seeds: list[int], first_positions: list[int], width: int, vocab_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """[len(seeds), width, V] noise: row s covers output positions
+    first_positions[s] .. + width - 1 of the request seeded seeds[s]."""
+    seed_t = to_device(seeds, device)
+    first = to_device(first_positions, device)
+    positions = first.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    return gumbel_noise(seed_t, positions, vocab_size)

@@ -1,25 +1,36 @@
-"""Lossless rejection sampling of draft tokens against the target, batched.
+"""Verification of draft tokens against the target, batched: lossless either way.
 
-Sequence b proposed ``n_b`` draft tokens d_0..d_{n_b-1}, each sampled from the
-draft distribution q_i; the target scored the n_b + 1 positions in one forward
-pass, giving p_0..p_{n_b}. Draft token i is accepted with probability
-min(1, p_i(d_i) / q_i(d_i)); the longest accepted prefix is kept. At the first
-rejection, position j, a correction token is drawn from
-normalize(max(0, p_j - q_j)); if every draft token is accepted, a bonus token
-is drawn from p_{n_b}. Each emitted token is then distributed exactly as the
-target would have sampled it, whatever the draft proposed.
+Unseeded rows: rejection sampling. Sequence b proposed ``n_b`` draft tokens
+d_0..d_{n_b-1}, each sampled from the draft distribution q_i; the target
+scored the n_b + 1 positions in one forward pass, giving p_0..p_{n_b}. Draft
+token i is accepted with probability min(1, p_i(d_i) / q_i(d_i)); the longest
+accepted prefix is kept. At the first rejection, position j, a correction
+token is drawn from normalize(max(0, p_j - q_j)); if every draft token is
+accepted, a bonus token is drawn from p_{n_b}. Each emitted token is then
+distributed exactly as the target would have sampled it, whatever the draft
+proposed.
+
+Seeded rows: Gumbel coupling (`gumbel_verify`). Position i has keyed Gumbel
+noise G_i; the draft proposed argmax(log q_i + G_i), and the target's token
+is t_i = argmax(log p_i + G_i), an exact sample of p_i. Draft token i is
+accepted iff it equals t_i; at the first disagreement t_j is the correction,
+and if all agree t_{n_b} is the bonus token. Every emitted token is the
+target's Gumbel-argmax, so the output is the same at any k as without
+speculation. It accepts less often than rejection sampling (agreement of two
+Gumbel-max draws instead of the optimal min(1, p/q) coupling); that is the
+price of reproducibility.
 
 The whole batch is handled with tensor operations: acceptance of every
-position at once, a cumulative product for the accepted prefix, and one
-inverse-CDF draw per sequence from the row (residual or p) its stop position
-selects. No Python loop over sequences or positions, no host synchronisation.
+position at once, a cumulative product for the accepted prefix, and one draw
+per sequence at its stop position. No Python loop over sequences or
+positions, no host synchronisation.
 """
 
 from __future__ import annotations
 
 import torch
 
-from workers.sampler import sample_from_probs
+from workers.sampler import gumbel_argmax, sample_from_probs
 
 # Output padding after the last emitted token of a row.
 PAD_TOKEN_ID = -1
@@ -102,17 +113,18 @@ def greedy_verify(
     num_draft_tokens: torch.Tensor | None,
     target_token_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rejection_sample`` for a batch where draft and target are both greedy.
+    """Verification against tokens the target has already chosen.
 
-    With one-hot distributions a draft token is accepted iff it is the
-    target's argmax, and the correction or bonus token is the target's argmax
-    at the stop position; this computes exactly that from the argmaxes
-    ``target_token_ids [B, K + 1]`` without touching a vocabulary-wide tensor.
-    Same outputs as ``rejection_sample``.
+    ``target_token_ids [B, K + 1]`` is the target's token at each position (its
+    argmax for greedy rows, its Gumbel-argmax for seeded rows). A draft token
+    is accepted iff it equals the target's token there; the correction or
+    bonus token is the target's token at the stop position. For a greedy
+    batch this is ``rejection_sample`` with one-hot distributions, without
+    touching a vocabulary-wide tensor.
     """
     batch, k = draft_token_ids.shape
     device = draft_token_ids.device
-    if k == 0:  # plain decoding: the argmax, nothing to accept (num_draft_tokens unused)
+    if k == 0:  # plain decoding: the target's token, nothing to accept (num_draft_tokens unused)
         return target_token_ids[:, :1].long(), torch.ones(batch, dtype=torch.int64, device=device)
     positions = torch.arange(k + 1, device=device)
     num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
@@ -122,3 +134,21 @@ def greedy_verify(
     keep = positions.unsqueeze(0) <= num_accepted.unsqueeze(1)
     output = torch.where(keep, target_token_ids.long(), PAD_TOKEN_ID)
     return output, num_accepted + 1
+
+
+def gumbel_verify(
+    draft_token_ids: torch.Tensor,
+    num_draft_tokens: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    noise: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-coupled verification for seeded rows; outputs laid out as
+    ``rejection_sample``'s.
+
+    ``target_probs [B, K + 1, V]`` and ``noise [B, K + 1, V]``, the keyed
+    Gumbel noise of each position (the same the draft proposed with). Every
+    emitted token is argmax(log target_probs + noise) at its position, an
+    exact sample of the target, whatever the draft proposed; the accepted
+    count is the longest prefix of proposals equal to those tokens.
+    """
+    return greedy_verify(draft_token_ids, num_draft_tokens, gumbel_argmax(target_probs, noise))

@@ -1,5 +1,5 @@
 """Batched sampling on the device: penalties, sampling transforms, inverse-CDF
-draws and log-probabilities.
+and Gumbel-max draws and log-probabilities.
 
 One row per scored position. The model runner gathers the logits of every
 position it samples at (a plain decode position, or the k+1 positions of a
@@ -7,16 +7,18 @@ verified speculation), builds one `SamplingTensors` for them, and calls:
 
     logits = apply_penalties(logits, prompt_mask, output_counts, t)   # if t.any_penalties
     probs = logits_to_probs(logits, t)
-    token_ids = sample_from_probs(probs, uniforms)                     # or rejection_sample
+    token_ids = sample_from_probs(probs, uniforms)    # unseeded; or rejection_sample
+    token_ids = gumbel_argmax(probs, noise)           # seeded; or gumbel_verify
 
 `logits_to_probs` is applied to draft logits and to target logits alike: the
 rejection sampler then compares two distributions that went through the same
 transforms, which is what keeps speculative decoding lossless for every
 sampling setting (temperature, top-k, top-p, min-p, penalties).
 
-Randomness comes from the caller as pre-drawn uniforms in [0, 1), one per
-sampled token, so that a seeded request's draws can be keyed by (seed, output
-position). Nothing here draws random numbers itself.
+Randomness comes from the caller: uniforms in [0, 1), one per sampled token,
+for unseeded rows, and Gumbel noise over the vocabulary keyed by (seed, output
+position, token id) for seeded rows (workers/random_draws.py). Nothing here
+draws random numbers itself.
 
 Everything is batched tensor code with no per-row Python and no host
 synchronisation: the flags that skip unused transforms are plain Python bools
@@ -256,6 +258,18 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     # argmax returns the first index reaching the total: the last token with mass.
     last_with_mass = cdf.argmax(dim=-1)
     return torch.minimum(idx, last_with_mass)
+
+
+def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max sampling: argmax_x(log probs[n, x] + noise[n, x]). LongTensor
+    of probs' leading shape.
+
+    With standard Gumbel noise this is an exact draw from ``probs`` (up to
+    float32 rounding of the sum); a zero-probability token scores -inf and
+    never wins. Deterministic given the noise, so a draft and the target given
+    the same noise agree exactly when their draws coincide.
+    """
+    return (torch.log(probs.float()) + noise).argmax(dim=-1)
 
 
 def compute_logprobs(
