@@ -222,3 +222,14 @@ def test_cuda_engine_outputs_are_bitwise_the_same_alone_and_batched(pair, enforc
     adaptive = make_llm(pair, adaptive_speculation=True, **cuda)
     alone, batched = alone_and_batched(adaptive, [greedy(40)])
     assert alone == batched
+
+
+def test_cost_benchmark_prints_its_table(capsys):
+    from benchmarks.batch_invariant import print_table
+
+    row = dict(batch1_tokens_per_s=100.0, batch1_decode_tokens_per_s=110.0,
+               batch_output_tokens_per_s=3000.0, alone_equals_batched=True)
+    print_table([dict(row, batch_invariant=False),
+                 dict(row, batch_invariant=True, batch1_tokens_per_s=50.0)], 64)
+    out = capsys.readouterr().out
+    assert "batch-invariant" in out and "64-req tok/s" in out and "0.50" in out

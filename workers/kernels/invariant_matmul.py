@@ -106,4 +106,4 @@ def _tiled_linear(x: torch.Tensor, weight: torch.Tensor,
     padded = x.new_zeros((-(-m // CPU_ROWS) * CPU_ROWS, k))
     padded[:m] = x
     tiles = [F.linear(t, weight, bias) for t in padded.split(CPU_ROWS)]
-    return torch.cat(tiles)[:m]
+    return (tiles[0] if len(tiles) == 1 else torch.cat(tiles))[:m]
