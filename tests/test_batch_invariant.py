@@ -169,12 +169,13 @@ def fingerprint(out) -> tuple:
 
 
 def alone_and_batched(llm: LLM, params: list[SamplingParams], k: int | None = None):
-    """Each request alone, then all of them among other requests."""
+    """Each request alone, then all of them after other requests (which go
+    first, so the token budget also cuts these requests' k and chunks)."""
     alone = [fingerprint(llm.generate([PROMPT], p, k)[0]) for p in params]
-    prompts = [PROMPT] * len(params) + OTHERS
-    batch_params = params + [greedy(30), seeded(99, 17), greedy(9), seeded(5, 40)]
+    prompts = OTHERS + [PROMPT] * len(params)
+    batch_params = [greedy(30), seeded(99, 17), greedy(9), seeded(5, 40)] + params
     batched = [fingerprint(o) for o in llm.generate(prompts, batch_params, k)]
-    return alone, batched[:len(params)]
+    return alone, batched[len(OTHERS):]
 
 
 def test_engine_outputs_are_bitwise_the_same_alone_and_batched(pair):
@@ -193,11 +194,11 @@ def test_greedy_logprobs_are_the_same_with_and_without_speculation(pair):
     assert plain == spec
 
 
-def test_adaptive_speculation_greedy_outputs_are_the_same_alone_and_batched(pair):
+def test_adaptive_speculation_outputs_are_the_same_alone_and_batched(pair):
     """Adaptive k changes each step's query counts with timing and batch
-    size: greedy tokens and logprobs must not notice."""
+    size: greedy and seeded tokens and logprobs must not notice."""
     llm = make_llm(pair, adaptive_speculation=True, num_speculative_tokens=4)
-    alone, batched = alone_and_batched(llm, [greedy(40)])
+    alone, batched = alone_and_batched(llm, [greedy(40), seeded(11, 40)])
     assert alone == batched
 
 
@@ -220,7 +221,7 @@ def test_cuda_engine_outputs_are_bitwise_the_same_alone_and_batched(pair, enforc
     assert alone == batched
     del llm
     adaptive = make_llm(pair, adaptive_speculation=True, **cuda)
-    alone, batched = alone_and_batched(adaptive, [greedy(40)])
+    alone, batched = alone_and_batched(adaptive, [greedy(40), seeded(11, 40)])
     assert alone == batched
 
 
