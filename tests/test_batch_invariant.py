@@ -168,26 +168,31 @@ def fingerprint(out) -> tuple:
                             for lp in out.logprobs])
 
 
-def alone_and_batched(llm: LLM, params: list[SamplingParams], k: int | None = None):
-    """Each request alone, then all of them after other requests (which go
-    first, so the token budget also cuts these requests' k and chunks)."""
-    alone = [fingerprint(llm.generate([PROMPT], p, k)[0]) for p in params]
+def alone_and_batched(pair, params: list[SamplingParams], **kw):
+    """Each request alone on one engine, then all of them after other
+    requests on a fresh engine: no prefix cache is shared, so the batch
+    computes each prompt in its own chunks; the others go first, so the
+    token budget cuts these requests' k and chunks too."""
+    solo = make_llm(pair, **kw)
+    alone = [fingerprint(solo.generate([PROMPT], p)[0]) for p in params]
+    solo.shutdown()
     prompts = OTHERS + [PROMPT] * len(params)
     batch_params = [greedy(30), seeded(99, 17), greedy(9), seeded(5, 40)] + params
-    batched = [fingerprint(o) for o in llm.generate(prompts, batch_params, k)]
+    engine = make_llm(pair, **kw)
+    batched = [fingerprint(o) for o in engine.generate(prompts, batch_params)]
+    engine.shutdown()
     return alone, batched[len(OTHERS):]
 
 
 def test_engine_outputs_are_bitwise_the_same_alone_and_batched(pair):
     """Speculation on (k = 3), prompts chunked 16 tokens at a time."""
-    llm = make_llm(pair)
-    alone, batched = alone_and_batched(llm, [greedy(), seeded(7), seeded(8)])
+    alone, batched = alone_and_batched(pair, [greedy(), seeded(7), seeded(8)])
     assert alone == batched
 
 
 def test_greedy_logprobs_are_the_same_with_and_without_speculation(pair):
-    """A position scored in a k + 1 verification, in a one-token decode and
-    in the prompt's last chunk: the same logprob floats."""
+    """A position scored in a k + 1 verification and in a one-token decode:
+    the same logprob floats."""
     llm = make_llm(pair)
     plain = fingerprint(llm.generate([PROMPT], greedy(), 0)[0])
     spec = fingerprint(llm.generate([PROMPT], greedy(), 3)[0])
@@ -197,8 +202,8 @@ def test_greedy_logprobs_are_the_same_with_and_without_speculation(pair):
 def test_adaptive_speculation_outputs_are_the_same_alone_and_batched(pair):
     """Adaptive k changes each step's query counts with timing and batch
     size: greedy and seeded tokens and logprobs must not notice."""
-    llm = make_llm(pair, adaptive_speculation=True, num_speculative_tokens=4)
-    alone, batched = alone_and_batched(llm, [greedy(40), seeded(11, 40)])
+    alone, batched = alone_and_batched(pair, [greedy(40), seeded(11, 40)],
+                                       adaptive_speculation=True, num_speculative_tokens=4)
     assert alone == batched
 
 
@@ -216,12 +221,10 @@ def test_cuda_engine_outputs_are_bitwise_the_same_alone_and_batched(pair, enforc
     """bfloat16 on the Triton path, with CUDA graphs and without."""
     cuda = dict(device="cuda", dtype="bfloat16", enforce_eager=enforce_eager, num_kv_blocks=512,
                 max_num_seqs=16)
-    llm = make_llm(pair, **cuda)
-    alone, batched = alone_and_batched(llm, [greedy(), seeded(7), seeded(8)])
+    alone, batched = alone_and_batched(pair, [greedy(), seeded(7), seeded(8)], **cuda)
     assert alone == batched
-    del llm
-    adaptive = make_llm(pair, adaptive_speculation=True, **cuda)
-    alone, batched = alone_and_batched(adaptive, [greedy(40), seeded(11, 40)])
+    alone, batched = alone_and_batched(pair, [greedy(40), seeded(11, 40)],
+                                       adaptive_speculation=True, **cuda)
     assert alone == batched
 
 
