@@ -7,6 +7,8 @@ layer from about forty launches to nine. Each op has a Triton kernel used on
 CUDA and a torch path used everywhere else, which is also the numerical
 reference.
 One-row matmuls (batch-1 decode) go through a Triton GEMV kernel on CUDA.
+In batch-invariant mode (``batch_invariant``) every matmul takes one
+fixed-order path instead (``invariant_matmul``).
 """
 
 from workers.kernels.activation import silu_and_mul
