@@ -78,7 +78,8 @@ def test_norms_and_silu_rows_are_the_same_for_any_m(dtype, two_threads):
     with batch_invariant_mode(True):
         _rows_agree(lambda x: rms_norm(x, w, 1e-5), 256, dtype)
         _rows_agree(lambda x: add_rms_norm(x, residual.expand_as(x), w, 1e-5)[0], 256, dtype)
-        _rows_agree(silu_and_mul, 2 * 640, dtype)
+        # 600 columns: rows end mid-vector, where F.silu's scalar tail differs.
+        _rows_agree(silu_and_mul, 2 * 600, dtype)
 
 
 def test_rotary_tables_are_the_same_for_any_batch(two_threads):
