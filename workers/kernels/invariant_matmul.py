@@ -23,9 +23,12 @@ import torch.nn.functional as F
 
 from workers.kernels.triton_support import triton_available, use_triton
 
-# One tile for all M. 64 rows fill one Hopper warpgroup's MMA; 64 columns
-# give even the 4096-wide projections of a 7B model 64 programs at M <= 64.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 64
+# One tile for all M, a compromise between decode and prefill: 64 rows fill
+# one Hopper warpgroup's MMA; 64 columns give even a 7B model's 4096-wide
+# projections 64 programs at M <= 64; 128-wide K steps, three deep, keep
+# 48 KB of weights in flight per program for the decode steps, which only
+# stream weights.
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 128
 NUM_WARPS, NUM_STAGES = 4, 3
 CPU_ROWS = 16
 
