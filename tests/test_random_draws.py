@@ -6,12 +6,16 @@ keyed by fixed seeds: the tests are deterministic."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from workers.random_draws import gumbel_noise, keyed_gumbel
+from workers.random_draws import (gumbel_from_keys, gumbel_noise, keyed_gumbel_argmax,
+                                  keyed_positions, position_keys)
 from workers.sampler import SamplingTensors, gumbel_argmax, logits_to_probs
 
 V = 8
@@ -91,18 +95,55 @@ def test_noise_is_standard_gumbel():
     assert (empirical - torch.exp(-torch.exp(-sorted_noise))).abs().max().item() < 0.005
 
 
+def _keyed_noise(seeds: list[int], first: list[int], width: int, vocab: int) -> torch.Tensor:
+    return gumbel_from_keys(keyed_positions(seeds, first, width, torch.device("cpu")), vocab)
+
+
 def test_noise_is_a_function_of_seed_position_and_token_alone():
     seeds = [3, 2**63 - 1, 0, 3]
     first = [0, 17, 5, 4]
-    batch = keyed_gumbel(seeds, first, 6, 50, torch.device("cpu"))
+    batch = _keyed_noise(seeds, first, 6, 50)
     # Row 3 is row 0 shifted by four positions; a row alone equals its batched self.
     assert torch.equal(batch[3, :2], batch[0, 4:])
-    alone = keyed_gumbel([2**63 - 1], [19], 3, 50, torch.device("cpu"))
-    assert torch.equal(alone[0], batch[1, 2:5])
+    assert torch.equal(_keyed_noise([2**63 - 1], [19], 3, 50)[0], batch[1, 2:5])
     # A narrower vocabulary is a prefix of the wider one: the key includes the token id.
-    assert torch.equal(keyed_gumbel([3], [0], 6, 20, torch.device("cpu"))[0], batch[0, :, :20])
+    assert torch.equal(_keyed_noise([3], [0], 6, 20)[0], batch[0, :, :20])
     # Different seeds, positions and tokens give different noise; within one
     # position no two tokens share a value (the token ids pass a bijection).
     assert not torch.equal(batch[0, 0], batch[2, 0])
     assert not torch.equal(batch[0, 0], batch[0, 1])
     assert all(len(set(row.tolist())) == 50 for row in batch.flatten(0, 1))
+
+
+def check_kernel(device: str) -> None:
+    """The fused Triton kernel picks the torch path's tokens: same hash, same
+    formulas (run on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
+    gen = torch.Generator().manual_seed(5)
+    for rows, vocab in ((300, 50), (200, 2500), (3, 4096)):
+        probs = torch.softmax(2 * torch.randn(rows, vocab, generator=gen), -1)
+        probs[:, ::7] = 0.0  # tokens that must never win
+        seeds = torch.randint(0, 2**62, (rows,), generator=gen)
+        keys = position_keys(seeds, torch.randint(0, 10_000, (rows, 1), generator=gen))[:, 0]
+        want = gumbel_argmax(probs, gumbel_from_keys(keys, vocab))
+        got = keyed_gumbel_argmax(probs.to(device), keys.to(device)).cpu()
+        assert got.shape == want.shape and got.dtype == torch.int64
+        assert int((got != want).sum()) <= 1, (rows, vocab, int((got != want).sum()))
+        assert bool((probs.gather(1, got.unsqueeze(1)) > 0).all())
+    print("ok")
+
+
+def test_triton_kernel_matches_torch_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    run = subprocess.run([sys.executable, "-c",
+                          "from tests.test_random_draws import check_kernel; check_kernel('cpu')"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+@pytest.mark.cuda
+def test_triton_kernel_matches_torch_on_cuda():
+    check_kernel("cuda")

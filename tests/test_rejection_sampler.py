@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from engine.sampling_params import SamplingParams
-from workers.random_draws import gumbel_noise
+from workers.random_draws import gumbel_from_keys, gumbel_noise, position_keys
 from workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
 from workers.sampler import SamplingTensors, gumbel_argmax, logits_to_probs, sample_from_probs
 
@@ -394,9 +394,9 @@ def test_gumbel_verify_emits_the_targets_gumbel_argmax_whatever_the_draft_propos
     batch, k, vocab = 500, 4, 12
     target_probs = torch.softmax(3 * torch.randn(batch, k + 1, vocab, generator=gen), -1)
     target_probs[:, :, 5] = 0.0  # a token the target never emits
-    noise = gumbel_noise(torch.arange(batch, dtype=torch.int64),
-                         torch.arange(k + 1).expand(batch, -1), vocab)
-    target_tokens = gumbel_argmax(target_probs, noise)  # what k = 0 decoding emits
+    keys = position_keys(torch.arange(batch, dtype=torch.int64),
+                         torch.arange(k + 1).expand(batch, -1))
+    target_tokens = gumbel_argmax(target_probs, gumbel_from_keys(keys, vocab))  # as at k = 0
     # Drafts agree with the target for a random number of positions, then differ.
     agree_for = torch.randint(0, k + 1, (batch,), generator=gen)
     other = (target_tokens[:, :k] + torch.randint(1, vocab, (batch, k), generator=gen)) % vocab
@@ -405,13 +405,13 @@ def test_gumbel_verify_emits_the_targets_gumbel_argmax_whatever_the_draft_propos
     n = torch.randint(0, k + 1, (batch,), generator=gen)
     draft_ids = draft_ids.masked_fill(torch.arange(k).unsqueeze(0) >= n.unsqueeze(1), -1)
 
-    tokens, num_emitted = gumbel_verify(draft_ids, n, target_probs, noise)
+    tokens, num_emitted = gumbel_verify(draft_ids, n, target_probs, keys)
     accepted = torch.minimum(agree_for, n)  # the longest agreeing prefix of the proposal
     assert torch.equal(num_emitted, accepted + 1)
     keep = torch.arange(k + 1).unsqueeze(0) <= accepted.unsqueeze(1)
     assert torch.equal(tokens, torch.where(keep, target_tokens, -1))
     assert bool((tokens != 5).all())
-    plain, plain_num = gumbel_verify(draft_ids[:, :0], None, target_probs[:, :1], noise[:, :1])
+    plain, plain_num = gumbel_verify(draft_ids[:, :0], None, target_probs[:, :1], keys[:, :1])
     assert torch.equal(plain[:, 0], target_tokens[:, 0]) and bool((plain_num == 1).all())
 
 
@@ -427,7 +427,8 @@ def _coupled_generate(p_chain: torch.Tensor, q_chain: torch.Tensor, length: int,
     last = torch.full((rows,), START_TOKEN, dtype=torch.int64)
     proposed_total = accepted_total = 0
     while bool((produced < length).any()):
-        noise = gumbel_noise(seeds, produced.unsqueeze(1) + torch.arange(K + 1), V)
+        keys = position_keys(seeds, produced.unsqueeze(1) + torch.arange(K + 1))
+        noise = gumbel_from_keys(keys, V)
         prev, drafts = last, []
         for j in range(K):
             prev = gumbel_argmax(q_chain[prev], noise[:, j])
@@ -435,7 +436,7 @@ def _coupled_generate(p_chain: torch.Tensor, q_chain: torch.Tensor, length: int,
         draft_ids = torch.stack(drafts, 1)
         target_probs = p_chain[torch.cat([last.unsqueeze(1), draft_ids], 1)]
         n = torch.randint(0, K + 1, (rows,), generator=gen)
-        tokens, num_emitted = gumbel_verify(draft_ids, n, target_probs, noise)
+        tokens, num_emitted = gumbel_verify(draft_ids, n, target_probs, keys)
         proposed_total += int(n.sum())
         accepted_total += int((num_emitted - 1).sum())
         at = (produced.unsqueeze(1) + torch.arange(K + 1)).clamp(max=out.shape[1] - 1)

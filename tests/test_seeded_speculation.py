@@ -119,3 +119,27 @@ def test_same_tokens_across_preemption(pair, expected):
     params = [seeded(100 + i) for i in range(len(PROMPTS))]
     assert [o.token_ids for o in small.generate(PROMPTS, params)] == expected["top_k"]
     assert small.engine.get_stats().num_preemptions_total > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("invariant", [False, True])
+def test_same_tokens_at_every_k_on_cuda(pair, invariant):
+    """On CUDA (graphs, Triton attention, pinned copies), with and without
+    --batch-invariant: a mixed batch at k = 3 and adaptive, against each
+    seeded request decoded alone without speculation."""
+    target, draft = pair
+    kw = dict(dtype="float32", device="cuda", num_kv_blocks=256, batch_invariant=invariant)
+    plain = LLM(model=target, **kw)
+    spec = LLM(model=target, draft_model=draft, num_speculative_tokens=3, **kw)
+    adaptive = LLM(model=target, draft_model=draft, num_speculative_tokens=4,
+                   adaptive_speculation=True, **kw)
+    unseeded = SamplingParams(max_tokens=40, temperature=0.9, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    params = [seeded(100), unseeded, seeded(101, "top_p_min_p_penalties"), greedy]
+    want = [plain.generate([PROMPTS[i]], params[i])[0].token_ids for i in (0, 2)]
+    for llm in (spec, adaptive):
+        outs = llm.generate(PROMPTS, params)
+        assert [outs[0].token_ids, outs[2].token_ids] == want
+        assert outs[0].metrics.draft_tokens_accepted > 0
+    for llm in (plain, spec, adaptive):
+        llm.shutdown()

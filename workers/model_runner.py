@@ -23,9 +23,10 @@ from workers.cuda_graphs import GraphedModel, batch_buckets
 from workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
 from workers.host_transfer import HostCopy, to_device
 from workers.models.llama import LlamaForCausalLM
-from workers.random_draws import TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms, keyed_gumbel
+from workers.random_draws import (TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms,
+                                  keyed_gumbel_argmax, keyed_positions)
 from workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
-from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs, gumbel_argmax,
+from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
                              logits_to_probs, sample_from_probs)
 
 # Which rows of a batch a draw covers: all of them (no gather), or these.
@@ -47,7 +48,7 @@ class _Batch:
     plain: _Rows | None
     seeded: _Rows | None
     uniforms: torch.Tensor | None  # [plain rows, K+1, NUM_TAGS]
-    noise: torch.Tensor | None  # [seeded rows, K+1, V] keyed Gumbel noise
+    keys: torch.Tensor | None  # [seeded rows, K+1] keys of their Gumbel noise
     prompt_mask: torch.Tensor | None  # [S, V] for penalties
     output_counts: torch.Tensor | None  # [S, V] before this step's tokens
 
@@ -113,7 +114,8 @@ class ModelRunner:
         """Run one eager forward per attention tile shape now, on the padding
         block, so that Triton compiles them at start-up rather than inside a
         serving step (a draft catching up after steps without speculation,
-        a prefill chunk); short and long contexts, with and without splits."""
+        a prefill chunk); short and long contexts, with and without splits;
+        and the seeded rows' sampling kernel."""
         bs = self.block_size
         longest = max_blocks_per_seq * bs
         for model, caches in ((self.target, self.target_caches), (self.draft, self.draft_caches)):
@@ -128,6 +130,9 @@ class ModelRunner:
                     positions = torch.arange(seq_len - q, seq_len, device=self.device)
                     model(torch.zeros(q, dtype=torch.int64, device=self.device), positions, caches,
                           meta)
+        # Seeded rows' Gumbel-max kernel, for this vocabulary.
+        keyed_gumbel_argmax(torch.ones((1, self.vocab_size), device=self.device),
+                            torch.zeros(1, dtype=torch.int64, device=self.device))
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.finish(self.launch(scheduler_output))
@@ -180,13 +185,12 @@ class ModelRunner:
         seeded = [] if greedy else [r for r, s in enumerate(chosen) if _keyed(s)]
         plain = [] if greedy else [r for r, s in enumerate(chosen) if not _keyed(s)]
         uniforms = draw_uniforms(len(plain), K + 1, self.generator, self.device) if plain else None
-        noise = keyed_gumbel(
-            [chosen[r].sampling_params.seed for r in seeded],
-            [chosen[r].num_output_tokens for r in seeded],
-            K + 1, self.vocab_size, self.device) if seeded else None
+        keys = keyed_positions([chosen[r].sampling_params.seed for r in seeded],
+                               [chosen[r].num_output_tokens for r in seeded],
+                               K + 1, self.device) if seeded else None
         mask, counts = self._penalty_history(chosen)
         return _Batch(index, chosen, ks, K, greedy, self._rows(plain, len(chosen)),
-                      self._rows(seeded, len(chosen)), uniforms, noise, mask, counts)
+                      self._rows(seeded, len(chosen)), uniforms, keys, mask, counts)
 
     def _rows(self, rows: list[int], total: int) -> _Rows | None:
         if not rows:
@@ -272,7 +276,7 @@ class ModelRunner:
             parts.append((batch.plain, sample_from_probs(q[batch.plain],
                                                          batch.uniforms[:, j, TAG_DRAFT])))
         if batch.seeded is not None:
-            parts.append((batch.seeded, gumbel_argmax(q[batch.seeded], batch.noise[:, j])))
+            parts.append((batch.seeded, keyed_gumbel_argmax(q[batch.seeded], batch.keys[:, j])))
         return _merge_rows(parts, q.shape[0])
 
     def _propose_greedy(self, seqs: list[ScheduledSequence], k: int) -> torch.Tensor:
@@ -390,7 +394,7 @@ class ModelRunner:
         if batch.seeded is not None:
             r = batch.seeded
             parts.append((r, gumbel_verify(draft_tokens[r], _take(ks, r), target_probs[r],
-                                           batch.noise)))
+                                           batch.keys)))
         return (_merge_rows([(r, out) for r, (out, _) in parts], S),
                 _merge_rows([(r, num) for r, (_, num) in parts], S))
 

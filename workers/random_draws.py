@@ -7,7 +7,9 @@ processed distribution p'_p (Gumbel-max). The draft proposes with the same
 noise and the target's Gumbel-argmax is what is emitted, so a seeded
 request's tokens depend on (seed, prompt, parameters, weights) alone: not on
 k, the batch, the step boundaries or a preemption, and the same as without
-speculation. Workers keep no per-request random state.
+speculation. Workers keep no per-request random state. The batch carries one
+key per (seed, position); on CUDA a fused Triton kernel hashes the token ids,
+adds the noise and takes the argmax without writing the noise to memory.
 
 Unseeded requests draw uniforms from the worker's generator, one per purpose
 (TAG_*) and position, for inverse-CDF draws and rejection sampling.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from workers.host_transfer import to_device
+from workers.kernels.triton_support import triton_available, use_triton
+from workers.sampler import gumbel_argmax
 
 TAG_DRAFT = 0  # the draft's proposal at this position
 TAG_ACCEPT = 1  # the acceptance test of the draft token at this position
@@ -50,7 +54,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def draw_uniforms(num_rows: int, width: int, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor:
     """[num_rows, width, NUM_TAGS] uniforms in [0, 1) from the worker's
-    generator, for unseeded rows (seeded rows ignore theirs)."""
+    generator, for the rows without a seed."""
     return torch.rand((num_rows, width, NUM_TAGS), generator=generator, device=device)
 
 
@@ -63,37 +67,101 @@ def position_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return _mix32(lo ^ _mix32(hi ^ _mix32(pos)))
 
 
+def keyed_positions(seeds: list[int], first_positions: list[int], width: int,
+                    device: torch.device) -> torch.Tensor:
+    """[len(seeds), width] keys: row s covers output positions
+    first_positions[s] .. + width - 1 of the request seeded seeds[s]."""
+    seed_t = to_device(seeds, device)
+    first = to_device(first_positions, device)
+    return position_keys(seed_t, first.unsqueeze(1) + torch.arange(width, device=device))
+
+
 def _gumbel_from_bits(h: torch.Tensor) -> torch.Tensor:
     """-log(-log U) for U = (h + 0.5) / 2**32 in (0, 1), float32.
 
-    -log U is taken from U when U < 1/2 and from 1 - U (with log1p) above, so
-    that float32 resolves the upper tail, where the maxima are, to the hash's
-    full 32 bits: the noise is finite and lies in about [-3.1, 22.9]."""
+    -log U is taken from U when U < 1/2 and from x = 1 - U above (as
+    -log1p(-x), by Kahan's formula, which the Triton kernel shares), so that
+    float32 resolves the upper tail, where the maxima are, to the hash's full
+    32 bits: the noise is finite and lies in about [-3.1, 22.9]."""
     scale = 2.0 ** -32
     u = (h.to(torch.float32) + 0.5) * scale
-    one_minus_u = ((_M32 - h).to(torch.float32) + 0.5) * scale
-    e = torch.where(h < (1 << 31), -torch.log(u), -torch.log1p(-one_minus_u))
+    x = ((_M32 - h).to(torch.float32) + 0.5) * scale
+    w = 1.0 - x
+    log1p_neg_x = torch.where(w == 1.0, -x, torch.log(w) * -x / (w - 1.0))
+    e = torch.where(h < (1 << 31), -torch.log(u), -log1p_neg_x)
     return -torch.log(e)
+
+
+def gumbel_from_keys(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """G(key, x), float32 [*keys.shape, V]: the noise of every token id x at
+    each keyed position. Within one position the token ids pass through a
+    bijection before the last mix, so no two tokens share a uniform."""
+    tokens = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    token_bits = _mix32((tokens + _TOKEN_SALT) & _M32)  # [V]
+    return _gumbel_from_bits(_mix32(keys.unsqueeze(-1) ^ token_bits))
 
 
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """G(seed, p, x), float32 [S, P, V], for seeds [S] (int64) and output
-    positions [S, P]: keyed, so the same arguments give the same noise on
-    any device and in any batch.
-
-    Within one position the token ids pass through a bijection before the
-    last mix, so no two tokens of a position share a uniform."""
-    keys = position_keys(seeds, positions).unsqueeze(-1)  # [S, P, 1]
-    tokens = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    token_bits = _mix32((tokens + _TOKEN_SALT) & _M32)  # [V]
-    return _gumbel_from_bits(_mix32(keys ^ token_bits))
+    positions [S, P]: the same arguments give the same noise in any batch."""
+    return gumbel_from_keys(position_keys(seeds, positions), vocab_size)
 
 
-def keyed_gumbel(seeds: list[int], first_positions: list[int], width: int, vocab_size: int,
-                 device: torch.device) -> torch.Tensor:
-    """[len(seeds), width, V] noise: row s covers output positions
-    first_positions[s] .. + width - 1 of the request seeded seeds[s]."""
-    seed_t = to_device(seeds, device)
-    first = to_device(first_positions, device)
-    positions = first.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-    return gumbel_noise(seed_t, positions, vocab_size)
+def keyed_gumbel_argmax(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """argmax_x(log probs[..., x] + G(keys[...], x)), LongTensor of keys' shape:
+    an exact draw from each row of ``probs`` (float32, [*keys.shape, V]).
+
+    On CUDA one fused Triton kernel hashes, adds and reduces each row without
+    writing the noise to memory; elsewhere the noise is materialised."""
+    vocab = probs.shape[-1]
+    if not use_triton(probs):
+        return gumbel_argmax(probs, gumbel_from_keys(keys, vocab))
+    rows = probs.reshape(-1, vocab).float().contiguous()
+    flat_keys = keys.reshape(-1).contiguous()
+    out = torch.empty(flat_keys.shape, dtype=torch.int64, device=probs.device)
+    if rows.shape[0]:
+        _keyed_gumbel_argmax_kernel[(rows.shape[0],)](rows, flat_keys, out, vocab,
+                                                      BLOCK=_BLOCK, num_warps=4)
+    return out.view(keys.shape)
+
+
+_BLOCK = 1024
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mix32_tl(x):
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _keyed_gumbel_argmax_kernel(probs_ptr, keys_ptr, out_ptr, vocab, BLOCK: tl.constexpr):
+        """One row per program: the Gumbel-max token of probs[row] under keys[row].
+        Same hash and formulas as the torch path; ties go to the lowest token id,
+        as torch.argmax."""
+        row = tl.program_id(0)
+        key = tl.load(keys_ptr + row).to(tl.uint32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_id = tl.zeros([BLOCK], tl.int32)
+        scale = 2.3283064365386963e-10  # 2**-32
+        for start in range(0, vocab, BLOCK):
+            tok = start + tl.arange(0, BLOCK)
+            mask = tok < vocab
+            p = tl.load(probs_ptr + row.to(tl.int64) * vocab + tok, mask=mask, other=0.0)
+            h = _mix32_tl(key ^ _mix32_tl(tok.to(tl.uint32) + 0x85EBCA6B))  # _TOKEN_SALT
+            u = (h.to(tl.float32) + 0.5) * scale
+            x = ((0xFFFFFFFF - h).to(tl.float32) + 0.5) * scale
+            w = 1.0 - x
+            log1p_neg_x = tl.where(w == 1.0, -x, tl.log(w) * -x / (w - 1.0))
+            e = tl.where(h < 0x80000000, -tl.log(u), -log1p_neg_x)
+            score = tl.where(mask, tl.log(p) - tl.log(e), float("-inf"))
+            better = score > best
+            best = tl.where(better, score, best)
+            best_id = tl.where(better, tok, best_id)
+        top = tl.max(best, 0)
+        tl.store(out_ptr + row, tl.min(tl.where(best == top, best_id, vocab), 0).to(tl.int64))

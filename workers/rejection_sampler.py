@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.sampler import gumbel_argmax, sample_from_probs
+from workers.random_draws import keyed_gumbel_argmax
+from workers.sampler import sample_from_probs
 
 # Output padding after the last emitted token of a row.
 PAD_TOKEN_ID = -1
@@ -140,15 +141,16 @@ def gumbel_verify(
     draft_token_ids: torch.Tensor,
     num_draft_tokens: torch.Tensor | None,
     target_probs: torch.Tensor,
-    noise: torch.Tensor,
+    keys: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gumbel-coupled verification for seeded rows; outputs laid out as
     ``rejection_sample``'s.
 
-    ``target_probs [B, K + 1, V]`` and ``noise [B, K + 1, V]``, the keyed
-    Gumbel noise of each position (the same the draft proposed with). Every
-    emitted token is argmax(log target_probs + noise) at its position, an
-    exact sample of the target, whatever the draft proposed; the accepted
-    count is the longest prefix of proposals equal to those tokens.
+    ``target_probs [B, K + 1, V]`` and ``keys [B, K + 1]``, the key of each
+    position's Gumbel noise (`random_draws.position_keys`; the draft proposed
+    with the same). Every emitted token is argmax(log target_probs + G) at its
+    position, an exact sample of the target, whatever the draft proposed; the
+    accepted count is the longest prefix of proposals equal to those tokens.
     """
-    return greedy_verify(draft_token_ids, num_draft_tokens, gumbel_argmax(target_probs, noise))
+    return greedy_verify(draft_token_ids, num_draft_tokens,
+                         keyed_gumbel_argmax(target_probs, keys))
