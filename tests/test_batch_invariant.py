@@ -169,25 +169,35 @@ def fingerprint(out) -> tuple:
                             for lp in out.logprobs])
 
 
-def alone_and_batched(pair, params: list[SamplingParams], **kw):
+def alone_and_batched(pair, params: list[SamplingParams], batch_kw: dict | None = None, **kw):
     """Each request alone on one engine, then all of them after other
-    requests on a fresh engine: no prefix cache is shared, so the batch
-    computes each prompt in its own chunks; the others go first, so the
-    token budget cuts these requests' k and chunks too."""
+    requests on a fresh engine (``kw`` plus ``batch_kw``): no prefix cache is
+    shared, so the batch computes each prompt in its own chunks; the others
+    go first, so the token budget cuts these requests' k and chunks too."""
     solo = make_llm(pair, **kw)
     alone = [fingerprint(solo.generate([PROMPT], p)[0]) for p in params]
     solo.shutdown()
     prompts = OTHERS + [PROMPT] * len(params)
     batch_params = [greedy(30), seeded(99, 17), greedy(9), seeded(5, 40)] + params
-    engine = make_llm(pair, **kw)
-    batched = [fingerprint(o) for o in engine.generate(prompts, batch_params)]
-    engine.shutdown()
-    return alone, batched[len(OTHERS):]
+    llm = make_llm(pair, **kw, **(batch_kw or {}))
+    batched = [fingerprint(o) for o in llm.generate(prompts, batch_params)]
+    preemptions = llm.engine.get_stats().num_preemptions_total
+    llm.shutdown()
+    return alone, batched[len(OTHERS):], preemptions
 
 
 def test_engine_outputs_are_bitwise_the_same_alone_and_batched(pair):
     """Speculation on (k = 3), prompts chunked 16 tokens at a time."""
-    alone, batched = alone_and_batched(pair, [greedy(), seeded(7), seeded(8)])
+    alone, batched, _ = alone_and_batched(pair, [greedy(), seeded(7), seeded(8)])
+    assert alone == batched
+
+
+def test_preempted_requests_keep_their_bits(pair):
+    """A KV cache too small for the batch: requests are preempted and
+    recomputed in other chunks, with the same tokens and logprob floats."""
+    alone, batched, preemptions = alone_and_batched(pair, [greedy(40), seeded(7, 40)],
+                                                    batch_kw=dict(num_kv_blocks=30, kv_reserve=0.0))
+    assert preemptions > 0
     assert alone == batched
 
 
@@ -203,8 +213,8 @@ def test_greedy_logprobs_are_the_same_with_and_without_speculation(pair):
 def test_adaptive_speculation_outputs_are_the_same_alone_and_batched(pair):
     """Adaptive k changes each step's query counts with timing and batch
     size: greedy and seeded tokens and logprobs must not notice."""
-    alone, batched = alone_and_batched(pair, [greedy(40), seeded(11, 40)],
-                                       adaptive_speculation=True, num_speculative_tokens=4)
+    alone, batched, _ = alone_and_batched(pair, [greedy(40), seeded(11, 40)],
+                                          adaptive_speculation=True, num_speculative_tokens=4)
     assert alone == batched
 
 
@@ -222,10 +232,10 @@ def test_cuda_engine_outputs_are_bitwise_the_same_alone_and_batched(pair, enforc
     """bfloat16 on the Triton path, with CUDA graphs and without."""
     cuda = dict(device="cuda", dtype="bfloat16", enforce_eager=enforce_eager, num_kv_blocks=512,
                 max_num_seqs=16)
-    alone, batched = alone_and_batched(pair, [greedy(), seeded(7), seeded(8)], **cuda)
+    alone, batched, _ = alone_and_batched(pair, [greedy(), seeded(7), seeded(8)], **cuda)
     assert alone == batched
-    alone, batched = alone_and_batched(pair, [greedy(40), seeded(11, 40)],
-                                       adaptive_speculation=True, **cuda)
+    alone, batched, _ = alone_and_batched(pair, [greedy(40), seeded(11, 40)],
+                                          adaptive_speculation=True, **cuda)
     assert alone == batched
 
 
