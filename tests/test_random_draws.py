@@ -22,6 +22,16 @@ V = 8
 SEEDS, POSITIONS = 400, 500  # 200,000 keyed draws
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: the machine's cores are shared, and spinning
+    threads of an oversubscribed pool only slow every test down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _chi2_ratio(observed: torch.Tensor, probs: torch.Tensor) -> float:
     """Chi-square statistic over a bound far in its tail: < 1 is a match; a
     draw where the law has no mass is inf."""
