@@ -48,10 +48,10 @@ def test_switch_is_scoped():
     assert not batch_invariant()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_rows_are_the_same_for_any_m(dtype, two_threads):
-    check_matmul_rows("cpu", dtype, range(1, 301), 96, 64, bias=True)
-    check_matmul_rows("cpu", dtype, (1, 2, 15, 16, 17, 33, 100), 640, 256)
+def test_matmul_rows_are_the_same_for_any_m(two_threads):
+    check_matmul_rows("cpu", torch.float32, range(1, 301), 96, 64, bias=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_matmul_rows("cpu", dtype, (1, 2, 15, 16, 17, 33, 100, 300), 640, 256)
 
 
 def _rows_agree(fn, width: int, dtype=torch.float32, max_rows: int = 300) -> None:
