@@ -26,6 +26,17 @@ from workers.sampler import SamplingTensors, compute_logprobs, logits_to_probs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, but where ``two_threads`` asks for two: the
+    machine's cores are shared, and an oversubscribed pool's spinning
+    threads slow every test down."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_threads():
     """Two intra-op threads: element-wise ops then split big tensors between
