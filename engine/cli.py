@@ -29,6 +29,7 @@ from engine.sampling_params import SamplingParams
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "default_models"
 DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grpc here
 DEFAULT_PORT = 50051
+DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
 
 # Help for each engine option, unless its dataclass field carries
@@ -215,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send one prompt to a specserve server, stream the text to stdout and "
                     "print usage and the draft acceptance rate to stderr.")
     gen.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
-    _add_address_flags(gen)
+    _add_address_flags(gen, wait=True)
     gen.add_argument("--num-speculative-tokens", type=int, default=None,
                      help="lower k for this request; 0 turns speculation off")
     gen.add_argument("--priority", type=int, default=0,
@@ -227,14 +228,46 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="show the models a running server serves")
-    _add_address_flags(info)
+    _add_address_flags(info, wait=True)
     info.set_defaults(func=cmd_info)
     return parser
 
 
-def _add_address_flags(parser: argparse.ArgumentParser) -> None:
+def _add_address_flags(parser: argparse.ArgumentParser, wait: bool = False) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="server host")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port")
+    if wait:
+        parser.add_argument("--wait-ready", type=float, default=DEFAULT_WAIT_READY,
+                            metavar="SECONDS",
+                            help="wait up to this long for the server to report SERVING "
+                                 "(it answers UNAVAILABLE while it loads); 0 does not wait "
+                                 f"(default: {DEFAULT_WAIT_READY:g})")
+
+
+def wait_until_serving(channel: Any, seconds: float, address: str) -> None:
+    """Poll the server's health service until it reports SERVING; raises
+    TimeoutError after ``seconds`` (a server still loading, or none there)."""
+    import grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + seconds
+    told = False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=max(0.1, min(left, 2)))
+            if status.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        if left <= 0:
+            raise TimeoutError(f"no server ready at {address} after {seconds:g} s "
+                               "(is `specserve serve` running there?)")
+        if not told and seconds - left > 1:
+            print(f"waiting for the server at {address} to be ready...", file=sys.stderr)
+            told = True
+        time.sleep(0.25)
 
 
 # -- serve ------------------------------------------------------------------------------
@@ -291,10 +324,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling_params=sampling_params_to_proto(**_given(args, list(fields(SamplingParams)))))
     if args.num_speculative_tokens is not None:
         request.num_speculative_tokens = args.num_speculative_tokens
-    start = time.perf_counter()
     first = None
     last = None
-    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+    address = f"{args.host}:{args.port}"
+    with grpc.insecure_channel(address) as channel:
+        if args.wait_ready > 0:
+            try:
+                wait_until_serving(channel, args.wait_ready, address)
+            except TimeoutError as exc:
+                print(f"specserve generate: {exc}", file=sys.stderr)
+                return 1
+        start = time.perf_counter()
         call = pb_grpc.GenerationStub(channel).Generate(request, timeout=args.timeout)
         try:
             for resp in call:
@@ -345,10 +385,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from engine.grpc_convert import pb, pb_grpc  # noqa: PLC0415
 
-    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+    address = f"{args.host}:{args.port}"
+    with grpc.insecure_channel(address) as channel:
         try:
+            if args.wait_ready > 0:
+                wait_until_serving(channel, args.wait_ready, address)
             info = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
                                                                timeout=10)
+        except TimeoutError as exc:
+            print(f"specserve info: {exc}", file=sys.stderr)
+            return 1
         except grpc.RpcError as err:
             print(f"specserve info: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1

@@ -4,6 +4,8 @@ with a fake engine."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import fields
 
 import pytest
@@ -11,7 +13,9 @@ import pytest
 from engine import cli
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
-from tests.fake_engine import FakeTokenizer, expected_tokens, start_fake_server
+from engine.server import BackgroundServer
+from tests.fake_engine import (FakeEngine, FakeTokenizer, expected_tokens, free_port,
+                               start_fake_server)
 
 
 def _serve_args(*argv: str):
@@ -119,3 +123,36 @@ def test_info(fake_server, capsys):
     assert cli.main(["info", "--port", port]) == 0
     out, _ = capsys.readouterr()
     assert "target: fake-target" in out and "num_speculative_tokens: 3" in out
+
+
+def test_generate_waits_for_a_server_that_is_still_loading(capsys):
+    """`serve` answers UNAVAILABLE while it loads; --wait-ready polls the health
+    service instead of failing the first request."""
+    port = free_port()
+
+    def slow_factory(index: int) -> FakeEngine:
+        time.sleep(1.5)
+        return FakeEngine(index)
+
+    srv = BackgroundServer(EngineConfig.from_kwargs(), port=port, engine_factory=slow_factory)
+    starter = threading.Thread(target=srv.start)
+    starter.start()
+    try:
+        rc = cli.main(["generate", "hello", "--port", str(port), "--max-tokens", "3",
+                       "--temperature", "0", "--wait-ready", "60"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        assert out == FakeTokenizer().decode(expected_tokens(FakeTokenizer().encode("hello"), 3)) + "\n"
+    finally:
+        starter.join()
+        srv.stop()
+
+
+def test_wait_ready_gives_up_with_a_clear_message(capsys):
+    port = str(free_port())
+    assert cli.main(["generate", "hi", "--port", port, "--wait-ready", "0.5"]) == 1
+    _, err = capsys.readouterr()
+    assert "no server ready at 127.0.0.1:" + port in err and "specserve serve" in err
+    assert cli.main(["info", "--port", port, "--wait-ready", "0.5"]) == 1
+    _, err = capsys.readouterr()
+    assert "no server ready" in err
