@@ -30,12 +30,11 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "proto")]  # checkout: proto/specserve
 
-from workers.attention.metadata_builder import build_attention_metadata  # noqa: E402
-from workers.attention.torch_ref import TorchReferenceBackend  # noqa: E402
-from workers.attention.triton_paged import TritonPagedBackend  # noqa: E402
+from specserve.workers.attention.metadata_builder import build_attention_metadata  # noqa: E402
+from specserve.workers.attention.torch_ref import TorchReferenceBackend  # noqa: E402
+from specserve.workers.attention.triton_paged import TritonPagedBackend  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 32, 128, 16
 DTYPE = torch.bfloat16

@@ -16,12 +16,13 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
 import torch  # noqa: E402
 
 from benchmarks.gpu_suite import dummy_model_dir, random_prompts, timed_generate  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from specserve import LLM, SamplingParams  # noqa: E402
 
 VOCAB = 32000  # Llama-2's
 

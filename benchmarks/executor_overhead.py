@@ -24,16 +24,15 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "proto")]  # checkout: proto/specserve
 
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from engine.config import EngineConfig  # noqa: E402
-from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from scheduler.output import ModelRunnerOutput, SchedulerOutput  # noqa: E402
+from specserve.config import EngineConfig  # noqa: E402
+from specserve.engine.llm_engine import LLMEngine  # noqa: E402
+from specserve.sampling_params import SamplingParams  # noqa: E402
+from specserve.step import ModelRunnerOutput, SchedulerOutput  # noqa: E402
 from tests.pair_factory import make_pair  # noqa: E402
 
 PROMPT_LEN = 16

@@ -18,12 +18,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from workers.kernels.gemv import gemv, gemv_config  # noqa: E402
+from specserve.workers.kernels.gemv import gemv, gemv_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = [c for c in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (1, 3))]

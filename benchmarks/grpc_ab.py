@@ -29,7 +29,8 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
 from benchmarks import throughput as tp  # noqa: E402
 
@@ -71,7 +72,7 @@ def run_tree(tree: str, model: str, workload: list[str], dummy: bool, timeout: f
              server_flags: list[str] | None = None) -> Run:
     port, metrics_port = tp.free_port(), tp.free_port()
     address = f"127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "specserve.engine.cli", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", str(metrics_port), "--log-level", "warning",
            "--model", model, "--max-num-seqs", "256", "--max-num-batched-tokens", "8192",
            *(["--load-format", "dummy", "--dtype", "bfloat16"] if dummy else []),

@@ -15,9 +15,10 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
-from engine import LLM, SamplingParams  # noqa: E402
+from specserve import LLM, SamplingParams  # noqa: E402
 
 CODE_PROMPTS = [
     "def fibonacci(n):\n", "import os\n", "class Stack:\n    def __init__(self):\n",

@@ -26,13 +26,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.gpu_suite import dummy_model_dir, random_prompts  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from specserve import LLM, SamplingParams  # noqa: E402
 
 
 def main() -> None:
@@ -99,7 +100,7 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
     # beside the later prompt chunks included; admission keeps no reserve
     # (kv_reserve=0), so that the whole batch runs at once.
     prompt_tokens = sum(map(len, prompts))
-    chunks = prompt_tokens // engine.config.scheduler_config.max_num_batched_tokens
+    chunks = prompt_tokens // specserve.config.scheduler_config.max_num_batched_tokens
     params = SamplingParams(
         max_tokens=(chunks + 16 + 2 * steps) * (1 + engine.num_speculative_tokens),
         temperature=0.0, ignore_eos=True)

@@ -21,11 +21,12 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
 import torch  # noqa: E402
 
-from engine import LLM, SamplingParams  # noqa: E402
+from specserve import LLM, SamplingParams  # noqa: E402
 
 HELDOUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "engine", "default_models", "heldout_prompts.jsonl")

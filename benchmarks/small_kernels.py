@@ -14,11 +14,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserve
 
 from benchmarks.attention_kernels import Case  # noqa: E402
-from workers.attention.triton_paged import TritonPagedBackend  # noqa: E402
-from workers.kernels import norm  # noqa: E402
+from specserve.workers.attention.triton_paged import TritonPagedBackend  # noqa: E402
+from specserve.workers.kernels import norm  # noqa: E402
 
 LAUNCHES = 64  # per graph: one replay times many launches back to back
 

@@ -93,7 +93,7 @@ for _path in (ROOT, os.path.join(ROOT, "proto")):
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine import cli  # noqa: E402
+from specserve.engine import cli  # noqa: E402
 from specserve.v1 import generation_pb2 as pb  # noqa: E402
 from specserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -623,7 +623,7 @@ def own_server(args: argparse.Namespace) -> Iterator[str]:
     """Start a server from the engine flags; yields its address."""
     config = cli.engine_config_from_args(args)  # checks the flags (SystemExit with a message)
     if args.server_in_process:
-        from engine.server import BackgroundServer  # noqa: PLC0415
+        from specserve.engine.server import BackgroundServer  # noqa: PLC0415
 
         server = BackgroundServer(config, host="127.0.0.1", port=0)
         server.start(timeout=args.server_start_timeout)
@@ -633,7 +633,7 @@ def own_server(args: argparse.Namespace) -> Iterator[str]:
             server.stop()
         return
     address = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "specserve.engine.cli", "serve", "--host", "127.0.0.1",
            "--port", address.rsplit(":", 1)[1], "--grace-period", "1", "--log-level", "warning",
            *serve_argv(args)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

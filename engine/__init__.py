@@ -1,8 +1,7 @@
-"""specserve's engine: configuration, requests, the engine loop, the offline
-`LLM` API and the gRPC server.
+"""specserve's engine: requests, the engine loop, the offline `LLM` API, the
+gRPC server and the CLI: the top layer, over the scheduler and the workers.
 
-Names load lazily, so that leaf modules (``engine.config``,
-``engine.sampling_params``) stay cheap to import from workers.
+Names load lazily, so that importing one module does not load the rest.
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "LLM": "engine.llm",
-    "LLMEngine": "engine.llm_engine",
-    "EngineConfig": "engine.config",
-    "SamplingParams": "engine.sampling_params",
-    "CompletionOutput": "engine.outputs",
-    "RequestOutput": "engine.outputs",
-    "FinishReason": "engine.outputs",
+    "LLM": "specserve.engine.llm",
+    "LLMEngine": "specserve.engine.llm_engine",
+    "EngineConfig": "specserve.config",
+    "SamplingParams": "specserve.sampling_params",
+    "CompletionOutput": "specserve.engine.outputs",
+    "RequestOutput": "specserve.engine.outputs",
+    "FinishReason": "specserve.engine.outputs",
 }
 
 __all__ = list(_EXPORTS)

@@ -29,8 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from engine.outputs import FinishReason, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
+from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
     specserve info
 
 Every engine option is a `serve` flag generated from the configuration
-dataclasses (`engine.config`): the flag is the field name with dashes, so the
+dataclasses (`specserve.config`): the flag is the field name with dashes, so the
 command line, the Python API and the proto share one set of names. Likewise
 every sampling parameter is a `generate` flag.
 """
@@ -22,9 +22,10 @@ from dataclasses import MISSING, Field, fields
 from pathlib import Path
 from typing import Any
 
-from engine import config as config_module
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
+from specserve import __version__
+from specserve import config as config_module
+from specserve.config import EngineConfig
+from specserve.sampling_params import SamplingParams
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "default_models"
 DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grpc here
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specserve",
         description="A batched LLM serving engine with lossless speculative decoding.")
+    parser.add_argument("--version", action="version", version=f"specserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(
@@ -296,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = engine_config_from_args(args)
-    from engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
+    from specserve.engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
 
     server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         grace_period=args.grace_period)
@@ -316,7 +318,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
-    from engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto  # noqa: PLC0415
+    from specserve.engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto  # noqa: PLC0415
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request = pb.GenerateRequest(
@@ -359,7 +361,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def format_usage(last: Any, elapsed: float, ttft: float | None) -> str:
-    from engine.grpc_convert import pb  # noqa: PLC0415
+    from specserve.engine.grpc_convert import pb  # noqa: PLC0415
 
     u = last.usage
     reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
@@ -383,7 +385,7 @@ def format_usage(last: Any, elapsed: float, ttft: float | None) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     import grpc  # noqa: PLC0415
 
-    from engine.grpc_convert import pb, pb_grpc  # noqa: PLC0415
+    from specserve.engine.grpc_convert import pb, pb_grpc  # noqa: PLC0415
 
     address = f"{args.host}:{args.port}"
     with grpc.insecure_channel(address) as channel:

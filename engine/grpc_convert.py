@@ -10,8 +10,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from engine.outputs import FinishReason, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
+from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.sampling_params import SamplingParams
 
 try:
     from specserve.v1 import generation_pb2 as pb

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput
-from engine.sampling_params import SamplingParams
+from specserve.config import EngineConfig
+from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.outputs import CompletionOutput
+from specserve.sampling_params import SamplingParams
 
 
 class LLM:

@@ -11,18 +11,18 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig
 
-from engine.config import EngineConfig
-from engine.eos import eos_token_ids
-from engine.outputs import RequestOutput
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer
-from scheduler.adaptive_k import AdaptiveSpeculation
-from scheduler.block_manager import BlockAllocator
-from scheduler.output import ModelRunnerOutput, SchedulerOutput
-from scheduler.scheduler import Scheduler, SchedulerLimits, SequenceUpdate
-from scheduler.sequence import FinishReason, Sequence
-from workers.executor import Executor
+from specserve.config import EngineConfig
+from specserve.engine.eos import eos_token_ids
+from specserve.engine.outputs import RequestOutput
+from specserve.engine.request import Request
+from specserve.sampling_params import SamplingParams
+from specserve.engine.tokenizer import Tokenizer
+from specserve.scheduler.adaptive_k import AdaptiveSpeculation
+from specserve.scheduler.block_manager import BlockAllocator
+from specserve.step import ModelRunnerOutput, SchedulerOutput
+from specserve.scheduler.scheduler import Scheduler, SchedulerLimits, SequenceUpdate
+from specserve.scheduler.sequence import FinishReason, Sequence
+from specserve.workers.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,9 @@ def resolve_default_models(config: EngineConfig) -> None:
 
 def make_executor(config: EngineConfig) -> Executor:
     if config.parallel_config.executor == "ray":
-        from workers.ray_executor import RayExecutor
+        from specserve.workers.ray_executor import RayExecutor
         return RayExecutor(config)
-    from workers.local_executor import LocalExecutor
+    from specserve.workers.local_executor import LocalExecutor
     return LocalExecutor(config)
 
 

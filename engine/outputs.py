@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.output import TokenLogprobs
-from scheduler.sequence import FinishReason
+from specserve.step import TokenLogprobs
+from specserve.scheduler.sequence import FinishReason
 
 __all__ = ["CompletionOutput", "FinishReason", "RequestMetrics", "RequestOutput"]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from engine.outputs import FinishReason, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from scheduler.output import TokenLogprobs
-from scheduler.scheduler import SequenceUpdate
-from scheduler.sequence import Sequence
+from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.sampling_params import SamplingParams
+from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from specserve.step import TokenLogprobs
+from specserve.scheduler.scheduler import SequenceUpdate
+from specserve.scheduler.sequence import Sequence
 
 
 class Request:

@@ -32,12 +32,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from engine.async_engine import (AsyncEngine, EngineFailureError, EngineStatsSnapshot,
-                                 EngineUnavailableError, InvalidRequestError, QueueFullError)
-from engine.config import EngineConfig
-from engine.grpc_convert import (SERVICE_NAME, model_info_to_proto, output_to_response,
-                                 parse_generate_request, pb, pb_grpc)
-from engine.metrics import ServerMetrics
+from specserve.engine.async_engine import (AsyncEngine, EngineFailureError, EngineStatsSnapshot,
+                                           EngineUnavailableError, InvalidRequestError,
+                                           QueueFullError)
+from specserve.config import EngineConfig
+from specserve.engine.grpc_convert import (SERVICE_NAME, model_info_to_proto, output_to_response,
+                                           parse_generate_request, pb, pb_grpc)
+from specserve.engine.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def replica_config(config: EngineConfig) -> EngineConfig:
 
 def _default_engine_factory(config: EngineConfig) -> Callable[[int], Any]:
     def make(index: int) -> Any:
-        from engine.llm_engine import LLMEngine  # noqa: PLC0415 (heavy: torch, models)
+        from specserve.engine.llm_engine import LLMEngine  # noqa: PLC0415 (heavy: torch, models)
 
         return LLMEngine(replica_config(config))
 

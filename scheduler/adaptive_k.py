@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from scheduler.output import SchedulerOutput
+from specserve.step import SchedulerOutput
 
 
 def expected_tokens(alpha: float, k: int) -> float:

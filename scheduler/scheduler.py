@@ -12,10 +12,10 @@ import bisect
 import itertools
 from dataclasses import dataclass
 
-from scheduler.block_manager import BlockAllocator
-from scheduler.output import (ModelRunnerOutput, ScheduledSequence, SchedulerOutput,
-                              TokenLogprobs)
-from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+from specserve.scheduler.block_manager import BlockAllocator
+from specserve.step import (ModelRunnerOutput, ScheduledSequence, SchedulerOutput,
+                            TokenLogprobs)
+from specserve.scheduler.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler.output import PENDING_TOKEN
+from specserve.step import PENDING_TOKEN
 
 
 class SequenceStatus(enum.Enum):

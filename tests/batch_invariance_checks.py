@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from workers.attention.metadata_builder import build_attention_metadata
-from workers.kernels.batch_invariant import batch_invariant_mode
-from workers.kernels.invariant_matmul import invariant_linear
+from specserve.workers.attention.metadata_builder import build_attention_metadata
+from specserve.workers.kernels.batch_invariant import batch_invariant_mode
+from specserve.workers.kernels.invariant_matmul import invariant_linear
 
 
 def check_matmul_rows(device: str, dtype: torch.dtype, ms, n: int, k: int,
@@ -113,7 +113,7 @@ def attention_surroundings(pos: int) -> list[dict]:
 
 def check_attention_rows(backend, device: str, dtype: torch.dtype,
                          positions=(0, 15, 63, 64, 100, 159)) -> None:
-    from workers.attention.torch_ref import _attend
+    from specserve.workers.attention.torch_ref import _attend
 
     scene = AttentionScene(device, dtype)
     keys, values = _subject_context(scene)
@@ -128,7 +128,7 @@ def check_attention_rows(backend, device: str, dtype: torch.dtype,
 
 
 def check_triton(device: str, dtypes: list[torch.dtype]) -> None:
-    from workers.attention.triton_paged import TritonPagedBackend
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
 
     for dtype in dtypes:
         check_matmul_rows(device, dtype, (1, 2, 3, 17, 64, 65, 130), 80, 300, bias=True)

@@ -9,11 +9,11 @@ import threading
 import time
 from dataclasses import dataclass
 
-from engine.config import EngineConfig
-from engine.llm_engine import EngineStats
-from engine.outputs import FinishReason, RequestMetrics, RequestOutput
-from engine.server import BackgroundServer
-from scheduler.output import TokenLogprobs
+from specserve.config import EngineConfig
+from specserve.engine.llm_engine import EngineStats
+from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.server import BackgroundServer
+from specserve.step import TokenLogprobs
 
 MAX_PROMPT = 40
 BLOCK = 4

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from workers.kernels import activation, gemv, norm, rotary
+from specserve.workers.kernels import activation, gemv, norm, rotary
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -93,7 +93,7 @@ def check_attention(device: str) -> None:
     """The paged-attention kernel and its KV store, one small mixed batch
     (decode, verification, prefill chunk) with context splits forced."""
     from tests.test_triton_attention import check_case
-    from workers.attention.triton_paged import TritonPagedBackend
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
 
     for splits in (None, 3):
         check_case(TritonPagedBackend(num_splits=splits), [1, 5, 70], [300, 53, 72], 16, 4, 2,
@@ -113,9 +113,9 @@ def check_engine() -> None:
     import os
     import tempfile
 
-    from engine import LLM, SamplingParams
+    from specserve import LLM, SamplingParams
     from tests.pair_factory import make_pair
-    from workers.attention.triton_paged import TritonPagedBackend
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
 
     target, draft = make_pair(tempfile.mkdtemp())
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from scheduler.adaptive_k import AdaptiveSpeculation, batch_bucket, expected_tokens
+from specserve.scheduler.adaptive_k import AdaptiveSpeculation, batch_bucket, expected_tokens
 
 
 def drive(ctl: AdaptiveSpeculation, batch: int, cost, alpha: float, steps: int = 200) -> list[int]:
@@ -142,7 +142,7 @@ def test_unmeasured_bucket_borrows_the_nearest_cost_curve():
 
 
 def test_engine_with_adaptive_k_is_lossless(tmp_path):
-    from engine import LLM, SamplingParams
+    from specserve import LLM, SamplingParams
     from tests.pair_factory import make_pair
 
     target, draft = make_pair(tmp_path)
@@ -160,8 +160,8 @@ def test_engine_with_adaptive_k_is_lossless(tmp_path):
 
 
 def test_cost_samples_only_from_one_shape_decode_steps():
-    from scheduler.adaptive_k import is_steady as _is_steady
-    from scheduler.output import ScheduledSequence, SchedulerOutput
+    from specserve.scheduler.adaptive_k import is_steady as _is_steady
+    from specserve.step import ScheduledSequence, SchedulerOutput
 
     def work(k, catch_up=2, chunk=1):
         return ScheduledSequence("r", [1] * chunk, 10, [0], True, k, [1] * catch_up, 8)

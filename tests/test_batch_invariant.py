@@ -14,14 +14,15 @@ import sys
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from specserve import LLM, SamplingParams
 from tests.batch_invariance_checks import check_attention_rows, check_matmul_rows, check_triton
 from tests.pair_factory import make_pair
-from workers.attention.torch_ref import TorchReferenceBackend
-from workers.kernels import add_rms_norm, rms_norm, silu_and_mul
-from workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
-from workers.models.llama import RotaryEmbedding
-from workers.sampler import SamplingTensors, compute_logprobs, logits_to_probs
+from specserve.workers.attention.torch_ref import TorchReferenceBackend
+from specserve.workers.kernels import add_rms_norm, rms_norm, silu_and_mul
+from specserve.workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
+from specserve.workers.models.llama import RotaryEmbedding
+from specserve.workers.sampler import SamplingTensors, compute_logprobs, logits_to_probs
+from tests.subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,8 +137,7 @@ def test_torch_attention_query_is_the_same_in_any_surrounding(dtype, two_threads
 
 def test_triton_kernels_are_batch_invariant_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
-    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    env = child_env(TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "tests.batch_invariance_checks", "cpu",
                           "float32", "float16"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

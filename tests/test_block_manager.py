@@ -2,7 +2,7 @@
 
 import pytest
 
-from scheduler.block_manager import BlockAllocator
+from specserve.scheduler.block_manager import BlockAllocator
 
 
 def test_allocate_and_free_returns_every_block():

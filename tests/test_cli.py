@@ -10,10 +10,10 @@ from dataclasses import fields
 
 import pytest
 
-from engine import cli
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
-from engine.server import BackgroundServer
+from specserve.engine import cli
+from specserve.config import EngineConfig
+from specserve.sampling_params import SamplingParams
+from specserve.engine.server import BackgroundServer
 from tests.fake_engine import (FakeEngine, FakeTokenizer, expected_tokens, free_port,
                                start_fake_server)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
+from specserve import LLM, SamplingParams
 from tests.pair_factory import make_pair
 
 pytestmark = pytest.mark.cuda

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.cuda_graphs import GraphedModel
+from specserve.workers.cuda_graphs import GraphedModel
 
 
 def test_a_padded_batch_loads_positions_slots_lengths_and_tables():

@@ -12,8 +12,8 @@ import sysconfig
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.llm_engine import DEFAULT_MODELS_DIR
+from specserve import LLM, SamplingParams
+from specserve.engine.llm_engine import DEFAULT_MODELS_DIR
 
 TARGET = os.path.join(DEFAULT_MODELS_DIR, "target")
 DRAFT = os.path.join(DEFAULT_MODELS_DIR, "draft")

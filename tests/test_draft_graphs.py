@@ -8,10 +8,10 @@ import itertools
 
 import pytest
 
-import workers.model_runner as model_runner
-from engine import LLM, SamplingParams
+import specserve.workers.model_runner as model_runner
+from specserve import LLM, SamplingParams
 from tests.pair_factory import make_pair
-from workers import draft_graphs
+from specserve.workers import draft_graphs
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Point:", "for i in range(10):\n    ",
            "x = [", "return"]

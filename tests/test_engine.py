@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.llm_engine import LLMEngine
-from engine.outputs import FinishReason
+from specserve import LLM, SamplingParams
+from specserve.engine.llm_engine import LLMEngine
+from specserve.engine.outputs import FinishReason
 from tests.pair_factory import make_pair
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]

@@ -17,12 +17,12 @@ import shutil
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
-from engine.grpc_convert import pb, sampling_params_to_proto
-from engine.outputs import FinishReason
-from engine.server import BackgroundServer
-from engine.tokenizer import IncrementalDetokenizer
+from specserve import LLM, SamplingParams
+from specserve.config import EngineConfig
+from specserve.engine.grpc_convert import pb, sampling_params_to_proto
+from specserve.engine.outputs import FinishReason
+from specserve.engine.server import BackgroundServer
+from specserve.engine.tokenizer import IncrementalDetokenizer
 from tests.pair_factory import make_pair
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]

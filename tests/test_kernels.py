@@ -12,16 +12,15 @@ import pytest
 import torch
 
 from tests.kernel_checks import check_all, check_attention
-from workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
+from specserve.workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
+from tests.subprocess_env import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_triton_kernels_match_torch_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
-    # Keep the caller's PYTHONPATH: some machines find torch and Triton through it.
-    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    env = child_env(TRITON_INTERPRET="1")
     dtypes = ["float32", "float16", "bfloat16"]
     run = subprocess.run([sys.executable, "-m", "tests.kernel_checks", "cpu", *dtypes],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -53,7 +52,7 @@ def test_torch_paths_are_the_hugging_face_formulas():
 def test_attention_tiles_are_powers_of_two_for_any_gqa_group():
     """Triton needs power-of-two tile sizes (its interpreter does not check)."""
     pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
-    from workers.attention.triton_paged import TritonPagedBackend
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
 
     for group in range(1, 9):
         for max_query_len in (1, 2, 3, 5, 8, 37, 300):
@@ -65,7 +64,7 @@ def test_attention_tiles_are_powers_of_two_for_any_gqa_group():
 def test_linear_takes_the_gemv_kernel_only_where_it_applies(monkeypatch):
     """One contiguous row, no bias, rows tiling the output: the kernel;
     anything else: F.linear (with the same result)."""
-    from workers.kernels import gemv
+    from specserve.workers.kernels import gemv
     calls = []
     monkeypatch.setattr(gemv, "use_triton", lambda x: True)
     monkeypatch.setattr(gemv, "gemv", lambda x, w: calls.append(w.shape) or x @ w.T)
@@ -85,7 +84,7 @@ def test_a_backend_told_the_keys_are_stored_does_not_store_them():
     attends (here: over a cache it must leave as it was)."""
     from types import SimpleNamespace
 
-    from workers.attention.torch_ref import TorchReferenceBackend
+    from specserve.workers.attention.torch_ref import TorchReferenceBackend
     cache = torch.randn(2, 2, 4, 1, 8)
     before = cache.clone()
     meta = SimpleNamespace(query_start_loc_cpu=[0, 1], seq_lens_cpu=[3],

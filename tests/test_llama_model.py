@@ -18,9 +18,9 @@ try:
 except ModuleNotFoundError:  # tests/ itself is on sys.path
     from model_factory import make_checkpoint, make_hf_config
 
-from workers.attention.metadata_builder import build_attention_metadata, token_positions
-from workers.kv_cache import ModelShape, allocate_kv_caches
-from workers.models import LlamaForCausalLM, load_model
+from specserve.workers.attention.metadata_builder import build_attention_metadata, token_positions
+from specserve.workers.kv_cache import ModelShape, allocate_kv_caches
+from specserve.workers.models import LlamaForCausalLM, load_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -161,7 +161,7 @@ def test_unsupported_rope_type_is_named():
 
 
 def test_rope_settings_transformers4_style():
-    from workers.models.llama import rope_parameters
+    from specserve.workers.models.llama import rope_parameters
 
     class V4Config:  # transformers 4 keeps rope_theta and rope_scaling apart
         rope_theta = 500000.0

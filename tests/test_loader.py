@@ -15,9 +15,9 @@ try:
 except ModuleNotFoundError:  # tests/ itself is on sys.path
     from model_factory import make_checkpoint
 
-import workers.models.loader as loader_module
-from workers.attention.metadata_builder import build_attention_metadata
-from workers.models import load_hf_config, load_model, resolve_dtype
+import specserve.workers.models.loader as loader_module
+from specserve.workers.attention.metadata_builder import build_attention_metadata
+from specserve.workers.models import load_hf_config, load_model, resolve_dtype
 
 CPU = torch.device("cpu")
 

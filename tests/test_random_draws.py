@@ -13,10 +13,11 @@ import sys
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
-from workers.random_draws import (gumbel_from_keys, gumbel_noise, keyed_gumbel_argmax,
-                                  keyed_positions, position_keys)
-from workers.sampler import SamplingTensors, gumbel_argmax, logits_to_probs
+from specserve.sampling_params import SamplingParams
+from specserve.workers.random_draws import (gumbel_from_keys, gumbel_noise, keyed_gumbel_argmax,
+                                            keyed_positions, position_keys)
+from specserve.workers.sampler import SamplingTensors, gumbel_argmax, logits_to_probs
+from tests.subprocess_env import ROOT, child_env
 
 V = 8
 SEEDS, POSITIONS = 400, 500  # 200,000 keyed draws
@@ -144,12 +145,10 @@ def check_kernel(device: str) -> None:
 
 def test_triton_kernel_matches_torch_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    env = child_env(TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c",
                           "from tests.test_random_draws import check_kernel; check_kernel('cpu')"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith("ok")
 

@@ -14,11 +14,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from engine.llm import LLM  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from specserve.engine.llm import LLM  # noqa: E402
+from specserve.sampling_params import SamplingParams  # noqa: E402
 from tests.pair_factory import make_pair  # noqa: E402
-from workers import ray_executor  # noqa: E402
-from workers.ray_executor import RayExecutor, WorkerError  # noqa: E402
+from specserve.workers import ray_executor  # noqa: E402
+from specserve.workers.ray_executor import RayExecutor, WorkerError  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):"]
 ENGINE_ARGS = dict(num_speculative_tokens=3, device="cpu", num_kv_blocks=64)
@@ -172,7 +172,7 @@ def test_ray_is_shut_down_only_by_its_last_user_and_only_if_started_here(monkeyp
 
 
 def _config():
-    from engine.config import EngineConfig
+    from specserve.config import EngineConfig
 
     return EngineConfig.from_kwargs(model="unused", executor="ray", device="cpu")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
+from specserve import LLM, SamplingParams
 from tests.model_factory import make_checkpoint
 from tests.pair_factory import make_tokenizer
 

@@ -20,10 +20,11 @@ import math
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
-from workers.random_draws import gumbel_from_keys, gumbel_noise, position_keys
-from workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
-from workers.sampler import SamplingTensors, gumbel_argmax, logits_to_probs, sample_from_probs
+from specserve.sampling_params import SamplingParams
+from specserve.workers.random_draws import gumbel_from_keys, gumbel_noise, position_keys
+from specserve.workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
+from specserve.workers.sampler import (SamplingTensors, gumbel_argmax, logits_to_probs,
+                                       sample_from_probs)
 
 V = 6
 K = 3

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from engine.sampling_params import SamplingParams
-from workers.sampler import (
-    SamplingTensors,
-    apply_penalties,
-    compute_logprobs,
-    logits_to_probs,
-    sample_from_probs,
-)
+from specserve.sampling_params import SamplingParams
+from specserve.workers.sampler import (
+                                       SamplingTensors,
+                                       apply_penalties,
+                                       compute_logprobs,
+                                       logits_to_probs,
+                                       sample_from_probs,
+                                       )
 
 
 def _tensors(params: list[SamplingParams]) -> SamplingTensors:

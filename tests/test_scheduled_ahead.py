@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.outputs import FinishReason
-from scheduler.block_manager import BlockAllocator
-from scheduler.output import PENDING_TOKEN, ModelRunnerOutput
-from scheduler.scheduler import Scheduler, SchedulerLimits
-from scheduler.sequence import Sequence
+from specserve import LLM, SamplingParams
+from specserve.engine.outputs import FinishReason
+from specserve.scheduler.block_manager import BlockAllocator
+from specserve.step import PENDING_TOKEN, ModelRunnerOutput
+from specserve.scheduler.scheduler import Scheduler, SchedulerLimits
+from specserve.scheduler.sequence import Sequence
 from tests.pair_factory import make_pair
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]
@@ -242,7 +242,7 @@ def adaptive_on_a_step_clock(pair, monkeypatch):
     launch computes the step); returns (llm, clock, cost samples as (k, t))."""
     import types
 
-    import engine.llm_engine as llm_engine
+    import specserve.engine.llm_engine as llm_engine
     target, draft = pair
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)

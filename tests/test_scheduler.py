@@ -3,10 +3,10 @@ for speculation, preemption and the accounting after each step."""
 
 from __future__ import annotations
 
-from scheduler.block_manager import BlockAllocator
-from scheduler.output import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
-from scheduler.scheduler import Scheduler, SchedulerLimits
-from scheduler.sequence import FinishReason, Sequence, SequenceStatus
+from specserve.scheduler.block_manager import BlockAllocator
+from specserve.step import ModelRunnerOutput, ScheduledSequence, SchedulerOutput
+from specserve.scheduler.scheduler import Scheduler, SchedulerLimits
+from specserve.scheduler.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def make(num_blocks=64, block_size=4, max_seqs=8, max_tokens_budget=64, max_len=256):

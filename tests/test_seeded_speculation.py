@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from specserve import LLM, SamplingParams
 from tests.pair_factory import make_pair
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]

@@ -19,14 +19,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.grpc_convert import (output_to_response, parse_generate_request, pb, pb_grpc,
-                                 sampling_params_from_proto, sampling_params_to_proto)
-from engine.outputs import FinishReason, RequestMetrics, RequestOutput
-from engine.sampling_params import SamplingParams
-from engine.server import BackgroundServer
-from scheduler.output import TokenLogprobs
+from specserve.engine.async_engine import AsyncEngine
+from specserve.config import EngineConfig
+from specserve.engine.grpc_convert import (output_to_response, parse_generate_request, pb, pb_grpc,
+                                           sampling_params_from_proto, sampling_params_to_proto)
+from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.sampling_params import SamplingParams
+from specserve.engine.server import BackgroundServer
+from specserve.step import TokenLogprobs
 from tests.fake_engine import (BLOCK, K, MAX_PROMPT, FakeEngine, FakeTokenizer, expected_tokens,
                                start_fake_server)
 

@@ -24,10 +24,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine.config import EngineConfig
-from engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto
-from engine.sampling_params import SamplingParams
-from engine.server import BackgroundServer
+from specserve.config import EngineConfig
+from specserve.engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto
+from specserve.sampling_params import SamplingParams
+from specserve.engine.server import BackgroundServer
+from tests.subprocess_env import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 K = 3
@@ -89,7 +90,7 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(pair):
-    from engine.llm import LLM
+    from specserve.engine.llm import LLM
 
     target, draft = pair
     offline = LLM(model=target, draft_model=draft, **ENGINE_OPTIONS)
@@ -276,10 +277,10 @@ def test_data_parallel_server(llm, pair):
 def test_cli_serve_generate_and_sigterm(pair):
     target, draft = pair
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "proto")]))
+    env = child_env()
     server = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--model", target, "--draft-model", draft,
-         "--num-speculative-tokens", str(K), "--num-kv-blocks", "64", "--port", str(port),
+        [sys.executable, "-m", "specserve.engine.cli", "serve", "--model", target,
+         "--draft-model", draft, "--num-speculative-tokens", str(K), "--num-kv-blocks", "64", "--port", str(port),
          "--grace-period", "0.3", "--log-level", "warning"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -295,7 +296,7 @@ def test_cli_serve_generate_and_sigterm(pair):
 
             assert wait_until(serving, timeout=60), "server did not come up"
             gen = subprocess.run(
-                [sys.executable, "-m", "engine.cli", "generate", "def add(a, b):",
+                [sys.executable, "-m", "specserve.engine.cli", "generate", "def add(a, b):",
                  "--port", str(port), "--max-tokens", "12", "--temperature", "0"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
             assert gen.returncode == 0, gen.stderr

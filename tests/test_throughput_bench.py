@@ -14,8 +14,8 @@ import random
 import pytest
 
 from benchmarks import throughput
-from engine.config import EngineConfig
-from engine.server import BackgroundServer
+from specserve.config import EngineConfig
+from specserve.engine.server import BackgroundServer
 from tests.fake_engine import free_port
 
 K = 3

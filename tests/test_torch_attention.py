@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from workers.attention.backend import AttentionBackend, get_attention_backend
-from workers.attention.metadata_builder import build_attention_metadata, token_positions
-from workers.attention.torch_ref import TorchReferenceBackend
-from workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
+from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
+from specserve.workers.attention.metadata_builder import build_attention_metadata, token_positions
+from specserve.workers.attention.torch_ref import TorchReferenceBackend
+from specserve.workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ import zlib
 import pytest
 import torch
 
-from workers.attention.metadata_builder import build_attention_metadata
-from workers.attention.torch_ref import TorchReferenceBackend
+from specserve.workers.attention.metadata_builder import build_attention_metadata
+from specserve.workers.attention.torch_ref import TorchReferenceBackend
 
 pytestmark = pytest.mark.cuda
 
@@ -100,7 +100,7 @@ def check_case(backend, query_lens, seq_lens, block_size, num_heads, num_kv_head
 
 
 def _backend(**kw):
-    from workers.attention.triton_paged import TritonPagedBackend
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
     return TritonPagedBackend(**kw)
 
 
@@ -193,8 +193,8 @@ def test_model_logits_match_torch_backend(tmp_path):
     """A small random Llama in bf16: the same logits with either backend over a
     prefill, a mixed chunk + decode + verification step, and decodes."""
     from tests.model_factory import make_checkpoint
-    from workers.kv_cache import ModelShape, allocate_kv_caches
-    from workers.models import load_model
+    from specserve.workers.kv_cache import ModelShape, allocate_kv_caches
+    from specserve.workers.models import load_model
 
     path = make_checkpoint(tmp_path / "m", hidden_size=256, num_layers=2, num_heads=8,
                            num_kv_heads=2, vocab_size=512, max_position_embeddings=2048)

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workers.attention.metadata import AttentionMetadata
-from workers.host_transfer import to_device
-from workers.models.llama import LlamaForCausalLM
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.host_transfer import to_device
+from specserve.workers.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

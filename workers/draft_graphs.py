@@ -19,10 +19,10 @@ import logging
 import numpy as np
 import torch
 
-from workers.attention.metadata import AttentionMetadata
-from workers.cuda_graphs import capture_graph
-from workers.host_transfer import to_device
-from workers.models.llama import LlamaForCausalLM
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.cuda_graphs import capture_graph
+from specserve.workers.host_transfer import to_device
+from specserve.workers.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

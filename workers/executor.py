@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from scheduler.output import ModelRunnerOutput, SchedulerOutput
+from specserve.step import ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(ABC):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.config import EngineConfig
-from scheduler.output import ModelRunnerOutput, SchedulerOutput
-from workers.executor import Executor
-from workers.worker import Worker
+from specserve.config import EngineConfig
+from specserve.step import ModelRunnerOutput, SchedulerOutput
+from specserve.workers.executor import Executor
+from specserve.workers.worker import Worker
 
 
 class LocalExecutor(Executor):

@@ -15,19 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from scheduler.output import (PENDING_TOKEN, ModelRunnerOutput, ScheduledSequence,
-                              SchedulerOutput, TokenLogprobs)
-from workers.attention.metadata import AttentionMetadata
-from workers.attention.metadata_builder import build_attention_metadata, token_positions
-from workers.cuda_graphs import GraphedModel, batch_buckets
-from workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
-from workers.host_transfer import HostCopy, to_device
-from workers.models.llama import LlamaForCausalLM
-from workers.random_draws import (TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms,
-                                  keyed_gumbel_argmax, keyed_positions)
-from workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
-from workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
-                             logits_to_probs, sample_from_probs)
+from specserve.step import (PENDING_TOKEN, ModelRunnerOutput, ScheduledSequence,
+                            SchedulerOutput, TokenLogprobs)
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.attention.metadata_builder import build_attention_metadata, token_positions
+from specserve.workers.cuda_graphs import GraphedModel, batch_buckets
+from specserve.workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
+from specserve.workers.host_transfer import HostCopy, to_device
+from specserve.workers.models.llama import LlamaForCausalLM
+from specserve.workers.random_draws import (TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms,
+                                            keyed_gumbel_argmax, keyed_positions)
+from specserve.workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
+from specserve.workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
+                                       logits_to_probs, sample_from_probs)
 
 # Which rows of a batch a draw covers: all of them (no gather), or these.
 _Rows = slice | torch.Tensor

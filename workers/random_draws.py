@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.host_transfer import to_device
-from workers.kernels.triton_support import triton_available, use_triton
-from workers.sampler import gumbel_argmax
+from specserve.workers.host_transfer import to_device
+from specserve.workers.kernels.triton_support import triton_available, use_triton
+from specserve.workers.sampler import gumbel_argmax
 
 TAG_DRAFT = 0  # the draft's proposal at this position
 TAG_ACCEPT = 1  # the acceptance test of the draft token at this position

@@ -38,9 +38,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayChannelError, RayTaskError
 
-from engine.config import EngineConfig
-from scheduler.output import ModelRunnerOutput, SchedulerOutput
-from workers.executor import Executor
+from specserve.config import EngineConfig
+from specserve.step import ModelRunnerOutput, SchedulerOutput
+from specserve.workers.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,8 @@ class RayWorker:
                 f"{torch.get_num_threads()} torch threads)")
 
     def load(self) -> int:
-        from workers.worker import Worker  # noqa: PLC0415 (torch and the models: actor side only)
+        # torch and the models: actor side only
+        from specserve.workers.worker import Worker  # noqa: PLC0415
 
         self.worker = Worker(self.config)
         return self.worker.load()

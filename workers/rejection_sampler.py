@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.random_draws import keyed_gumbel_argmax
-from workers.sampler import sample_from_probs
+from specserve.workers.random_draws import keyed_gumbel_argmax
+from specserve.workers.sampler import sample_from_probs
 
 # Output padding after the last emitted token of a row.
 PAD_TOKEN_ID = -1

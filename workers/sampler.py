@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from specserve.sampling_params import SamplingParams
 
 
 @dataclass

@@ -11,11 +11,11 @@ import logging
 
 import torch
 
-from engine.config import EngineConfig
-from scheduler.output import ModelRunnerOutput, SchedulerOutput
-from workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
-from workers.model_runner import ModelRunner
-from workers.models.loader import load_hf_config, load_model, resolve_dtype
+from specserve.config import EngineConfig
+from specserve.step import ModelRunnerOutput, SchedulerOutput
+from specserve.workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
+from specserve.workers.model_runner import ModelRunner
+from specserve.workers.models.loader import load_hf_config, load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
 

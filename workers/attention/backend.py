@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from workers.attention.metadata import AttentionMetadata
+from specserve.workers.attention.metadata import AttentionMetadata
 
 
 class AttentionBackend(ABC):
@@ -56,8 +56,9 @@ class AttentionBackend(ABC):
 # imported only when chosen, so an optional dependency (Triton, xFormers) is
 # never needed unless its backend is picked.
 _REGISTRY: dict[str, tuple[str, str, Callable[[torch.device], bool]]] = {
-    "torch": ("workers.attention.torch_ref", "TorchReferenceBackend", lambda device: True),
-    "triton": ("workers.attention.triton_paged", "TritonPagedBackend",
+    "torch": ("specserve.workers.attention.torch_ref", "TorchReferenceBackend",
+              lambda device: True),
+    "triton": ("specserve.workers.attention.triton_paged", "TritonPagedBackend",
                lambda device: device.type == "cuda"
                and importlib.util.find_spec("triton") is not None),
 }

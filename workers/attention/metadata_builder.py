@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.attention.metadata import AttentionMetadata
-from workers.host_transfer import to_device
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.host_transfer import to_device
 
 
 def _check_inputs(query_lens: list[int], seq_lens: list[int],

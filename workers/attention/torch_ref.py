@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.attention.backend import AttentionBackend
-from workers.attention.invariant_ref import invariant_attend
-from workers.attention.metadata import AttentionMetadata
-from workers.kernels.batch_invariant import batch_invariant
+from specserve.workers.attention.backend import AttentionBackend
+from specserve.workers.attention.invariant_ref import invariant_attend
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.kernels.batch_invariant import batch_invariant
 
 
 def _causal_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:

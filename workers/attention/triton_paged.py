@@ -59,9 +59,9 @@ import torch
 import triton
 import triton.language as tl
 
-from workers.attention.backend import AttentionBackend
-from workers.attention.metadata import AttentionMetadata
-from workers.kernels.batch_invariant import batch_invariant
+from specserve.workers.attention.backend import AttentionBackend
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.kernels.batch_invariant import batch_invariant
 
 _LOG2E = 1.4426950408889634
 _MAX_ROWS_SMALL = 64  # largest M tile for one-tile-per-sequence (decode / verify)
@@ -292,7 +292,7 @@ class TritonPagedBackend(AttentionBackend):
         """See ``AttentionBackend.forward``. Without a cache (a memory-profile
         forward over whole prompts) this defers to the torch reference."""
         if kv_cache is None:
-            from workers.attention.torch_ref import TorchReferenceBackend
+            from specserve.workers.attention.torch_ref import TorchReferenceBackend
             return TorchReferenceBackend().forward(q, k, v, None, meta, scale)
         if not kv_stored:
             write_kv_triton(k, v, kv_cache, meta.slot_mapping)

@@ -11,10 +11,10 @@ In batch-invariant mode (``batch_invariant``) every matmul takes one
 fixed-order path instead (``invariant_matmul``).
 """
 
-from workers.kernels.activation import silu_and_mul
-from workers.kernels.gemv import linear
-from workers.kernels.norm import add_rms_norm, rms_norm
-from workers.kernels.rotary import rotate_q_store_kv, rotate_qk, store_fits
+from specserve.workers.kernels.activation import silu_and_mul
+from specserve.workers.kernels.gemv import linear
+from specserve.workers.kernels.norm import add_rms_norm, rms_norm
+from specserve.workers.kernels.rotary import rotate_q_store_kv, rotate_qk, store_fits
 
 __all__ = ["add_rms_norm", "linear", "rms_norm", "rotate_q_store_kv", "rotate_qk",
            "silu_and_mul", "store_fits"]

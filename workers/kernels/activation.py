@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.kernels.batch_invariant import batch_invariant
-from workers.kernels.triton_support import triton_available, use_triton
+from specserve.workers.kernels.batch_invariant import batch_invariant
+from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 if triton_available():
     import triton

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.kernels.batch_invariant import batch_invariant
-from workers.kernels.invariant_matmul import invariant_linear
-from workers.kernels.triton_support import triton_available, use_triton
+from specserve.workers.kernels.batch_invariant import batch_invariant
+from specserve.workers.kernels.invariant_matmul import invariant_linear
+from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 if triton_available():
     import triton

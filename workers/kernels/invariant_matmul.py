@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.kernels.triton_support import triton_available, use_triton
+from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 # One tile for all M, a compromise between decode and prefill: 64 rows fill
 # one Hopper warpgroup's MMA; 64 columns give even a 7B model's 4096-wide

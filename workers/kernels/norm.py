@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.kernels.triton_support import triton_available, use_triton
+from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 if triton_available():
     import triton

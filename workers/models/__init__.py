@@ -1,12 +1,12 @@
 """The project's own model code and the checkpoint loader."""
 
-from workers.models.llama import LlamaForCausalLM
-from workers.models.loader import (
-    SUPPORTED_ARCHITECTURES,
-    load_hf_config,
-    load_model,
-    resolve_dtype,
-)
+from specserve.workers.models.llama import LlamaForCausalLM
+from specserve.workers.models.loader import (
+                                             SUPPORTED_ARCHITECTURES,
+                                             load_hf_config,
+                                             load_model,
+                                             resolve_dtype,
+                                             )
 
 __all__ = [
     "LlamaForCausalLM",

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.attention.backend import AttentionBackend, get_attention_backend
-from workers.attention.metadata import AttentionMetadata
-from workers.kernels import (add_rms_norm, linear, rms_norm, rotate_q_store_kv, rotate_qk,
-                             silu_and_mul, store_fits)
-from workers.kernels.batch_invariant import batch_invariant_mode
+from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
+from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.kernels import (add_rms_norm, linear, rms_norm, rotate_q_store_kv, rotate_qk,
+                                       silu_and_mul, store_fits)
+from specserve.workers.kernels.batch_invariant import batch_invariant_mode
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

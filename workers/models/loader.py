@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from workers.attention.backend import AttentionBackend, get_attention_backend
-from workers.models.llama import LlamaForCausalLM, PackedLinear
+from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
+from specserve.workers.models.llama import LlamaForCausalLM, PackedLinear
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ class ScheduledSequence:
     num_speculative_tokens: int = 0
     draft_token_ids: list[int] = field(default_factory=list)
     num_draft_computed_tokens: int = 0
-    sampling_params: Any = None  # engine.sampling_params.SamplingParams (a leaf type)
+    sampling_params: Any = None  # specserve.sampling_params.SamplingParams (a leaf type)
     num_output_tokens: int = 0  # output position of the first token sampled now (keys seeded draws)
     # Only for requests with penalties: the whole history the penalties count.
     prompt_token_ids: list[int] | None = None
