@@ -182,7 +182,7 @@ def step_timeline(llm: LLM, batch: int, runs: int, max_tokens: int = 256,
         seqs = step.scheduler_output.sequences
         records.append((engine._last_step_time, max(s.num_speculative_tokens for s in seqs),
                         len(seqs), max(len(s.token_ids) for s in seqs),
-                        max(len(s.draft_token_ids) for s in seqs)))
+                        max(len(s.catch_up_token_ids) for s in seqs)))
         return applied
 
     engine._apply = timed_apply

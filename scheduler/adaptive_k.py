@@ -176,5 +176,5 @@ def is_steady(scheduler_output: SchedulerOutput) -> bool:
     outside the captured graphs and cost many times more."""
     seqs = scheduler_output.sequences
     k = seqs[0].num_speculative_tokens if seqs else 0
-    return bool(seqs) and all(len(s.token_ids) == 1 and len(s.draft_token_ids) <= 2
+    return bool(seqs) and all(len(s.token_ids) == 1 and len(s.catch_up_token_ids) <= 2
                               and s.num_speculative_tokens == k for s in seqs)

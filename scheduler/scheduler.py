@@ -231,10 +231,10 @@ class Scheduler:
             request_id=seq.request_id,
             token_ids=seq.token_slice(start, start + chunk),
             num_computed_tokens=start,
-            block_ids=seq.block_ids,
+            block_ids=list(seq.block_ids),  # a copy: the scheduler keeps appending to its own
             sample=sample,
             num_speculative_tokens=k,
-            draft_token_ids=seq.token_slice(draft_start, start + chunk) if uses_draft else [],
+            catch_up_token_ids=seq.token_slice(draft_start, start + chunk) if uses_draft else [],
             num_draft_computed_tokens=draft_start,
             sampling_params=params,
             num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,
@@ -262,7 +262,7 @@ class Scheduler:
         updates = []
         for work, seq, emitted, proposed, lps in zip(
                 scheduler_output.sequences, seqs, runner_output.sampled_token_ids,
-                runner_output.num_draft_proposed, logprobs):
+                runner_output.num_proposed, logprobs):
             if seq.status is SequenceStatus.FINISHED:
                 continue
             num_accepted = len(emitted) - 1 if emitted else 0
@@ -311,7 +311,7 @@ def _advance(seq: Sequence, work: ScheduledSequence, num_accepted: int) -> None:
     token it was fed (it never sees its own last proposal)."""
     end = work.num_computed_tokens + len(work.token_ids)
     seq.num_computed_tokens = end + num_accepted
-    if work.draft_token_ids:
+    if work.catch_up_token_ids:
         k = work.num_speculative_tokens
         seq.num_draft_computed_tokens = end + min(num_accepted, max(k - 1, 0))
 

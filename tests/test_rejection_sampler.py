@@ -89,8 +89,8 @@ def _propose(
     draft_ids = draft_ids.masked_fill(padding, -1)
     draft_probs = draft_probs.masked_fill(padding.unsqueeze(-1), 0.0)
     u_accept = torch.rand(batch, K, generator=gen)
-    u_recover = torch.rand(batch, K + 1, generator=gen)
-    return draft_ids, draft_probs, target_probs, u_accept, u_recover
+    u_target = torch.rand(batch, K + 1, generator=gen)
+    return draft_ids, draft_probs, target_probs, u_accept, u_target
 
 
 def _generate(p_chain, q_chain, length, seed, sampler=rejection_sample, num_draft="random"):
@@ -151,30 +151,30 @@ def _sequence_ratio(tokens: torch.Tensor, p_chain: torch.Tensor) -> float:
 # ---------------------------------------------------------------- broken samplers
 
 
-def _correction_from_p(draft_ids, n, draft_probs, target_probs, u_accept, u_recover):
+def _correction_from_p(draft_ids, n, draft_probs, target_probs, u_accept, u_target):
     """Broken: the correction token is drawn from p instead of max(0, p - q)."""
-    tokens, num_emitted = rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept, u_recover)
+    tokens, num_emitted = rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept, u_target)
     stop = num_emitted - 1
     p_stop = target_probs[torch.arange(len(stop)), stop]
-    redraw = sample_from_probs(p_stop, u_recover.gather(1, stop.unsqueeze(1)).squeeze(1))
+    redraw = sample_from_probs(p_stop, u_target.gather(1, stop.unsqueeze(1)).squeeze(1))
     tokens = tokens.clone()
     corrected = stop < n
     tokens[corrected, stop[corrected]] = redraw[corrected]
     return tokens, num_emitted
 
 
-def _over_accepting(draft_ids, n, draft_probs, target_probs, u_accept, u_recover):
+def _over_accepting(draft_ids, n, draft_probs, target_probs, u_accept, u_target):
     """Broken: accepts with probability sqrt(p/q) >= min(1, p/q)."""
-    return rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept**2, u_recover)
+    return rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept**2, u_target)
 
 
-def _bonus_from_previous_position(draft_ids, n, draft_probs, target_probs, u_accept, u_recover):
+def _bonus_from_previous_position(draft_ids, n, draft_probs, target_probs, u_accept, u_target):
     """Broken: the bonus token is drawn from p_{n-1} instead of p_n (an off-by-one)."""
-    tokens, num_emitted = rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept, u_recover)
+    tokens, num_emitted = rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept, u_target)
     stop = num_emitted - 1
     bonus = (stop == n) & (n > 0)
     p_prev = target_probs[torch.arange(len(stop)), (stop - 1).clamp(min=0)]
-    redraw = sample_from_probs(p_prev, u_recover.gather(1, stop.unsqueeze(1)).squeeze(1))
+    redraw = sample_from_probs(p_prev, u_target.gather(1, stop.unsqueeze(1)).squeeze(1))
     tokens = tokens.clone()
     tokens[bonus, stop[bonus]] = redraw[bonus]
     return tokens, num_emitted
@@ -226,9 +226,9 @@ def test_point_mass_draft_probs_are_lossless_but_accept_less():
     accepts with probability p(d) instead of min(1, p(d)/q(d))."""
     p_chain, q_chain = _all_chains()["markov"]
 
-    def point_mass(draft_ids, n, draft_probs, target_probs, u_accept, u_recover):
+    def point_mass(draft_ids, n, draft_probs, target_probs, u_accept, u_target):
         one_hot = torch.nn.functional.one_hot(draft_ids.clamp(min=0), V).float()
-        return rejection_sample(draft_ids, n, one_hot, target_probs, u_accept, u_recover)
+        return rejection_sample(draft_ids, n, one_hot, target_probs, u_accept, u_target)
 
     tokens = _generate(p_chain, q_chain, length=3, seed=6, sampler=point_mass)
     assert _sequence_ratio(tokens, p_chain) < 1.0
@@ -321,32 +321,32 @@ def test_plain_decoding_rows_and_an_empty_proposal_dimension():
     batch = 50_000
     p = torch.tensor([0.1, 0.0, 0.6, 0.3])
     target_probs = p.expand(batch, 1, 4)
-    u_recover = torch.rand(batch, 1, generator=gen)
+    u_target = torch.rand(batch, 1, generator=gen)
     tokens, num_emitted = rejection_sample(
         torch.empty(batch, 0, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64),
-        torch.empty(batch, 0, 4), target_probs, torch.empty(batch, 0), u_recover,
+        torch.empty(batch, 0, 4), target_probs, torch.empty(batch, 0), u_target,
     )
     assert tokens.shape == (batch, 1) and (num_emitted == 1).all()
-    assert torch.equal(tokens[:, 0], sample_from_probs(target_probs[:, 0], u_recover[:, 0]))
+    assert torch.equal(tokens[:, 0], sample_from_probs(target_probs[:, 0], u_target[:, 0]))
     assert _chi2_ratio(torch.bincount(tokens[:, 0], minlength=4), p) < 1.0
 
-    # n = 0 inside a batch with K > 0: one token from p_0 with u_recover[:, 0].
+    # n = 0 inside a batch with K > 0: one token from p_0 with u_target[:, 0].
     k = 3
     target = torch.softmax(torch.randn(4, k + 1, 4, generator=gen), -1)
-    u_recover = torch.rand(4, k + 1, generator=gen)
+    u_target = torch.rand(4, k + 1, generator=gen)
     tokens, num_emitted = rejection_sample(
         torch.full((4, k), 7), torch.zeros(4, dtype=torch.int64),  # junk ids beyond V: padding
-        torch.full((4, k, 4), 0.25), target, torch.zeros(4, k), u_recover,
+        torch.full((4, k, 4), 0.25), target, torch.zeros(4, k), u_target,
     )
     assert num_emitted.tolist() == [1, 1, 1, 1]
-    assert torch.equal(tokens[:, 0], sample_from_probs(target[:, 0], u_recover[:, 0]))
+    assert torch.equal(tokens[:, 0], sample_from_probs(target[:, 0], u_target[:, 0]))
     assert (tokens[:, 1:] == -1).all()
 
 
 def test_output_layout_and_the_uniform_each_draw_uses():
-    # Row 0: accepts both, bonus from p_2 with u_recover[0, 2].
-    # Row 1: rejects at 1, correction from max(0, p_1 - q_1) with u_recover[1, 1].
-    # Row 2: n = 1, accepts, bonus from p_1 with u_recover[2, 1] (cdf .2, .5, 1 -> token 2).
+    # Row 0: accepts both, bonus from p_2 with u_target[0, 2].
+    # Row 1: rejects at 1, correction from max(0, p_1 - q_1) with u_target[1, 1].
+    # Row 2: n = 1, accepts, bonus from p_1 with u_target[2, 1] (cdf .2, .5, 1 -> token 2).
     p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [0.0, 0.0, 1.0]])
     q = torch.tensor([[0.5, 0.5, 0.0], [0.6, 0.4, 0.0]])
     target_probs = p.expand(3, 3, 3)
@@ -354,8 +354,8 @@ def test_output_layout_and_the_uniform_each_draw_uses():
     draft_ids = torch.tensor([[0, 1], [1, 0], [1, -1]])
     n = torch.tensor([2, 2, 1])
     u_accept = torch.tensor([[0.9, 0.5], [0.1, 0.5], [0.2, 0.0]])  # row 1: 0.5 >= 0.2/0.6
-    u_recover = torch.tensor([[0.0, 0.0, 0.7], [0.0, 0.99, 0.0], [0.0, 0.6, 0.0]])
-    tokens, num_emitted = rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept, u_recover)
+    u_target = torch.tensor([[0.0, 0.0, 0.7], [0.0, 0.99, 0.0], [0.0, 0.6, 0.0]])
+    tokens, num_emitted = rejection_sample(draft_ids, n, draft_probs, target_probs, u_accept, u_target)
     assert num_emitted.tolist() == [3, 2, 2]
     # residual of row 1 at position 1: max(0, p_1 - q_1) = [0, 0, 0.5] -> token 2.
     assert tokens.tolist() == [[0, 1, 2], [1, 2, -1], [1, 2, -1]]

@@ -80,16 +80,16 @@ def test_speculation_reserves_k_plus_one_slots_and_feeds_the_draft():
     s.add(a)
     (w,) = run_step(s, {"a": [9]}).sequences
     # Prefill reaching the end already speculates: 4 prompt tokens + 3 proposals.
-    assert w.num_speculative_tokens == 3 and w.draft_token_ids == [1, 2, 3, 4]
+    assert w.num_speculative_tokens == 3 and w.catch_up_token_ids == [1, 2, 3, 4]
     assert len(w.block_ids) * 4 >= 4 + 3
     # All 3 accepted + bonus: the draft never saw its own last proposal.
     (w,) = run_step(s, {"a": [10, 11, 12, 13]}).sequences
     # A one-token catch-up is widened to two: the draft re-reads position 3.
-    assert w.token_ids == [9] and w.draft_token_ids == [4, 9]
+    assert w.token_ids == [9] and w.catch_up_token_ids == [4, 9]
     assert w.num_draft_computed_tokens == 3
     assert a.num_computed_tokens == 5 + 3 and a.num_draft_computed_tokens == 5 + 2
     (w,) = s.schedule().sequences
-    assert w.token_ids == [13] and w.draft_token_ids == [12, 13]
+    assert w.token_ids == [13] and w.catch_up_token_ids == [12, 13]
     assert w.num_draft_computed_tokens == 7
 
 

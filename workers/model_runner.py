@@ -23,7 +23,7 @@ from specserve.workers.cuda_graphs import GraphedModel, batch_buckets
 from specserve.workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
 from specserve.workers.host_transfer import HostCopy, to_device
 from specserve.workers.models.llama import LlamaForCausalLM
-from specserve.workers.random_draws import (TAG_ACCEPT, TAG_DRAFT, TAG_RECOVER, draw_uniforms,
+from specserve.workers.random_draws import (TAG_ACCEPT, TAG_DRAFT, TAG_TARGET, draw_uniforms,
                                             keyed_gumbel_argmax, keyed_positions)
 from specserve.workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
 from specserve.workers.sampler import (SamplingTensors, apply_penalties, compute_logprobs,
@@ -171,7 +171,7 @@ class ModelRunner:
             if launched.wanted_logprobs is not None:
                 self._read_logprobs(batch, [launched.wanted_logprobs, *lp], sampled, logprobs)
         return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
-                                 sampled_token_ids=sampled, num_draft_proposed=proposed,
+                                 sampled_token_ids=sampled, num_proposed=proposed,
                                  logprobs=logprobs if any(l is not None for l in logprobs) else None)
 
     # -- set-up ----------------------------------------------------------
@@ -221,14 +221,14 @@ class ModelRunner:
         tokens = torch.zeros((S, K), dtype=torch.int64, device=self.device)
         probs = None if batch.greedy else torch.zeros((S, K, self.vocab_size),
                                                       dtype=torch.float32, device=self.device)
-        feeding = [s for s in seqs if s.draft_token_ids] if self.draft is not None else []
+        feeding = [s for s in seqs if s.catch_up_token_ids] if self.draft is not None else []
         if not feeding:
             return tokens, probs
         if batch.greedy and batch.K and _proposes_in_one_program(seqs, batch):
             return self._propose_greedy(seqs, K), None
         hidden = self._forward(
             self.draft, self.draft_caches, feeding,
-            token_lists=[s.draft_token_ids for s in feeding],
+            token_lists=[s.catch_up_token_ids for s in feeding],
             starts=[s.num_draft_computed_tokens for s in feeding])
         if K == 0:
             return tokens, probs
@@ -237,7 +237,7 @@ class ModelRunner:
         # Row of each proposing sequence's last catch-up token in `hidden`.
         ends, offset = {}, 0
         for s in feeding:
-            offset += len(s.draft_token_ids)
+            offset += len(s.catch_up_token_ids)
             ends[id(s)] = offset - 1
         active = [r for r in range(S) if batch.ks[r] > 0]
         rows = to_device([ends[id(batch.seqs[r])] for r in active], self.device)
@@ -285,13 +285,13 @@ class ModelRunner:
         A draft that missed steps (they did not speculate) first takes all but
         the last two of its catch-up tokens in one plain forward, so the
         proposal itself still replays its captured graph."""
-        behind = [s for s in seqs if len(s.draft_token_ids) > CATCH_UP]
+        behind = [s for s in seqs if len(s.catch_up_token_ids) > CATCH_UP]
         if behind:
             self._forward(self.draft, self.draft_caches, behind,
-                          token_lists=[s.draft_token_ids[:-CATCH_UP] for s in behind],
+                          token_lists=[s.catch_up_token_ids[:-CATCH_UP] for s in behind],
                           starts=[s.num_draft_computed_tokens for s in behind])
-        catch_up = [s.draft_token_ids[-CATCH_UP:] for s in seqs]
-        first = [s.num_draft_computed_tokens + len(s.draft_token_ids) - CATCH_UP for s in seqs]
+        catch_up = [s.catch_up_token_ids[-CATCH_UP:] for s in seqs]
+        first = [s.num_draft_computed_tokens + len(s.catch_up_token_ids) - CATCH_UP for s in seqs]
         tables = [s.block_ids for s in seqs]
         if self.proposer is not None and self.proposer.can_run(len(seqs), k):
             return self.proposer.propose(catch_up, first, tables, k)
@@ -390,7 +390,7 @@ class ModelRunner:
             r = batch.plain
             parts.append((r, rejection_sample(
                 draft_tokens[r], _take(ks, r), draft_probs[r], target_probs[r],
-                batch.uniforms[:, :-1, TAG_ACCEPT], batch.uniforms[:, :, TAG_RECOVER])))
+                batch.uniforms[:, :-1, TAG_ACCEPT], batch.uniforms[:, :, TAG_TARGET])))
         if batch.seeded is not None:
             r = batch.seeded
             parts.append((r, gumbel_verify(draft_tokens[r], _take(ks, r), target_probs[r],
@@ -470,7 +470,7 @@ def _proposes_in_one_program(seqs: list[ScheduledSequence], batch: _Batch) -> bo
     """A uniform decode step whose draft is at least the usual two tokens
     behind (more after steps that did not speculate) on every sequence."""
     return (_uniform_decode(seqs, batch)
-            and all(len(s.draft_token_ids) >= CATCH_UP for s in seqs))
+            and all(len(s.catch_up_token_ids) >= CATCH_UP for s in seqs))
 
 
 def _keyed(s: ScheduledSequence) -> bool:

@@ -25,7 +25,7 @@ from specserve.workers.sampler import gumbel_argmax
 
 TAG_DRAFT = 0  # the draft's proposal at this position
 TAG_ACCEPT = 1  # the acceptance test of the draft token at this position
-TAG_RECOVER = 2  # the target's token: correction, bonus, or a plain decode
+TAG_TARGET = 2  # the target's token: correction, bonus, or a plain decode
 NUM_TAGS = 3
 
 _M32 = 0xFFFFFFFF

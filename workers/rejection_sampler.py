@@ -38,26 +38,26 @@ PAD_TOKEN_ID = -1
 
 
 def rejection_sample(
-    draft_token_ids: torch.Tensor,
-    num_draft_tokens: torch.Tensor | None,
+    proposed_token_ids: torch.Tensor,
+    num_proposed: torch.Tensor | None,
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     u_accept: torch.Tensor,
-    u_recover: torch.Tensor,
+    u_target: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Accept a prefix of each sequence's draft tokens and emit one more token.
 
     Args:
-        draft_token_ids: [B, K] int64; row b's first ``num_draft_tokens[b]``
+        proposed_token_ids: [B, K] int64; row b's first ``num_proposed[b]``
             entries are its proposal, the rest padding (any value).
-        num_draft_tokens: [B] int64 in [0, K]; 0 is plain decoding (one token
+        num_proposed: [B] int64 in [0, K]; 0 is plain decoding (one token
             drawn from ``target_probs[b, 0]``). Unused (may be None) when K == 0.
         draft_probs: [B, K, V] the distributions the draft tokens were sampled
             from (after the same `logits_to_probs` as the target).
         target_probs: [B, K + 1, V] the target's distributions at the K + 1
             positions (position i scores the token after draft token i - 1).
         u_accept: [B, K] uniforms in [0, 1) for the acceptance tests.
-        u_recover: [B, K + 1] uniforms in [0, 1); entry j draws the correction
+        u_target: [B, K + 1] uniforms in [0, 1); entry j draws the correction
             token at a rejection at j, or the bonus token when j == n_b.
 
     Returns:
@@ -65,14 +65,14 @@ def rejection_sample(
             the correction or bonus token, then ``PAD_TOKEN_ID`` (-1).
         num_emitted: [B] int64, accepted + 1.
     """
-    batch, k = draft_token_ids.shape
-    device = draft_token_ids.device
+    batch, k = proposed_token_ids.shape
+    device = proposed_token_ids.device
     positions = torch.arange(k, device=device)
 
     if k > 0:
-        num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
-        proposed = positions.unsqueeze(0) < num_draft_tokens.unsqueeze(1)  # [B, K]
-        draft_ids = torch.where(proposed, draft_token_ids.long(), 0)  # padding -> a safe index
+        num_proposed = num_proposed.to(device=device, dtype=torch.int64)
+        proposed = positions.unsqueeze(0) < num_proposed.unsqueeze(1)  # [B, K]
+        draft_ids = torch.where(proposed, proposed_token_ids.long(), 0)  # padding -> a safe index
         index = draft_ids.unsqueeze(-1)
         p_draft = target_probs[:, :k].gather(-1, index).squeeze(-1).float()  # [B, K]
         q_draft = draft_probs.gather(-1, index).squeeze(-1).float()
@@ -93,25 +93,25 @@ def rejection_sample(
         residual = (p_stop - q_stop).clamp_min(0.0)
         # Bonus (all proposed tokens accepted) draws from p; so does a residual
         # with no mass left, which only float rounding produces (p == q).
-        use_p = (num_accepted == num_draft_tokens) | (residual.sum(dim=-1) <= 0)
+        use_p = (num_accepted == num_proposed) | (residual.sum(dim=-1) <= 0)
         dist = torch.where(use_p.unsqueeze(1), p_stop, residual)
     else:
         dist = p_stop
     # sample_from_probs scales by the row total: no need to normalise the residual.
-    u_stop = u_recover.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
+    u_stop = u_target.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
     final_token = sample_from_probs(dist, u_stop)
 
     output = torch.full((batch, k + 1), PAD_TOKEN_ID, dtype=torch.int64, device=device)
     if k > 0:
         keep = positions.unsqueeze(0) < num_accepted.unsqueeze(1)
-        output[:, :k] = torch.where(keep, draft_token_ids.long(), PAD_TOKEN_ID)
+        output[:, :k] = torch.where(keep, proposed_token_ids.long(), PAD_TOKEN_ID)
     output.scatter_(1, num_accepted.unsqueeze(1), final_token.unsqueeze(1))
     return output, num_accepted + 1
 
 
 def greedy_verify(
-    draft_token_ids: torch.Tensor,
-    num_draft_tokens: torch.Tensor | None,
+    proposed_token_ids: torch.Tensor,
+    num_proposed: torch.Tensor | None,
     target_token_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Verification against tokens the target has already chosen.
@@ -123,14 +123,14 @@ def greedy_verify(
     batch this is ``rejection_sample`` with one-hot distributions, without
     touching a vocabulary-wide tensor.
     """
-    batch, k = draft_token_ids.shape
-    device = draft_token_ids.device
-    if k == 0:  # plain decoding: the target's token, nothing to accept (num_draft_tokens unused)
+    batch, k = proposed_token_ids.shape
+    device = proposed_token_ids.device
+    if k == 0:  # plain decoding: the target's token, nothing to accept (num_proposed unused)
         return target_token_ids[:, :1].long(), torch.ones(batch, dtype=torch.int64, device=device)
     positions = torch.arange(k + 1, device=device)
-    num_draft_tokens = num_draft_tokens.to(device=device, dtype=torch.int64)
-    proposed = positions[:k].unsqueeze(0) < num_draft_tokens.unsqueeze(1)
-    accepted = (draft_token_ids.long() == target_token_ids[:, :k]) & proposed
+    num_proposed = num_proposed.to(device=device, dtype=torch.int64)
+    proposed = positions[:k].unsqueeze(0) < num_proposed.unsqueeze(1)
+    accepted = (proposed_token_ids.long() == target_token_ids[:, :k]) & proposed
     num_accepted = torch.cumprod(accepted.to(torch.int64), dim=1).sum(dim=1)
     keep = positions.unsqueeze(0) <= num_accepted.unsqueeze(1)
     output = torch.where(keep, target_token_ids.long(), PAD_TOKEN_ID)
@@ -138,8 +138,8 @@ def greedy_verify(
 
 
 def gumbel_verify(
-    draft_token_ids: torch.Tensor,
-    num_draft_tokens: torch.Tensor | None,
+    proposed_token_ids: torch.Tensor,
+    num_proposed: torch.Tensor | None,
     target_probs: torch.Tensor,
     keys: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,5 +152,5 @@ def gumbel_verify(
     position, an exact sample of the target, whatever the draft proposed; the
     accepted count is the longest prefix of proposals equal to those tokens.
     """
-    return greedy_verify(draft_token_ids, num_draft_tokens,
+    return greedy_verify(proposed_token_ids, num_proposed,
                          keyed_gumbel_argmax(target_probs, keys))

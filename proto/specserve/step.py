@@ -8,7 +8,10 @@ scheduler stays free of torch. Workers see nothing of a request but this.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specserve.sampling_params import SamplingParams
 
 # A token id a step sampled on the device and the host has not read back yet:
 # a decode step scheduled before its predecessor finished feeds it, and the
@@ -22,11 +25,12 @@ class ScheduledSequence:
 
     The target computes ``token_ids`` at positions ``num_computed_tokens`` onward
     (a prompt chunk, or the last sampled token, which may be ``PENDING_TOKEN``).
-    When ``sample`` is set, the
-    chunk reaches the end of the sequence: the draft first catches up on
-    ``draft_token_ids`` (positions from ``num_draft_computed_tokens``), then
-    proposes ``num_speculative_tokens`` tokens, which the target verifies in the
-    same forward pass as ``token_ids``.
+    When ``sample`` is set, the chunk reaches the end of the sequence: the draft
+    first catches up on ``catch_up_token_ids`` (the tokens it has not computed,
+    from position ``num_draft_computed_tokens``), then proposes
+    ``num_speculative_tokens`` tokens, which the target verifies in the same
+    forward pass as ``token_ids``. ``block_ids`` is the sequence's block table,
+    a copy the worker may keep.
     """
 
     request_id: str
@@ -35,9 +39,9 @@ class ScheduledSequence:
     block_ids: list[int]
     sample: bool
     num_speculative_tokens: int = 0
-    draft_token_ids: list[int] = field(default_factory=list)
+    catch_up_token_ids: list[int] = field(default_factory=list)
     num_draft_computed_tokens: int = 0
-    sampling_params: Any = None  # specserve.sampling_params.SamplingParams (a leaf type)
+    sampling_params: SamplingParams | None = None
     num_output_tokens: int = 0  # output position of the first token sampled now (keys seeded draws)
     # Only for requests with penalties: the whole history the penalties count.
     prompt_token_ids: list[int] | None = None
@@ -81,11 +85,11 @@ class ModelRunnerOutput:
 
     ``sampled_token_ids[i]`` is empty for a prompt chunk that does not reach the
     end; otherwise it holds the accepted draft tokens followed by one correction
-    or bonus token. ``num_draft_proposed[i]`` is how many tokens the draft
+    or bonus token. ``num_proposed[i]`` is how many tokens the draft
     proposed, so accepted = len(sampled) - 1 when proposed > 0.
     """
 
     request_ids: list[str]
     sampled_token_ids: list[list[int]]
-    num_draft_proposed: list[int]
+    num_proposed: list[int]
     logprobs: list[list[TokenLogprobs] | None] | None = None

@@ -83,7 +83,7 @@ def _paged_attention_kernel(
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seq = tl.program_id(1)
@@ -138,8 +138,8 @@ def _paged_attention_kernel(
     for chunk in range(chunk_lo, chunk_hi):
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = j < kv_end
-        block = tl.load(table + j // PAGE_SIZE, mask=j_ok, other=0).to(tl.int64)
-        kv_off = block * stride_kb + (j % PAGE_SIZE) * stride_ks + head_off
+        block = tl.load(table + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        kv_off = block * stride_kb + (j % BLOCK_SIZE) * stride_ks + head_off
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if IEEE:
@@ -297,7 +297,7 @@ class TritonPagedBackend(AttentionBackend):
         if not kv_stored:
             write_kv_triton(k, v, kv_cache, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
-        _, _, page_size, num_kv_heads, _ = kv_cache.shape
+        _, _, block_size, num_kv_heads, _ = kv_cache.shape
         if q.dtype != kv_cache.dtype:
             q = q.to(kv_cache.dtype)
         if q.stride(-1) != 1:
@@ -311,9 +311,9 @@ class TritonPagedBackend(AttentionBackend):
         block_q, block_m = self._tile(meta.max_query_len, group, invariant)
         num_q_tiles = -(-meta.max_query_len // block_q)
         block_d = _next_pow2(head_dim)
-        block_n = self.block_n or max(page_size, 64 if block_d <= 128 else 32)
-        if block_n % page_size:
-            block_n = page_size * (-(-block_n // page_size))
+        block_n = self.block_n or max(block_size, 64 if block_d <= 128 else 32)
+        if block_n % block_size:
+            block_n = block_size * (-(-block_n // block_size))
         splits = 1 if invariant else self._splits(num_q_tiles * num_seqs * num_kv_heads,
                                                   meta.max_seq_len, block_n, q.device)
         # 4 warps: on an H100, 8 were no faster for decode and 27% slower for
@@ -341,7 +341,7 @@ class TritonPagedBackend(AttentionBackend):
             part_lse.stride(0), part_lse.stride(1),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-            PAGE_SIZE=page_size, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+            BLOCK_SIZE=block_size, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
             num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:
