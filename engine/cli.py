@@ -34,7 +34,7 @@ DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
 
 # Help for each engine option, unless its dataclass field carries
-# ``metadata={"help": ...}`` (which wins). tests/test_cli.py checks that every
+# ``metadata={"help": ...}`` (which wins). tests/engine/test_cli.py checks that every
 # field of EngineConfig has one.
 ENGINE_OPTION_HELP = {
     # ModelConfig

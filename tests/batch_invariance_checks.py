@@ -1,4 +1,4 @@
-"""Bitwise checks of batch-invariant mode, shared by tests/test_batch_invariant.py:
+"""Bitwise checks of batch-invariant mode, shared by tests/workers/test_batch_invariant.py:
 the torch paths in-process, the Triton kernels on CUDA or (run as a script
 under ``TRITON_INTERPRET=1``) in Triton's interpreter on the CPU, where
 ``tl.dot`` is float32 or float16 only (its bfloat16 products are wrong there).

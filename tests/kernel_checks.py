@@ -1,6 +1,6 @@
 """Triton kernels of workers.kernels against their torch paths.
 
-Run by tests/test_kernels.py: on CUDA in-process, and on the CPU in a
+Run by tests/workers/test_kernels.py: on CUDA in-process, and on the CPU in a
 subprocess under ``TRITON_INTERPRET=1`` (the interpreter must be chosen
 before Triton is imported).
 """
@@ -92,7 +92,7 @@ def check_rotary_store(device: str, dtype: torch.dtype, tokens: int, heads: int,
 def check_attention(device: str) -> None:
     """The paged-attention kernel and its KV store, one small mixed batch
     (decode, verification, prefill chunk) with context splits forced."""
-    from tests.test_triton_attention import check_case
+    from tests.workers.test_triton_attention import check_case
     from specserve.workers.attention.triton_paged import TritonPagedBackend
 
     for splits in (None, 3):

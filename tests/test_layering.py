@@ -107,3 +107,15 @@ def test_the_wheel_holds_only_the_specserve_package(tmp_path: Path):
         assert must in names, must
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "specserve = specserve.engine.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+@pytest.mark.parametrize("path", [p for p in SOURCES if _layer(p) == "scheduler"],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_the_scheduler_needs_no_torch_or_numpy(path: Path):
+    """The scheduler is plain Python: its tests run in a bare interpreter (CI)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        assert not any(m.split(".")[0] in ("torch", "numpy") for m in mods), \
+            f"{path.relative_to(ROOT)} imports {mods}"

@@ -13,7 +13,7 @@ batch of 64 sum their K products in different orders, and round differently.
   ``[CPU_ROWS, K]`` tile at a time: every BLAS call has the same shape,
   strides and alignment, so it takes the same path for every tile, and its
   result for a row does not depend on the row's place in the tile
-  (tests/test_batch_invariant.py measures both).
+  (tests/workers/test_batch_invariant.py measures both).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from specserve.sampling_params import SamplingParams
 from specserve.engine.server import BackgroundServer
 from tests.subprocess_env import child_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K = 3
 ENGINE_OPTIONS = dict(num_speculative_tokens=K, num_kv_blocks=128, block_size=16,
                       max_num_seqs=16, max_queue=64, dtype="float32", device="cpu")

@@ -2,7 +2,7 @@
 with a fake engine (fast, deterministic, and able to fail on demand).
 
 The same server with the real engine on small random models is tested in
-tests/test_server_e2e.py.
+tests/e2e/test_server_e2e.py.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def test_grpc_ab_serves_a_tree_and_reads_its_step_counters(pair):
     from benchmarks import grpc_ab
 
     target, _ = pair
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     tree, flags = grpc_ab.parse_run(f"{root}@--kv-reserve=0.5,--max-queue=64")
     assert (tree, flags) == (root, ["--kv-reserve=0.5", "--max-queue=64"])
     assert grpc_ab.parse_run(root) == (root, [])

@@ -147,7 +147,7 @@ def test_triton_kernel_matches_torch_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
     env = child_env(TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-c",
-                          "from tests.test_random_draws import check_kernel; check_kernel('cpu')"],
+                          "from tests.workers.test_random_draws import check_kernel; check_kernel('cpu')"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith("ok")

@@ -22,9 +22,8 @@ from specserve.workers.kernels import add_rms_norm, rms_norm, silu_and_mul
 from specserve.workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
 from specserve.workers.models.llama import RotaryEmbedding
 from specserve.workers.sampler import SamplingTensors, compute_logprobs, logits_to_probs
-from tests.subprocess_env import child_env
+from tests.subprocess_env import ROOT, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,9 +13,8 @@ import torch
 
 from tests.kernel_checks import check_all, check_attention
 from specserve.workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
-from tests.subprocess_env import child_env
+from tests.subprocess_env import ROOT, child_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_triton_kernels_match_torch_in_the_interpreter():

@@ -18,7 +18,7 @@ import pytest
 grpc_tools = pytest.importorskip("grpc_tools")
 from google.protobuf import descriptor_pb2  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
 PROTOS = sorted((PROTO_ROOT / "specserve" / "v1").glob("*.proto"))
 
