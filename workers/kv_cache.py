@@ -13,21 +13,30 @@ from typing import Any
 import torch
 
 
+def head_dim_of(hf_config: Any) -> int:
+    """A model's attention head size: ``head_dim`` where the config gives one
+    (Gemma, Qwen3), else hidden size / heads."""
+    return (getattr(hf_config, "head_dim", None)
+            or hf_config.hidden_size // hf_config.num_attention_heads)
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """What the KV cache needs to know about a model."""
+    """What the KV cache needs to know about a model, on one rank."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any) -> "ModelShape":
+    def from_hf_config(cls, hf_config: Any, tensor_parallel_size: int = 1) -> "ModelShape":
+        """The KV heads one rank of ``tensor_parallel_size`` keeps: an equal
+        share, or one (replicated) when there are fewer heads than ranks."""
         num_heads = hf_config.num_attention_heads
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-        return cls(num_layers=hf_config.num_hidden_layers, num_kv_heads=num_kv_heads,
-                   head_dim=head_dim)
+        return cls(num_layers=hf_config.num_hidden_layers,
+                   num_kv_heads=max(1, num_kv_heads // tensor_parallel_size),
+                   head_dim=head_dim_of(hf_config))
 
 
 def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,

@@ -1,11 +1,14 @@
 """The Ray executor: the models run in Ray actors, one per GPU.
 
 Each actor (`RayWorker`) holds a `Worker`: the target, the draft and their KV
-caches. A replica is a list of actors, its ranks; today a replica has one
-rank (tensor parallelism across ranks is a later step), but every call already
-goes to all ranks and the engine reads rank 0's answer. Data-parallel replicas
-are separate `RayExecutor`s in one process; they share the Ray connection,
-which the last of them to shut down closes, if one of them opened it.
+caches. A replica is a list of actors, its ranks (``tensor_parallel_size``
+of them, placed together by a placement group: one node where it fits,
+several where it does not), joined in a ``torch.distributed`` group (NCCL on
+CUDA, gloo on CPU) that the models' all-reduces run in. Every step goes to
+all ranks, each runs it on its shard, and the engine reads rank 0's answer
+(the others sample the same tokens). Data-parallel replicas are separate
+`RayExecutor`s in one process; they share the Ray connection, which the last
+of them to shut down closes, if one of them opened it.
 
 The per-step path matters: every engine step sends a `SchedulerOutput` out
 and waits for the sampled tokens. By default it is a Ray compiled graph
@@ -17,9 +20,9 @@ turns compiled graphs off. `benchmarks/executor_overhead.py` measures both.
 Environment:
     SPECSERVE_RAY_COMPILED_GRAPH   1 (default) or 0
     SPECSERVE_RAY_START_TIMEOUT    seconds to wait for the actors to be placed (120)
-    SPECSERVE_RAY_CPU_THREADS      torch threads of a CPU actor (default: the node's cores,
-                                   less one for the driver when it shares the node and
-                                   busy-waits on a compiled graph)
+    SPECSERVE_RAY_CPU_THREADS      torch threads of a CPU actor (default: the node's cores
+                                   shared by the replica's ranks, less one for the driver
+                                   when it shares the node and busy-waits on a compiled graph)
     SPECSERVE_RAY_LOG_TO_DRIVER    1 to show the actors' output here (default 0)
 
 On a Ray cluster (``ray_address``) every node must have specserve installed,
@@ -37,6 +40,8 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayChannelError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from specserve.config import EngineConfig
 from specserve.step import ModelRunnerOutput, SchedulerOutput
@@ -69,6 +74,7 @@ class RayWorker:
         self.config = config
         self.rank = rank
         self.worker = None
+        self.groups = None  # (target, draft) tensor-parallel groups, once joined
         if config.parallel_config.device == "cpu":
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a CPU worker
             # wants the node's cores, less one where the driver busy-waits on
@@ -81,6 +87,7 @@ class RayWorker:
                 threads = len(os.sched_getaffinity(0))
                 if driver_spins and ray.get_runtime_context().get_node_id() == driver_node_id:
                     threads -= 1
+                threads //= config.parallel_config.tensor_parallel_size
             torch.set_num_threads(max(1, threads))
 
     def ready(self) -> str:
@@ -90,11 +97,29 @@ class RayWorker:
         return (f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}, "
                 f"{torch.get_num_threads()} torch threads)")
 
+    def meeting_address(self) -> str:
+        """Where the replica's ranks meet to form their process group (rank 0's node)."""
+        from specserve.workers.parallel.distributed import free_address  # noqa: PLC0415
+
+        return free_address()
+
+    def join(self, address: str) -> None:
+        """Join the replica's tensor-parallel groups (every rank at once)."""
+        from specserve.workers.parallel.distributed import join_tensor_parallel  # noqa: PLC0415
+        from specserve.workers.worker import resolve_device  # noqa: PLC0415
+
+        pc = self.config.parallel_config
+        self.groups = join_tensor_parallel(self.rank, pc.tensor_parallel_size,
+                                           pc.draft_tensor_parallel_size, address,
+                                           resolve_device(pc.device))
+
     def load(self) -> int:
         # torch and the models: actor side only
+        from specserve.workers.parallel.group import SINGLE_RANK  # noqa: PLC0415
         from specserve.workers.worker import Worker  # noqa: PLC0415
 
-        self.worker = Worker(self.config)
+        target_tp, draft_tp = self.groups or (SINGLE_RANK, SINGLE_RANK)
+        self.worker = Worker(self.config, target_tp=target_tp, draft_tp=draft_tp)
         return self.worker.load()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -124,7 +149,8 @@ def _acquire_ray(config: EngineConfig) -> None:
                 log_to_driver=os.environ.get(ENV_LOG_TO_DRIVER, "0") == "1")
             if pc.ray_address is None and not os.environ.get("RAY_ADDRESS"):
                 # A local start: room for one CPU actor per replica even on a small machine.
-                kwargs["num_cpus"] = max(os.cpu_count() or 1, pc.data_parallel_size)
+                kwargs["num_cpus"] = max(os.cpu_count() or 1,
+                                         pc.data_parallel_size * pc.tensor_parallel_size)
             ray.init(**kwargs)
             _ray_started_here = True
             logger.info("started Ray (%s)", pc.ray_address or "local")
@@ -144,14 +170,13 @@ def _release_ray() -> None:
 # -- the executor ----------------------------------------------------------------------
 
 class RayExecutor(Executor):
-    """One replica: a list of rank actors that each run the whole step.
-
-    A replica has one rank today; tensor parallelism will give it several.
-    """
+    """One replica: a list of rank actors (its tensor-parallel ranks) that
+    each run the whole step on their shard."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.workers: list[Any] = []  # ActorHandle per rank
+        self._placement_group = None
         self.uses_compiled_graph = False
         self._compiled = None
         self._failure: str | None = None  # set once an actor died: the replica is gone
@@ -159,7 +184,11 @@ class RayExecutor(Executor):
         _acquire_ray(config)
         self._holds_ray = True
         try:
-            self._start_actors(num_ranks=1)
+            self._start_actors(num_ranks=config.parallel_config.tensor_parallel_size)
+            if len(self.workers) > 1:
+                address = self._get([self.workers[0].meeting_address.remote()], "starting")[0]
+                self._get([w.join.remote(address) for w in self.workers],
+                          "joining the tensor-parallel group")
             blocks = self._get([w.load.remote() for w in self.workers], "loading the models")
             self._num_kv_blocks = min(blocks)
             if compiled_graph_enabled():
@@ -177,10 +206,11 @@ class RayExecutor(Executor):
         driver_node = ray.get_runtime_context().get_node_id()
         spins = compiled_graph_enabled()
         threads = int(os.environ.get(ENV_CPU_THREADS, "0"))  # read here: actors get Ray's env
-        self.workers = [_RayWorkerActor.options(max_restarts=0, **options)
+        timeout = float(os.environ.get(ENV_START_TIMEOUT, "120"))
+        placements = self._place_ranks(num_ranks, options, timeout)
+        self.workers = [_RayWorkerActor.options(max_restarts=0, **options, **placements[rank])
                         .remote(actor_config, rank, driver_node, spins, threads)
                         for rank in range(num_ranks)]
-        timeout = float(os.environ.get(ENV_START_TIMEOUT, "120"))
         refs = [w.ready.remote() for w in self.workers]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if len(done) < len(refs):
@@ -191,6 +221,25 @@ class RayExecutor(Executor):
                 f"(raise {ENV_START_TIMEOUT} if it is scaling up)")
         for where in self._get(refs, "starting"):
             logger.info("Ray worker %s, device %s", where, device)
+
+    def _place_ranks(self, num_ranks: int, options: dict[str, Any],
+                     timeout: float) -> list[dict[str, Any]]:
+        """Ray options that put each rank in one bundle of a placement group
+        (packed onto as few nodes as fit); none for a one-rank replica."""
+        if num_ranks == 1:
+            return [{}]
+        bundle = {"CPU": options["num_cpus"]} if options["num_gpus"] == 0 else {"GPU": 1}
+        self._placement_group = placement_group([dict(bundle) for _ in range(num_ranks)],
+                                                strategy="PACK")
+        ready, _ = ray.wait([self._placement_group.ready()], timeout=timeout)
+        if not ready:
+            raise WorkerError(
+                f"Ray could not reserve {num_ranks} x {bundle} for a tensor-parallel replica "
+                f"within {timeout:.0f} s; the cluster has {ray.available_resources()} free of "
+                f"{ray.cluster_resources()}")
+        return [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    self._placement_group, placement_group_bundle_index=rank)}
+                for rank in range(num_ranks)]
 
     def _placement(self) -> tuple[str, dict[str, Any]]:
         """The actors' device and resources: a GPU each where the cluster has them."""
@@ -253,6 +302,12 @@ class RayExecutor(Executor):
             except Exception as e:  # noqa: BLE001
                 logger.debug("ray.kill: %s", e)
         self.workers = []
+        if self._placement_group is not None:
+            try:
+                remove_placement_group(self._placement_group)
+            except Exception as e:  # noqa: BLE001
+                logger.debug("remove_placement_group: %s", e)
+            self._placement_group = None
         if self._holds_ray:
             self._holds_ray = False
             _release_ray()

@@ -3,6 +3,11 @@
 The same class runs in-process (LocalExecutor) and inside a Ray actor
 (RayExecutor). It knows nothing of requests: each step it gets a
 `SchedulerOutput` and returns a `ModelRunnerOutput`.
+
+Under tensor parallelism each rank's worker holds its shard of the target
+(and of the draft, or a whole draft) and runs the whole step: the models end
+with the whole logits on every rank, and sampling draws from generators
+seeded alike, so every rank samples the same tokens with no traffic.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from specserve.step import ModelRunnerOutput, SchedulerOutput
 from specserve.workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
 from specserve.workers.model_runner import ModelRunner
 from specserve.workers.models.loader import load_hf_config, load_model, resolve_dtype
+from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +38,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, device: torch.device | None = None) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device | None = None,
+                 target_tp: TensorParallel = SINGLE_RANK,
+                 draft_tp: TensorParallel = SINGLE_RANK) -> None:
         self.config = config
         self.device = device or resolve_device(config.parallel_config.device)
+        self.target_tp, self.draft_tp = target_tp, draft_tp
         self.runner: ModelRunner | None = None
         self.num_kv_blocks = 0
 
@@ -46,7 +55,7 @@ class Worker:
         target_cfg = load_hf_config(mc.model)
         dtype = resolve_dtype(mc.dtype, target_cfg, self.device)
         target = load_model(mc.model, dtype, self.device, mc.load_format, seed=mc.seed,
-                            batch_invariant=invariant)
+                            batch_invariant=invariant, tp=self.target_tp)
         draft, draft_cfg = None, None
         if sc.draft_model is not None:
             draft_cfg = load_hf_config(sc.draft_model)
@@ -55,8 +64,10 @@ class Worker:
                     f"the draft {sc.draft_model} has a vocabulary of {draft_cfg.vocab_size} "
                     f"tokens, the target {mc.model} of {target_cfg.vocab_size}: they must share one")
             draft = load_model(sc.draft_model, dtype, self.device, mc.load_format,
-                               seed=mc.seed + 1, batch_invariant=invariant)
-        shapes = [ModelShape.from_hf_config(c) for c in (target_cfg, draft_cfg) if c is not None]
+                               seed=mc.seed + 1, batch_invariant=invariant, tp=self.draft_tp)
+        shapes = [ModelShape.from_hf_config(c, tp.size)
+                  for c, tp in ((target_cfg, self.target_tp), (draft_cfg, self.draft_tp))
+                  if c is not None]
         per_block = sum(kv_cache_bytes_per_block(s.num_layers, cc.block_size, s.num_kv_heads,
                                                  s.head_dim, dtype) for s in shapes)
         num_blocks = cc.num_kv_blocks or self._blocks_that_fit(per_block)

@@ -103,6 +103,14 @@ class ParallelConfig:
     executor: str = "local"
     device: str = "auto"
     data_parallel_size: int = 1
+    tensor_parallel_size: int = field(default=1, metadata={"help": (
+        "GPUs (Ray actors) one replica's target is split over, Megatron-style: heads, MLP and "
+        "vocabulary sharded, one all-reduce per row-parallel projection (NCCL on CUDA, gloo on "
+        "CPU). Needs --executor ray.")})
+    draft_tensor_parallel_size: int = field(default=1, metadata={"help": (
+        "Ranks the draft is split over, 1 <= M <= --tensor-parallel-size and dividing it. 1 "
+        "(default): every rank keeps a whole draft of its own and proposes the same tokens, "
+        "so proposals never cross between ranks.")})
     ray_address: str | None = None
     enforce_eager: bool = False
     batch_invariant: bool = False
@@ -112,6 +120,14 @@ class ParallelConfig:
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.data_parallel_size >= 1,
                f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        tp, draft_tp = self.tensor_parallel_size, self.draft_tensor_parallel_size
+        _check(tp >= 1, f"tensor_parallel_size must be >= 1, got {tp}")
+        _check(1 <= draft_tp <= tp and tp % draft_tp == 0,
+               f"draft_tensor_parallel_size must be in [1, tensor_parallel_size={tp}] and "
+               f"divide it, got {draft_tp}")
+        _check(tp == 1 or self.executor == "ray",
+               f"tensor_parallel_size={tp} needs executor 'ray' (one actor per rank), "
+               f"got {self.executor!r}")
 
 
 _SECTIONS = {

@@ -58,7 +58,7 @@ class PagedRun:
 
     def __init__(self, model: LlamaForCausalLM, seed: int = 0) -> None:
         self.model = model
-        shape = ModelShape.from_hf_config(model.config)
+        shape = ModelShape.from_hf_config(model.config, model.tp.size)
         self.kv_caches = allocate_kv_caches(shape.num_layers, NUM_BLOCKS, BLOCK_SIZE,
                                             shape.num_kv_heads, shape.head_dim,
                                             torch.float32, "cpu")

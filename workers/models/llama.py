@@ -3,7 +3,9 @@
 The batch is flat: T new tokens of any number of sequences, with their
 positions and an ``AttentionMetadata`` that says which rows belong to which
 sequence. Projections are fused: one ``qkv_proj`` and one ``gate_up_proj``
-per layer (``PackedLinear`` knows where each checkpoint tensor goes).
+per layer. Under tensor parallelism (``tp``) each rank holds its share of
+the heads, of the MLP and of the vocabulary (``workers.parallel.layers``
+knows which part of each checkpoint tensor that is).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from torch import nn
 
 from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
 from specserve.workers.attention.metadata import AttentionMetadata
-from specserve.workers.kernels import (add_rms_norm, linear, rms_norm, rotate_q_store_kv, rotate_qk,
+from specserve.workers.kernels import (add_rms_norm, rms_norm, rotate_q_store_kv, rotate_qk,
                                        silu_and_mul, store_fits)
 from specserve.workers.kernels.batch_invariant import batch_invariant_mode
+from specserve.workers.kv_cache import head_dim_of
+from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel, split_heads
+from specserve.workers.parallel.layers import (ColumnParallelLinear, ParallelLMHead,
+                                               RowParallelLinear, VocabParallelEmbedding,
+                                               vocab_parallel_logits)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -102,27 +109,7 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-# ------------------------------------------------------------- projections --
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose one-row products (batch-1 decode) run as a GEMV kernel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class PackedLinear(Linear):
-    """Several projections of the same input fused into one matmul. Output
-    rows ``shard_slice(i)`` hold the i-th projection's weights."""
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(output_sizes), bias=bias)
-        self.output_sizes = list(output_sizes)
-
-    def shard_slice(self, index: int) -> slice:
-        start = sum(self.output_sizes[:index])
-        return slice(start, start + self.output_sizes[index])
-
+# --------------------------------------------------------------- attention --
 
 class PagedAttention(nn.Module):
     """RoPE on a fused QKV output, then the attention backend with this
@@ -151,21 +138,24 @@ class PagedAttention(nn.Module):
 # ------------------------------------------------------------------ layers --
 
 class LlamaAttention(nn.Module):
-    """Self-attention: fused QKV projection, RoPE, paged attention, output projection."""
+    """Self-attention: fused QKV projection, RoPE, paged attention, output
+    projection; this rank's query heads and the KV heads they read."""
 
-    def __init__(self, config: Any, head_dim: int) -> None:
+    def __init__(self, config: Any, head_dim: int, tp: TensorParallel) -> None:
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of "
-                             f"num_key_value_heads={num_kv_heads}")
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q_start, q_heads, kv_start, kv_heads = split_heads(num_heads, num_kv_heads, tp)
+        self.q_size = q_heads * head_dim
+        q_shard = (q_start * head_dim, self.q_size)
+        kv_shard = (kv_start * head_dim, kv_heads * head_dim)
         qkv_bias, o_bias = _attention_biases(config)
-        self.qkv_proj = PackedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size],
-                                     bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias)
-        self.attn = PagedAttention(num_heads, num_kv_heads, head_dim)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [num_heads * head_dim, *[num_kv_heads * head_dim] * 2],
+            bias=qkv_bias, shards=[q_shard, kv_shard, kv_shard])
+        self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, bias=o_bias,
+                                        tp=tp)
+        self.attn = PagedAttention(q_heads, kv_heads, head_dim)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
@@ -176,12 +166,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
         bias = bool(getattr(config, "mlp_bias", False))
         size = config.intermediate_size
-        self.gate_up_proj = PackedLinear(config.hidden_size, [size, size], bias=bias)
-        self.down_proj = Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [size, size], bias=bias, tp=tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -190,12 +180,12 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then MLP."""
 
-    def __init__(self, config: Any, head_dim: int) -> None:
+    def __init__(self, config: Any, head_dim: int, tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, head_dim)
+        self.self_attn = LlamaAttention(config, head_dim, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, tp)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, kv_cache: torch.Tensor | None,
@@ -214,11 +204,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, tp: TensorParallel) -> None:
         super().__init__()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim)
+        head_dim = head_dim_of(config)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim, tp)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim, rope_parameters(config))
@@ -239,6 +229,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """The decoder plus the LM head (its own weight, or the embedding's when tied).
 
+    ``tp`` is this rank's tensor-parallel group: every rank runs the same
+    forward on its share of the weights and ends with the whole logits.
     With ``batch_invariant`` set, its forward and logits run in batch-invariant
     mode (``workers.kernels.batch_invariant``): every token's hidden state and
     logits are bitwise the same whatever else is in the batch.
@@ -248,14 +240,16 @@ class LlamaForCausalLM(nn.Module):
     packed_modules = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                       "gate_up_proj": ("gate_proj", "up_proj")}
 
-    def __init__(self, config: Any, attention_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: Any, attention_backend: AttentionBackend | None = None,
+                 tp: TensorParallel = SINGLE_RANK) -> None:
         super().__init__()
         _check_supported(config)
         self.config = config
-        self.model = LlamaModel(config)
+        self.tp = tp
+        self.model = LlamaModel(config, tp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (None if self.tie_word_embeddings
-                        else Linear(config.hidden_size, config.vocab_size, bias=False))
+                        else ParallelLMHead(config.vocab_size, config.hidden_size, tp))
         self.attention_backend: AttentionBackend | None = None
         self.batch_invariant = False
         if attention_backend is not None:
@@ -277,9 +271,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] for hidden states [N, hidden_size]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         with batch_invariant_mode(self.batch_invariant):
-            return linear(hidden, weight).float()
+            return vocab_parallel_logits(hidden, head).float()
 
 
 # ----------------------------------------------------------------- config --
@@ -298,8 +292,7 @@ def _check_supported(config: Any) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) is implemented")
-    rope_inv_freq(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-                  rope_parameters(config))  # raises on an unsupported rope type
+    rope_inv_freq(head_dim_of(config), rope_parameters(config))  # raises on an unsupported rope type
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None

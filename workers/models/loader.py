@@ -3,8 +3,10 @@
 A model directory holds ``config.json`` and safetensors weights: one
 ``model.safetensors``, or shards listed by ``model.safetensors.index.json``.
 Checkpoint tensors keep Hugging Face names; separate q/k/v and gate/up
-tensors are written into their slice of the fused parameters.
-Every error names the file it is about.
+tensors are written into their slice of the fused parameters. Under tensor
+parallelism a rank reads only its region of each tensor (safetensors slices
+are read lazily from the memory-mapped file). Every error names the file it
+is about.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import glob
 import json
 import logging
 import os
-from typing import Any
+import zlib
+from collections import defaultdict
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
 
 from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
-from specserve.workers.models.llama import LlamaForCausalLM, PackedLinear
+from specserve.workers.models.llama import LlamaForCausalLM
+from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
+from specserve.workers.parallel.layers import WHOLE, Region
 
 logger = logging.getLogger(__name__)
 
@@ -114,20 +120,38 @@ def _weight_files(model_dir: str) -> tuple[list[str], dict[str, str] | None]:
                             f"or {INDEX_FILE}{hint}")
 
 
-def _checkpoint_targets(model: LlamaForCausalLM) -> dict[str, tuple[torch.Tensor, slice | None]]:
-    """Checkpoint tensor name -> (our parameter, rows of it the tensor fills)."""
+class _Target(NamedTuple):
+    """One parameter (rows ``region.dest``) filled from ``region.source`` of a checkpoint tensor."""
+
+    param: torch.Tensor
+    region: Region
+
+    def dest(self) -> torch.Tensor:
+        return self.param if self.region.dest is None else self.param[self.region.dest]
+
+
+def _checkpoint_targets(model: LlamaForCausalLM) -> dict[str, list[_Target]]:
+    """Checkpoint tensor name -> the parameters (and rows) it fills on this rank."""
     modules = dict(model.named_modules())
-    targets: dict[str, tuple[torch.Tensor, slice | None]] = {}
+    targets: dict[str, list[_Target]] = defaultdict(list)
     for name, param in model.named_parameters():
         module_name, leaf = name.rsplit(".", 1)
         module = modules[module_name]
-        if isinstance(module, PackedLinear):
-            parent, fused = module_name.rsplit(".", 1)
-            for i, part in enumerate(model.packed_modules[fused]):
-                targets[f"{parent}.{part}.{leaf}"] = (param, module.shard_slice(i))
-        else:
-            targets[name] = (param, None)
+        regions = module.checkpoint_regions(leaf) if hasattr(module, "checkpoint_regions") else WHOLE
+        parent, _, own = module_name.rpartition(".")
+        parts = model.packed_modules.get(own)
+        for region in regions:
+            targets[f"{parent}.{parts[region.part]}.{leaf}" if parts else name].append(
+                _Target(param, region))
     return targets
+
+
+def checkpoint_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
+    """The full shape of every checkpoint tensor the model reads (a
+    single-rank model built on the meta device says)."""
+    with torch.device("meta"):
+        whole = LlamaForCausalLM(hf_config)
+    return {name: tuple(t.dest().shape) for name, (t,) in _checkpoint_targets(whole).items()}
 
 
 def _open(path: str):
@@ -137,31 +161,42 @@ def _open(path: str):
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
 
 
+def _read(f: Any, path: str, name: str, source: tuple[slice, ...],
+          expected: tuple[int, ...]) -> torch.Tensor:
+    """This rank's region of checkpoint tensor ``name``, after checking its full shape."""
+    try:
+        lazy = f.get_slice(name)
+        shape = tuple(lazy.get_shape())
+        if shape != expected:
+            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected {expected}")
+        return lazy[source] if source else f.get_tensor(name)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: corrupt or unreadable tensor {name!r} ({e})") from e
+
+
 @torch.no_grad()
 def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
-    """Fill every parameter of ``model`` from the checkpoint in ``model_dir``."""
+    """Fill every parameter of ``model`` (this rank's share of it) from the
+    checkpoint in ``model_dir``."""
     files, weight_map = _weight_files(model_dir)
     targets = _checkpoint_targets(model)
+    shapes = checkpoint_shapes(model.config)
+    for param in model.parameters():
+        param.zero_()  # rows no tensor fills (the vocabulary's padding) stay zero
     pending = set(targets)
     unexpected: list[str] = []
     for path in files:
         with _open(path) as f:
             for name in f.keys():
-                if name not in targets:
+                if name not in shapes:
                     tied_head = name == "lm_head.weight" and model.lm_head is None
                     if not tied_head and not name.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(name)
                     continue
-                param, rows = targets[name]
-                dest = param if rows is None else param[rows]
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(f"{path}: corrupt or unreadable tensor {name!r} ({e})") from e
-                if tuple(tensor.shape) != tuple(dest.shape):
-                    raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(dest.shape)}")
-                dest.copy_(tensor)
+                for target in targets.get(name, ()):
+                    target.dest().copy_(_read(f, path, name, target.region.source, shapes[name]))
                 pending.discard(name)
     if unexpected:
         logger.warning("%s: ignoring %d unexpected tensors, e.g. %s",
@@ -181,30 +216,43 @@ def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
 
 @torch.no_grad()
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Small random weights (deterministic for a seed); norms start at one, biases at zero."""
+    """Small random weights; norms start at one, biases at zero. Each
+    checkpoint tensor is drawn whole from a generator keyed by ``seed`` and its
+    name, and each rank keeps its region: the same weights at any
+    tensor-parallel size."""
     std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
+    shapes = checkpoint_shapes(model.config)
+    for param in model.parameters():
+        param.zero_()
+    for name, targets in _checkpoint_targets(model).items():
+        if name.endswith(".bias"):
+            continue
+        dtype = targets[0].param.dtype
         if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        elif name.endswith(".bias"):
-            param.zero_()
+            whole = torch.ones(shapes[name], dtype=dtype, device=device)
         else:
-            param.normal_(0.0, std, generator=generator)
+            generator = torch.Generator(device=device).manual_seed(
+                (seed << 32) + zlib.crc32(name.encode()))
+            whole = torch.empty(shapes[name], dtype=dtype, device=device)
+            whole.normal_(0.0, std, generator=generator)
+        for target in targets:
+            target.dest().copy_(whole[target.region.source] if target.region.source else whole)
 
 
 # ------------------------------------------------------------------- model --
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, attention_backend: AttentionBackend | None = None,
-               seed: int = 0, batch_invariant: bool = False) -> LlamaForCausalLM:
+               seed: int = 0, batch_invariant: bool = False,
+               tp: TensorParallel = SINGLE_RANK) -> LlamaForCausalLM:
     """Build the model of ``model_dir`` on ``device`` in ``dtype``, in eval mode.
 
     ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy``
     reads only ``config.json`` and fills random weights (seeded by ``seed``).
     ``batch_invariant``: compute each token independently of its batch
-    (``LlamaForCausalLM.batch_invariant``).
+    (``LlamaForCausalLM.batch_invariant``). ``tp``: this rank's
+    tensor-parallel group; the rank builds and reads only its shard.
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"unknown load_format {load_format!r}; expected auto, safetensors or dummy")
@@ -213,7 +261,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     check_architecture(hf_config, model_dir)
     try:
         with torch.device("meta"):  # no memory, no random init: every value is written below
-            model = LlamaForCausalLM(hf_config)
+            model = LlamaForCausalLM(hf_config, tp=tp)
     except ValueError as e:
         raise ValueError(f"{os.path.join(model_dir, 'config.json')}: {e}") from e
     model = model.to(dtype).to_empty(device=device)

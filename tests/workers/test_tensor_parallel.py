@@ -1,0 +1,100 @@
+"""Tensor parallelism on CPU with gloo: a model split over 2 and 4 ranks
+(processes) gives the logits of the unsplit model, for the attention layouts
+that split differently (KV heads split, KV heads replicated), tied and untied
+LM heads, biases on column- and row-parallel projections, a vocabulary that
+does not divide evenly, and dummy weights; each rank holds only its shard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from specserve.config import EngineConfig
+from specserve.workers.models import load_model
+from specserve.workers.parallel.distributed import free_address
+from specserve.workers.parallel.group import TensorParallel, split_heads
+from tests.model_factory import make_checkpoint
+from tests.workers.tensor_parallel_checks import run_rank, steps
+
+CASES = {
+    "gqa-kv-split": dict(num_heads=4, num_kv_heads=2),
+    "kv-replicated-tied": dict(num_heads=4, num_kv_heads=1, tie_word_embeddings=True),
+    "qwen2-qkv-bias": dict(arch="qwen2", num_heads=4, num_kv_heads=2),
+    "all-biases-head_dim32": dict(num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
+                                  mlp_bias=True),
+    "odd-vocab": dict(num_heads=4, num_kv_heads=4, vocab_size=251),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    return {name: make_checkpoint(root / name, **kw) for name, kw in CASES.items()}
+
+
+def _split_run(size: int, cases: list[tuple[str, str, str]], out_dir) -> None:
+    mp.spawn(run_rank, args=(size, free_address(), cases, str(out_dir)), nprocs=size)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("size", [2, 4])
+def test_split_models_give_the_unsplit_logits(size, checkpoints, tmp_path):
+    names = list(CASES) if size == 2 else ["gqa-kv-split", "kv-replicated-tied"]
+    cases = [(n, checkpoints[n], "auto") for n in names]
+    cases.append(("dummy", checkpoints["gqa-kv-split"], "dummy"))
+    _split_run(size, cases, tmp_path)
+    for name, path, load_format in cases:
+        expected = steps(load_model(path, torch.float32, "cpu", load_format))
+        got = torch.load(tmp_path / f"{name}.pt")
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4, msg=f"{name} at TP={size}")
+    # Each rank holds its share: the fused QKV rows of its heads, a quarter
+    # (half) of the MLP and of the vocabulary.
+    whole = {n: p.shape for n, p in load_model(checkpoints["gqa-kv-split"], torch.float32,
+                                                "cpu").named_parameters()}
+    for rank in range(size):
+        shard = torch.load(tmp_path / f"gqa-kv-split.shapes.{rank}.pt")
+        mlp = "model.layers.0.mlp.gate_up_proj.weight"
+        assert shard[mlp][0] * size == whole[mlp][0]
+        down = "model.layers.0.mlp.down_proj.weight"
+        assert shard[down][1] * size == whole[down][1]
+        assert shard["model.embed_tokens.weight"][0] * size == whole["model.embed_tokens.weight"][0]
+        assert shard["model.layers.0.input_layernorm.weight"] == whole[
+            "model.layers.0.input_layernorm.weight"]
+
+
+def test_heads_split_evenly_or_replicate_kv_heads():
+    def layout(size, heads=8, kv=2):
+        return [split_heads(heads, kv, TensorParallel(r, size)) for r in range(size)]
+
+    assert layout(2) == [(0, 4, 0, 1), (4, 4, 1, 1)]
+    # 4 ranks, 2 KV heads: each KV head on two ranks, the one its query heads read.
+    assert layout(4) == [(0, 2, 0, 1), (2, 2, 0, 1), (4, 2, 1, 1), (6, 2, 1, 1)]
+    with pytest.raises(ValueError, match="num_attention_heads=6 is not divisible"):
+        split_heads(6, 2, TensorParallel(0, 4))
+    with pytest.raises(ValueError, match="num_key_value_heads=3 must divide"):
+        split_heads(12, 3, TensorParallel(0, 4))
+
+
+def test_bad_parallel_sizes_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="needs executor 'ray'"):
+        EngineConfig.from_kwargs(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="draft_tensor_parallel_size must be in"):
+        EngineConfig.from_kwargs(executor="ray", tensor_parallel_size=4,
+                                 draft_tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        EngineConfig.from_kwargs(executor="ray", tensor_parallel_size=0)
+
+
+def test_a_model_that_does_not_split_says_why(checkpoints):
+    with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 3"):
+        load_model(checkpoints["gqa-kv-split"], torch.float32, "cpu", tp=TensorParallel(0, 3))
