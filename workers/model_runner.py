@@ -18,7 +18,8 @@ import torch
 from specserve.step import (PENDING_TOKEN, ModelRunnerOutput, ScheduledSequence,
                             SchedulerOutput, TokenLogprobs)
 from specserve.workers.attention.metadata import AttentionMetadata
-from specserve.workers.attention.metadata_builder import build_attention_metadata, token_positions
+from specserve.workers.attention.metadata_builder import (build_attention_metadata,
+                                                          padded_block_table, token_positions)
 from specserve.workers.cuda_graphs import GraphedModel, batch_buckets
 from specserve.workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
 from specserve.workers.host_transfer import HostCopy, to_device
@@ -295,8 +296,7 @@ class ModelRunner:
         tables = [s.block_ids for s in seqs]
         if self.proposer is not None and self.proposer.can_run(len(seqs), k):
             return self.proposer.propose(catch_up, first, tables, k)
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        table = torch.from_numpy(padded_block_table(tables))
         out = torch.zeros((len(seqs), k), dtype=torch.int64, device=self.device)
         greedy_proposal(self.draft, self.draft_caches, self.block_size,
                         to_device([t for c in catch_up for t in c], self.device),

@@ -22,18 +22,21 @@ def steps(model) -> list[torch.Tensor]:
     return [first[0], first[1], second[0], second[1]]
 
 
-def run_rank(rank: int, size: int, address: str, cases: list[tuple[str, str, str]],
-             out_dir: str) -> None:
-    """``cases``: (name, checkpoint dir, load format)."""
+def run_rank(rank: int, size: int, draft_size: int, address: str,
+             cases: list[tuple[str, str, str]], out_dir: str) -> None:
+    """``cases``: (name, checkpoint dir, load format); a name starting with
+    ``draft`` is loaded in the draft's group (``draft_size`` ranks)."""
     torch.set_num_threads(1)
-    target, _ = join_tensor_parallel(rank, size, 1, address, torch.device("cpu"))
+    target, draft = join_tensor_parallel(rank, size, draft_size, address, torch.device("cpu"))
     try:
         for name, path, load_format in cases:
-            model = load_model(path, torch.float32, "cpu", load_format, tp=target)
+            tp = draft if name.startswith("draft") else target
+            model = load_model(path, torch.float32, "cpu", load_format, tp=tp)
             logits = steps(model)
-            if rank == 0:
-                torch.save(logits, os.path.join(out_dir, f"{name}.pt"))
-            torch.save({n: p.shape for n, p in model.named_parameters()},
+            if tp.rank == 0:
+                torch.save(logits, os.path.join(out_dir, f"{name}.{rank}.pt"))
+            torch.save({n: (p.shape, p.numel() * p.element_size())
+                        for n, p in model.named_parameters()},
                        os.path.join(out_dir, f"{name}.shapes.{rank}.pt"))
     finally:
         leave_tensor_parallel()

@@ -3,8 +3,10 @@ padding rows, slots and block tables must be what eager metadata would say."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from specserve.workers.attention.metadata_builder import padded_block_table
 from specserve.workers.cuda_graphs import GraphedModel
 
 
@@ -29,3 +31,11 @@ def test_a_padded_batch_loads_positions_slots_lengths_and_tables():
     g._load_inputs(torch.tensor([5]), [0], 1, [[4]], bucket=1)
     assert (g.positions[:1].tolist(), g.slot_mapping[:1].tolist(), g.seq_lens[:1].tolist(),
             g.block_tables[:1].tolist()) == ([0], [4 * bs], [1], [[4, pad_block, pad_block]])
+
+
+def test_padded_block_table():
+    assert padded_block_table([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
+    assert padded_block_table([]).shape == (0, 1)
+    out = np.full((3, 4), -5, dtype=np.int32)
+    assert padded_block_table([[6]], pad_block=9, out=out) is out
+    assert out.tolist() == [[6, 9, 9, 9], [9] * 4, [9] * 4]

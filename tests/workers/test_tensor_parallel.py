@@ -41,35 +41,46 @@ def checkpoints(tmp_path_factory):
     return {name: make_checkpoint(root / name, **kw) for name, kw in CASES.items()}
 
 
-def _split_run(size: int, cases: list[tuple[str, str, str]], out_dir) -> None:
-    mp.spawn(run_rank, args=(size, free_address(), cases, str(out_dir)), nprocs=size)
-
-
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("size", [2, 4])
-def test_split_models_give_the_unsplit_logits(size, checkpoints, tmp_path):
+@pytest.mark.parametrize("size,draft_size", [(2, 1), (4, 2)])
+def test_split_models_give_the_unsplit_logits(size, draft_size, checkpoints, tmp_path):
     names = list(CASES) if size == 2 else ["gqa-kv-split", "kv-replicated-tied"]
     cases = [(n, checkpoints[n], "auto") for n in names]
     cases.append(("dummy", checkpoints["gqa-kv-split"], "dummy"))
-    _split_run(size, cases, tmp_path)
+    # A draft in groups of draft_size ranks: at 4 ranks, two groups of two.
+    cases.append(("draft", checkpoints["all-biases-head_dim32"], "auto"))
+    mp.spawn(run_rank, args=(size, draft_size, free_address(), cases, str(tmp_path)),
+             nprocs=size)
     for name, path, load_format in cases:
         expected = steps(load_model(path, torch.float32, "cpu", load_format))
-        got = torch.load(tmp_path / f"{name}.pt")
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4, msg=f"{name} at TP={size}")
-    # Each rank holds its share: the fused QKV rows of its heads, a quarter
-    # (half) of the MLP and of the vocabulary.
-    whole = {n: p.shape for n, p in load_model(checkpoints["gqa-kv-split"], torch.float32,
-                                                "cpu").named_parameters()}
+        group = draft_size if name == "draft" else size
+        for first in range(0, size, group):  # every group's first rank saved its logits
+            got = torch.load(tmp_path / f"{name}.{first}.pt")
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4,
+                                           msg=f"{name} at TP={group}, ranks from {first}")
+
+
+@pytest.mark.timeout(300)
+def test_each_rank_holds_its_share_of_the_weights(checkpoints, tmp_path):
+    """Each of 2 ranks holds half of every split weight (its heads' QKV rows,
+    half of the MLP and of the vocabulary); only the norms are whole on every
+    rank. (With more ranks than KV heads, the K/V rows are replicated.)"""
+    size, path = 2, checkpoints["gqa-kv-split"]
+    mp.spawn(run_rank, args=(size, 1, free_address(), [("w", path, "auto")], str(tmp_path)),
+             nprocs=size)
+    whole = {n: (p.shape, p.numel() * p.element_size())
+             for n, p in load_model(path, torch.float32, "cpu").named_parameters()}
+    whole_bytes = sum(b for _, b in whole.values())
+    norm_bytes = sum(b for n, (_, b) in whole.items() if "norm" in n)
     for rank in range(size):
-        shard = torch.load(tmp_path / f"gqa-kv-split.shapes.{rank}.pt")
+        shard = torch.load(tmp_path / f"w.shapes.{rank}.pt")
+        rank_bytes = sum(b for _, b in shard.values())
+        assert rank_bytes == (whole_bytes - norm_bytes) // size + norm_bytes, rank
         mlp = "model.layers.0.mlp.gate_up_proj.weight"
-        assert shard[mlp][0] * size == whole[mlp][0]
+        assert shard[mlp][0][0] * size == whole[mlp][0][0]
         down = "model.layers.0.mlp.down_proj.weight"
-        assert shard[down][1] * size == whole[down][1]
-        assert shard["model.embed_tokens.weight"][0] * size == whole["model.embed_tokens.weight"][0]
-        assert shard["model.layers.0.input_layernorm.weight"] == whole[
-            "model.layers.0.input_layernorm.weight"]
+        assert shard[down][0][1] * size == whole[down][0][1]
 
 
 def test_heads_split_evenly_or_replicate_kv_heads():

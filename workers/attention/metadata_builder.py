@@ -7,6 +7,7 @@ are moved to the device in one copy each.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from specserve.workers.attention.metadata import AttentionMetadata
@@ -29,6 +30,21 @@ def _check_inputs(query_lens: list[int], seq_lens: list[int],
         if len(table) < needed:
             raise ValueError(f"sequence {b}: {s_len} tokens need {needed} blocks of "
                              f"{block_size}, but its block table has {len(table)}")
+
+
+def padded_block_table(block_tables: list[list[int]], pad_block: int = 0,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """The block tables as one int32 array: row b holds ``block_tables[b]``, then
+    ``pad_block`` to the end of the row. Written into ``out`` when given (its
+    rows past the last table, a captured graph's padding rows, are all
+    ``pad_block``); else as wide as the longest table, and at least 1."""
+    if out is None:
+        width = max(1, max(map(len, block_tables), default=0))
+        out = np.empty((len(block_tables), width), dtype=np.int32)
+    out.fill(pad_block)
+    for b, row in enumerate(block_tables):
+        out[b, :len(row)] = row
+    return out
 
 
 def token_positions(query_lens: list[int], seq_lens: list[int]) -> torch.Tensor:
@@ -55,12 +71,7 @@ def build_attention_metadata(query_lens: list[int], seq_lens: list[int],
     """
     _check_inputs(query_lens, seq_lens, block_tables, block_size)
     num_seqs = len(query_lens)
-    max_blocks = max((len(t) for t in block_tables), default=0)
-    max_blocks = max(max_blocks, 1)
-    table = torch.zeros((num_seqs, max_blocks), dtype=torch.int32)
-    for b, row in enumerate(block_tables):
-        if row:
-            table[b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    table = torch.from_numpy(padded_block_table(block_tables))
 
     q = torch.tensor(query_lens, dtype=torch.int64)
     seq_of = torch.repeat_interleave(torch.arange(num_seqs), q)
