@@ -323,6 +323,15 @@ class RayExecutor(Executor):
                 self._raise_from_actor(e, rank, what)
         return results
 
+    def _rank_of(self, err: Exception, default: int) -> int:
+        """The rank whose actor an error names (a compiled graph reports any
+        rank's death through rank 0's output)."""
+        actor_id = getattr(err, "actor_id", None)
+        for rank, worker in enumerate(self.workers):
+            if actor_id is not None and worker._actor_id.hex() == actor_id:
+                return rank
+        return default
+
     def _raise_from_actor(self, err: Exception, rank: int, what: str) -> None:
         """Raise the driver-side exception for an actor's failure.
 
@@ -335,6 +344,7 @@ class RayExecutor(Executor):
             msg = f"Ray worker rank {rank} failed while {what}: {type(cause).__name__}: {cause}"
             raise (ValueError(msg) if isinstance(cause, ValueError) else WorkerError(msg)) from err
         if isinstance(err, (RayActorError, RayChannelError)):
+            rank = self._rank_of(err, rank)
             self._failure = f"Ray worker rank {rank} died while {what}: {err}"
             raise WorkerError(self._failure) from err
         raise err
