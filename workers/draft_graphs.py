@@ -7,24 +7,21 @@ host round trip: inputs built and copied, a replay, logits, an argmax. Here
 the positions, slots and lengths of every one-token step are derived on the
 device from the catch-up's, and each argmax is the next step's input, so the
 whole proposal is one captured CUDA graph per (batch bucket, k): the host
-copies one input buffer and launches one replay. Off CUDA (or for a batch
-larger than the largest bucket) the same function runs eagerly.
+copies one input buffer and launches one replay (cuda_graphs.CapturedGraphs
+does the capturing and padding). Off CUDA (or for a batch larger than the
+largest bucket) the same function runs eagerly.
 """
 
 from __future__ import annotations
 
-import bisect
-import logging
+from typing import Callable
 
 import numpy as np
 import torch
 
 from specserve.workers.attention.metadata import AttentionMetadata
-from specserve.workers.cuda_graphs import capture_graph
-from specserve.workers.host_transfer import to_device
+from specserve.workers.cuda_graphs import CapturedGraphs
 from specserve.workers.models.llama import LlamaForCausalLM
-
-logger = logging.getLogger(__name__)
 
 CATCH_UP = 2  # draft tokens each sequence feeds before proposing
 
@@ -86,79 +83,47 @@ def _forward(draft: LlamaForCausalLM, caches: list[torch.Tensor], block_size: in
     return draft(input_ids, positions, caches, meta)
 
 
-class GreedyProposer:
-    """Captured ``greedy_proposal`` graphs of one draft over its KV cache.
+class GraphedGreedyProposal(CapturedGraphs):
+    """Captured ``greedy_proposal`` programs of one draft over its KV cache,
+    per (batch bucket, k).
 
     Padding rows (up to the bucket) feed token 0 at positions 0 and 1 of the
     padding block, which no sequence owns; their proposals are dropped.
     """
 
+    what = "draft proposal graphs"
+
     def __init__(self, draft: LlamaForCausalLM, caches: list[torch.Tensor], block_size: int,
-                 max_blocks_per_seq: int, pad_block: int, buckets: list[int], max_k: int,
+                 max_blocks_per_seq: int, pad_block: int, max_batch: int, max_k: int,
                  device: torch.device, pool=None) -> None:
-        self.draft = draft
-        self.caches = caches
-        self.block_size = block_size
-        self.pad_block = pad_block
-        self.buckets = buckets
-        self.max_k = max_k
-        self.device = device
-        self.pool = pool
-        max_batch = buckets[-1]
-        self.max_seq_len = max_blocks_per_seq * block_size
-        # One flat int32 buffer: catch-up ids, first positions, then the block
-        # tables last, so that a bucket's inputs are a prefix of it.
-        self._offsets = (0, CATCH_UP * max_batch, (CATCH_UP + 1) * max_batch)
-        self._flat = torch.zeros(self._offsets[2] + max_batch * max_blocks_per_seq,
-                                 dtype=torch.int32, device=device)
-        self.input_ids = self._flat[:self._offsets[1]]
-        self.first = self._flat[self._offsets[1]:self._offsets[2]]
-        self.block_tables = self._flat[self._offsets[2]:].view(max_batch, max_blocks_per_seq)
+        # Catch-up ids, first positions (then the block tables).
+        super().__init__(draft, caches, block_size, max_blocks_per_seq, pad_block, max_batch,
+                         max_k, [CATCH_UP * max_batch, max_batch], device, pool)
+        self.input_ids, self.first = self._regions()
         self.tokens = torch.zeros((max_batch, max(1, max_k)), dtype=torch.int64, device=device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-
-    def can_run(self, num_seqs: int, k: int) -> bool:
-        return num_seqs <= self.buckets[-1] and 1 <= k <= self.max_k
-
-    def capture_all(self) -> None:
-        """Capture every (bucket, k) now, largest first (smaller ones reuse
-        the pool's memory), on padding rows only."""
-        for k in range(self.max_k, 0, -1):
-            for bucket in reversed(self.buckets):
-                self._load([], [], [], bucket)
-                self._graphs[(bucket, k)] = self._capture(bucket, k)
-        logger.info("captured %d draft proposal graphs", len(self._graphs))
 
     def propose(self, catch_up: list[list[int]], first: list[int],
                 block_tables: list[list[int]], k: int) -> torch.Tensor:
         """Proposals [n, k] (int64, on the device) for n sequences."""
         n = len(first)
-        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        bucket = self.bucket(n)
         self._load(catch_up, first, block_tables, bucket)
-        graph = self._graphs.get((bucket, k))
-        if graph is None:
-            graph = self._graphs[(bucket, k)] = self._capture(bucket, k)
-        graph.replay()
+        self._replay(bucket, k)
         return self.tokens[:n, :k].clone()
 
     def _load(self, catch_up: list[list[int]], first: list[int],
               block_tables: list[list[int]], bucket: int) -> None:
-        o, width = self._offsets, self.block_tables.shape[1]
-        host = np.zeros(o[2] + bucket * width, dtype=np.int32)
+        host, (input_ids, first_positions), _ = self._host_inputs(block_tables, bucket)
         n = len(first)
         if n:
-            host[:CATCH_UP * n] = np.asarray(catch_up, dtype=np.int32).reshape(-1)
-            host[o[1]:o[1] + n] = first
-        table = host[o[2]:].reshape(bucket, width)
-        table.fill(self.pad_block)
-        for b, row in enumerate(block_tables):
-            table[b, :len(row)] = row
-        self._flat[:host.size].copy_(to_device(torch.from_numpy(host), self.device))
+            input_ids[:CATCH_UP * n] = np.asarray(catch_up, dtype=np.int32).reshape(-1)
+            first_positions[:n] = first
+        self._upload(host)
 
-    def _run(self, bucket: int, k: int) -> None:
-        greedy_proposal(self.draft, self.caches, self.block_size,
-                        self.input_ids[:CATCH_UP * bucket], self.first[:bucket],
-                        self.block_tables[:bucket], k, self.tokens, self.max_seq_len)
+    def _load_padding(self, bucket: int, k: int) -> None:
+        self._load([], [], [], bucket)
 
-    def _capture(self, bucket: int, k: int) -> torch.cuda.CUDAGraph:
-        return capture_graph(lambda: self._run(bucket, k), self.device, self.pool)[0]
+    def _program(self, bucket: int, k: int) -> Callable[[], None]:
+        return lambda: greedy_proposal(
+            self.model, self.caches, self.block_size, self.input_ids[:CATCH_UP * bucket],
+            self.first[:bucket], self.block_tables[:bucket], k, self.tokens, self.max_seq_len)

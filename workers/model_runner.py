@@ -20,8 +20,8 @@ from specserve.step import (PENDING_TOKEN, ModelRunnerOutput, ScheduledSequence,
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.attention.metadata_builder import (build_attention_metadata,
                                                           padded_block_table, token_positions)
-from specserve.workers.cuda_graphs import GraphedModel, batch_buckets
-from specserve.workers.draft_graphs import CATCH_UP, GreedyProposer, greedy_proposal
+from specserve.workers.cuda_graphs import GraphedModel
+from specserve.workers.draft_graphs import CATCH_UP, GraphedGreedyProposal, greedy_proposal
 from specserve.workers.host_transfer import HostCopy, to_device
 from specserve.workers.models.llama import LlamaForCausalLM
 from specserve.workers.random_draws import (TAG_ACCEPT, TAG_DRAFT, TAG_TARGET, draw_uniforms,
@@ -82,7 +82,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.graphed: dict[int, GraphedModel] = {}  # id(model) -> its captured forwards
-        self.proposer: GreedyProposer | None = None  # the draft's captured greedy proposals
+        self.proposer: GraphedGreedyProposal | None = None  # the draft's captured greedy proposals
         # The last launched step's first sampled token per row, and each
         # sampling request's row: where a PENDING_TOKEN input comes from.
         self._sampled: torch.Tensor | None = None
@@ -104,9 +104,9 @@ class ModelRunner:
             graphed.capture_all()
             self.graphed[id(model)] = graphed
         if self.draft is not None and max_num_speculative_tokens > 0:
-            self.proposer = GreedyProposer(self.draft, self.draft_caches, self.block_size,
-                                           max_blocks_per_seq, pad_block, batch_buckets(max_batch),
-                                           max_num_speculative_tokens, self.device, pool)
+            self.proposer = GraphedGreedyProposal(self.draft, self.draft_caches, self.block_size,
+                                                  max_blocks_per_seq, pad_block, max_batch,
+                                                  max_num_speculative_tokens, self.device, pool)
             self.proposer.capture_all()
         self._compile_eager_shapes(max_blocks_per_seq, pad_block)
 

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from specserve.workers.attention.metadata_builder import padded_block_table
+from specserve.workers import cuda_graphs
 from specserve.workers.cuda_graphs import GraphedModel
+from specserve.workers.draft_graphs import GraphedGreedyProposal
 
 
 def test_a_padded_batch_loads_positions_slots_lengths_and_tables():
@@ -33,9 +35,52 @@ def test_a_padded_batch_loads_positions_slots_lengths_and_tables():
             g.block_tables[:1].tolist()) == ([0], [4 * bs], [1], [[4, pad_block, pad_block]])
 
 
+def test_the_draft_proposal_graphs_load_their_inputs_into_one_padded_buffer():
+    pad_block = 99
+    g = GraphedGreedyProposal(draft=None, caches=[], block_size=4, max_blocks_per_seq=3,
+                              pad_block=pad_block, max_batch=8, max_k=3,
+                              device=torch.device("cpu"), pool=object())
+    assert g.bucket(3) == 4 and g.can_run(8, 3) and not g.can_run(9, 1) and not g.can_run(1, 4)
+    g._load([[11, 12], [21, 22]], [5, 2], [[7, 8], [3]], bucket=4)
+    assert g.input_ids[:8].tolist() == [11, 12, 21, 22, 0, 0, 0, 0]
+    assert g.first[:4].tolist() == [5, 2, 0, 0]
+    assert g.block_tables[:4].tolist() == [[7, 8, pad_block], [3, pad_block, pad_block],
+                                           [pad_block] * 3, [pad_block] * 3]
+
+
 def test_padded_block_table():
     assert padded_block_table([[1, 2], [], [3]]).tolist() == [[1, 2], [0, 0], [3, 0]]
     assert padded_block_table([]).shape == (0, 1)
     out = np.full((3, 4), -5, dtype=np.int32)
     assert padded_block_table([[6]], pad_block=9, out=out) is out
     assert out.tolist() == [[6, 9, 9, 9], [9] * 4, [9] * 4]
+
+
+class _ReplayedGraph:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the
+    captured function again over the static inputs, into the captured output."""
+
+    def __init__(self, fn):
+        self.fn, self.out = fn, fn()
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def test_graphs_are_captured_per_bucket_and_query_length_and_replay_the_loaded_batch(
+        monkeypatch):
+    def capture(fn, device, pool):
+        graph = _ReplayedGraph(fn)
+        return graph, graph.out
+
+    monkeypatch.setattr(cuda_graphs, "capture_graph", capture)
+    # A "model" whose hidden state of a token is (its id, its position, its slot).
+    model = lambda ids, pos, caches, meta: torch.stack(  # noqa: E731
+        [ids, pos.long(), meta.slot_mapping], dim=1)
+    g = GraphedModel(model=model, caches=[], block_size=4, max_blocks_per_seq=2, pad_block=9,
+                     max_batch=3, max_query_len=2, device=torch.device("cpu"), pool=object())
+    g.capture_all()
+    assert sorted(g._graphs) == [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)]
+    hidden = g.forward(torch.tensor([5, 6, 7, 8]), [1, 4], 2, [[2], [3, 4]])
+    assert hidden.tolist() == [[5, 1, 9], [6, 2, 10], [7, 4, 16], [8, 5, 17]]
+    assert g.forward(torch.tensor([3]), [0], 1, [[1]]).tolist() == [[3, 0, 4]]
