@@ -50,6 +50,9 @@ class _Batch:
     seeded: _Rows | None
     uniforms: torch.Tensor | None  # [plain rows, K+1, NUM_TAGS]
     keys: torch.Tensor | None  # [seeded rows, K+1] keys of their Gumbel noise
+    # The rows' sampling settings, one row per sequence, built once per step
+    # (the draft's steps; repeated for the target's K+1); None when greedy.
+    params: SamplingTensors | None
     prompt_mask: torch.Tensor | None  # [S, V] for penalties
     output_counts: torch.Tensor | None  # [S, V] before this step's tokens
 
@@ -189,9 +192,11 @@ class ModelRunner:
         keys = keyed_positions([chosen[r].sampling_params.seed for r in seeded],
                                [chosen[r].num_output_tokens for r in seeded],
                                K + 1, self.device) if seeded else None
+        params = None if greedy else SamplingTensors.from_params(
+            [s.sampling_params for s in chosen], [1] * len(chosen), self.device)
         mask, counts = self._penalty_history(chosen)
         return _Batch(index, chosen, ks, K, greedy, self._rows(plain, len(chosen)),
-                      self._rows(seeded, len(chosen)), uniforms, keys, mask, counts)
+                      self._rows(seeded, len(chosen)), uniforms, keys, params, mask, counts)
 
     def _rows(self, rows: list[int], total: int) -> _Rows | None:
         if not rows:
@@ -233,8 +238,7 @@ class ModelRunner:
             starts=[s.num_draft_computed_tokens for s in feeding])
         if K == 0:
             return tokens, probs
-        params = None if batch.greedy else SamplingTensors.from_params(
-            [s.sampling_params for s in batch.seqs], [1] * S, self.device)
+        params = batch.params
         # Row of each proposing sequence's last catch-up token in `hidden`.
         ends, offset = {}, 0
         for s in feeding:
@@ -380,8 +384,7 @@ class ModelRunner:
         if batch.greedy:
             return greedy_verify(draft_tokens, ks, target_logits.argmax(dim=-1))
         S, K1, V = target_logits.shape
-        params = SamplingTensors.from_params([s.sampling_params for s in batch.seqs],
-                                             [K1] * S, self.device)
+        params = batch.params.repeat_rows(K1)
         logits = self._penalise(target_logits.reshape(S * K1, V), params, batch,
                                 _draft_prefixes(draft_tokens, K1))
         target_probs = logits_to_probs(logits, params).view(S, K1, V)

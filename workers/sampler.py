@@ -3,7 +3,9 @@ and Gumbel-max draws and log-probabilities.
 
 One row per scored position. The model runner gathers the logits of every
 position it samples at (a plain decode position, or the k+1 positions of a
-verified speculation), builds one `SamplingTensors` for them, and calls:
+verified speculation), builds one `SamplingTensors` per step (a row per
+sequence for the draft, `repeat_rows` for the target's k+1 positions), and
+calls:
 
     logits = apply_penalties(logits, prompt_mask, output_counts, t)   # if t.any_penalties
     probs = logits_to_probs(logits, t)
@@ -27,7 +29,7 @@ computed on the host from the sampling parameters when the tensors are built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,6 +65,24 @@ class SamplingTensors:
     @property
     def num_rows(self) -> int:
         return self.temperature.shape[0]
+
+    def repeat_rows(self, n: int) -> "SamplingTensors":
+        """Each row ``n`` times in a row (one sequence's k+1 verified
+        positions), by views and copies on the device: no new host transfer,
+        so a step builds its settings once for the draft and the target."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if n == 1:
+            return self
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            return t.unsqueeze(1).expand(-1, n).reshape(-1)
+
+        return replace(self, temperature=rep(self.temperature), top_k=rep(self.top_k),
+                       top_p=rep(self.top_p), min_p=rep(self.min_p),
+                       repetition_penalty=rep(self.repetition_penalty),
+                       presence_penalty=rep(self.presence_penalty),
+                       frequency_penalty=rep(self.frequency_penalty))
 
     @classmethod
     def from_params(

@@ -108,6 +108,28 @@ def test_from_params_row_expansion_and_flags():
     assert empty.num_rows == 0 and empty.all_greedy
 
 
+def test_repeating_rows_on_the_device_equals_building_the_repeated_rows():
+    """A step builds one row per sequence (the draft's steps) and repeats
+    them for the target's k+1 positions: the same tensors and flags as
+    building k+1 rows per sequence from the parameters."""
+    params = [
+        SamplingParams(temperature=0.0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
+        SamplingParams(temperature=1.2, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.2),
+    ]
+    once = SamplingTensors.from_params(params, [1] * 3, "cpu")
+    assert once.repeat_rows(1) is once
+    with pytest.raises(ValueError):
+        once.repeat_rows(0)
+    repeated, built = once.repeat_rows(4), SamplingTensors.from_params(params, [4] * 3, "cpu")
+    for name in SamplingTensors.__dataclass_fields__:
+        a, b = getattr(repeated, name), getattr(built, name)
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        else:
+            assert a == b, name
+
+
 # ---------------------------------------------------------------- logits_to_probs
 
 
