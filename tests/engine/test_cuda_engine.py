@@ -25,7 +25,7 @@ def _run(pair, k, **kw):
               dtype="float32", device="cuda", num_kv_blocks=512, **kw)
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     out = [o.token_ids for o in llm.generate(PROMPTS, params)]
-    graphed = bool(llm.engine.executor.worker.runner.graphed)
+    graphed = llm.engine.executor.worker.runner.target_forward.graphed is not None
     llm.shutdown()
     return out, graphed
 

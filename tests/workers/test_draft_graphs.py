@@ -1,6 +1,6 @@
 """The draft's one-program greedy proposal (workers/draft_graphs.py): it
-proposes what the step-by-step draft loop proposes, and it is the path that
-greedy decode steps take."""
+proposes what the step-by-step draft loop (workers/draft_proposer.py)
+proposes, and it is the path that greedy decode steps take."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-import specserve.workers.model_runner as model_runner
+import specserve.workers.draft_proposer as draft_proposer
 from specserve import LLM, SamplingParams
 from tests.pair_factory import make_pair
 from specserve.workers import draft_graphs
@@ -36,12 +36,12 @@ def test_one_program_proposals_equal_the_step_by_step_loop(monkeypatch):
     were the same (the embedded pair accepts often, so they are tested)."""
     calls = []
     real = draft_graphs.greedy_proposal
-    monkeypatch.setattr(model_runner, "greedy_proposal",
+    monkeypatch.setattr(draft_proposer, "greedy_proposal",
                         lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
     fused = _generate(None, None)
     assert len(calls) >= 8 and calls.count(4) >= 6  # all but the last few steps
     # No batch qualifies: the old loop.
-    monkeypatch.setattr(model_runner, "_proposes_in_one_program", lambda seqs, batch: False)
+    monkeypatch.setattr(draft_proposer, "_proposes_in_one_program", lambda seqs, batch: False)
     calls.clear()
     loop = _generate(None, None)
     assert not calls
@@ -55,12 +55,12 @@ def test_a_draft_behind_by_skipped_steps_still_proposes_in_one_program(monkeypat
     proposes what the step-by-step loop proposes."""
     calls = []
     real = draft_graphs.greedy_proposal
-    monkeypatch.setattr(model_runner, "greedy_proposal",
+    monkeypatch.setattr(draft_proposer, "greedy_proposal",
                         lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
     caps = [4, 0, 0, 3, 0, 2]
     fused = _generate(None, None, k_caps=caps)
     assert calls.count(3) >= 2 and calls.count(2) >= 2  # steps right after k = 0 steps
-    monkeypatch.setattr(model_runner, "_proposes_in_one_program", lambda seqs, batch: False)
+    monkeypatch.setattr(draft_proposer, "_proposes_in_one_program", lambda seqs, batch: False)
     calls.clear()
     loop = _generate(None, None, k_caps=caps)
     assert not calls
