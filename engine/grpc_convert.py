@@ -129,7 +129,8 @@ def output_to_response(out: RequestOutput) -> "pb.GenerateResponse":
     return resp
 
 
-def model_info_to_proto(info: dict, data_parallel_size: int = 1) -> "pb.ModelInfo":
+def model_info_to_proto(info: dict, data_parallel_size: int = 1, tensor_parallel_size: int = 1,
+                        draft_tensor_parallel_size: int = 1) -> "pb.ModelInfo":
     return pb.ModelInfo(
         target=str(info.get("target") or ""),
         draft=str(info.get("draft") or ""),
@@ -139,4 +140,6 @@ def model_info_to_proto(info: dict, data_parallel_size: int = 1) -> "pb.ModelInf
         block_size=int(info.get("block_size") or 0),
         data_parallel_size=data_parallel_size,
         eos_token_ids=[int(t) for t in info.get("eos_token_ids") or ()],
+        tensor_parallel_size=tensor_parallel_size,
+        draft_tensor_parallel_size=draft_tensor_parallel_size,
     )

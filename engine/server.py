@@ -110,7 +110,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             info = srv.engine.model_info()
         except EngineUnavailableError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, srv.unavailable_reason())
-        return model_info_to_proto(info, len(srv.engine.replicas))
+        pc = srv.config.parallel_config
+        return model_info_to_proto(info, len(srv.engine.replicas), pc.tensor_parallel_size,
+                                   pc.draft_tensor_parallel_size)
 
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

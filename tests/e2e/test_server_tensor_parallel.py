@@ -58,7 +58,9 @@ def test_two_replicas_of_two_ranks(ray_cluster, pair):
     config = EngineConfig.from_kwargs(model=target, draft_model=draft, **OPTIONS)
     with BackgroundServer(config, port=0) as srv, grpc.insecure_channel(srv.address) as ch:
         stub = pb_grpc.GenerationStub(ch)
-        assert stub.GetModelInfo(pb.GetModelInfoRequest()).data_parallel_size == 2
+        info = stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert (info.data_parallel_size, info.tensor_parallel_size,
+                info.draft_tensor_parallel_size) == (2, 2, 1)
         replicas = srv.server.engine.replicas
         assert [len(r.engine.executor.workers) for r in replicas] == [2, 2]
         results = [None] * len(prompts)

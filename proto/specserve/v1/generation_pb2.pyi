@@ -123,7 +123,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("target", "draft", "max_model_len", "vocab_size", "num_speculative_tokens", "block_size", "data_parallel_size", "eos_token_ids")
+    __slots__ = ("target", "draft", "max_model_len", "vocab_size", "num_speculative_tokens", "block_size", "data_parallel_size", "eos_token_ids", "tensor_parallel_size", "draft_tensor_parallel_size")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class ModelInfo(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     target: str
     draft: str
     max_model_len: int
@@ -140,7 +142,9 @@ class ModelInfo(_message.Message):
     block_size: int
     data_parallel_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, target: _Optional[str] = ..., draft: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    tensor_parallel_size: int
+    draft_tensor_parallel_size: int
+    def __init__(self, target: _Optional[str] = ..., draft: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_speculative_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tensor_parallel_size: _Optional[int] = ..., draft_tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text",)
