@@ -19,7 +19,6 @@ import sys
 import time
 import types
 from dataclasses import MISSING, Field, fields
-from pathlib import Path
 from typing import Any
 
 from specserve import __version__
@@ -27,7 +26,6 @@ from specserve import config as config_module
 from specserve.config import EngineConfig
 from specserve.sampling_params import SamplingParams
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / "default_models"
 DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grpc here
 DEFAULT_PORT = 50051
 DEFAULT_WAIT_READY = 60.0
@@ -276,22 +274,14 @@ def wait_until_serving(channel: Any, seconds: float, address: str) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig the flags describe, with the embedded default pair when
     no --model is given. Raises SystemExit with a message when there is none."""
-    kwargs = _given(args, engine_fields())
-    if kwargs.get("model") is None:
-        target, draft = DEFAULT_MODELS_DIR / "target", DEFAULT_MODELS_DIR / "draft"
-        if not (target / "config.json").is_file():
-            raise SystemExit(
-                "specserve serve: no model to serve. Pass --model DIR (a Hugging Face model "
-                "directory), and for speculative decoding --draft-model DIR "
-                "--num-speculative-tokens K. (No embedded default pair was found at "
-                f"{DEFAULT_MODELS_DIR}.)")
-        kwargs["model"] = str(target)
-        if kwargs.get("draft_model") is None and (draft / "config.json").is_file():
-            kwargs["draft_model"] = str(draft)
+    from specserve.engine.llm_engine import resolve_default_models  # noqa: PLC0415 (torch)
+
     try:
-        return EngineConfig.from_kwargs(**kwargs)
+        config = EngineConfig.from_kwargs(**_given(args, engine_fields()))
+        resolve_default_models(config)
     except ValueError as exc:
         raise SystemExit(f"specserve serve: {exc}") from None
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -9,8 +9,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from transformers import AutoConfig
-
 from specserve.config import EngineConfig
 from specserve.engine.eos import eos_token_ids
 from specserve.engine.outputs import RequestOutput
@@ -23,6 +21,7 @@ from specserve.step import ModelRunnerOutput, SchedulerOutput
 from specserve.scheduler.scheduler import Scheduler, SchedulerLimits, SequenceUpdate
 from specserve.scheduler.sequence import FinishReason, Sequence
 from specserve.workers.executor import Executor
+from specserve.workers.models.loader import load_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +57,18 @@ class EngineStats:
 
 
 def resolve_default_models(config: EngineConfig) -> None:
-    """With no model given, serve the embedded default pair if it is present."""
+    """With no model given, serve the embedded default pair if it is present
+    (the draft too, unless one is given). The one place the default pair is
+    looked up: the engine and the CLI's ``serve`` both call it."""
     mc, sc = config.model_config, config.speculative_config
     if mc.model is not None:
         return
     target = os.path.join(DEFAULT_MODELS_DIR, "target")
     if not os.path.isfile(os.path.join(target, "config.json")):
         raise ValueError("no model given and no embedded default pair found at "
-                         f"{DEFAULT_MODELS_DIR}; pass model=<HF model directory> "
-                         "(and draft_model=<directory> for speculative decoding)")
+                         f"{DEFAULT_MODELS_DIR}: pass the target's Hugging Face model directory "
+                         "(model=DIR, --model DIR) and, for speculative decoding, the draft's "
+                         "(draft_model=DIR, --draft-model DIR)")
     mc.model = target
     draft = os.path.join(DEFAULT_MODELS_DIR, "draft")
     if sc.draft_model is None and os.path.isfile(os.path.join(draft, "config.json")):
@@ -88,7 +90,10 @@ class LLMEngine:
         resolve_default_models(config)
         self.config = config
         mc, sc = config.model_config, config.speculative_config
-        hf_config = _load_hf_config(mc.model)
+        try:
+            hf_config = load_hf_config(mc.model)
+        except FileNotFoundError as exc:  # a bad argument, as every other one is
+            raise ValueError(f"{exc}; model must be a Hugging Face model directory") from None
         self.vocab_size = hf_config.vocab_size
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.tokenizer = Tokenizer(mc.tokenizer or mc.model)
@@ -343,9 +348,3 @@ class LLMEngine:
                              f"{self.num_speculative_tokens} (it can only be lowered per request)")
         return requested
 
-
-def _load_hf_config(model_dir: str):
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"{os.path.join(model_dir, 'config.json')}: not found; "
-                         "model must be a Hugging Face model directory")
-    return AutoConfig.from_pretrained(model_dir)

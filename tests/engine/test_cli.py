@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import pytest
 
-from specserve.engine import cli
+from specserve.engine import cli, llm_engine
 from specserve.config import EngineConfig
 from specserve.sampling_params import SamplingParams
 from specserve.engine.server import BackgroundServer
@@ -71,7 +71,7 @@ def test_bad_values_are_refused():
 
 
 def test_no_model_and_no_default_pair_says_what_to_pass(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "DEFAULT_MODELS_DIR", tmp_path / "default_models")
+    monkeypatch.setattr(llm_engine, "DEFAULT_MODELS_DIR", tmp_path / "default_models")
     with pytest.raises(SystemExit) as exc:
         cli.engine_config_from_args(_serve_args())
     assert "--model" in str(exc.value.code) and "--draft-model" in str(exc.value.code)
@@ -81,7 +81,7 @@ def test_no_model_uses_the_embedded_default_pair(tmp_path, monkeypatch):
     for name in ("target", "draft"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
-    monkeypatch.setattr(cli, "DEFAULT_MODELS_DIR", tmp_path)
+    monkeypatch.setattr(llm_engine, "DEFAULT_MODELS_DIR", tmp_path)
     config = cli.engine_config_from_args(_serve_args())
     assert config.model_config.model == str(tmp_path / "target")
     assert config.speculative_config.draft_model == str(tmp_path / "draft")

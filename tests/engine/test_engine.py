@@ -200,6 +200,14 @@ def test_duplicate_request_id_raises(llm):
     assert_no_blocks_used(engine)
 
 
+def test_a_model_directory_without_a_config_is_a_bad_argument(tmp_path):
+    with pytest.raises(ValueError, match="nowhere"):
+        LLM(model=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(model=str(tmp_path / "empty"))
+
+
 def test_penalties_change_the_output_and_stay_lossless(llm):
     """Penalties apply to draft and target alike, so greedy speculative output
     still equals greedy target-only output under the same penalties."""
