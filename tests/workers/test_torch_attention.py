@@ -115,6 +115,13 @@ def test_backend_selection():
         get_attention_backend("cpu", name="nope")
 
 
+def test_every_preferred_backend_is_registered():
+    from specserve.workers.attention import backend
+
+    for names in [*backend._PREFERENCE.values(), backend._DEFAULT_PREFERENCE]:
+        assert set(names) <= set(backend._REGISTRY), names
+
+
 def test_metadata_builder_slots_and_positions():
     meta = build_attention_metadata([3, 1, 2], [3, 6, 5], [[7], [2, 9], [4, 5]], 4, "cpu")
     assert meta.query_start_loc_cpu == [0, 3, 4, 6]

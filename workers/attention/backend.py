@@ -53,8 +53,8 @@ class AttentionBackend(ABC):
 
 
 # name -> (module path, class name, available on this device?). Modules are
-# imported only when chosen, so an optional dependency (Triton, xFormers) is
-# never needed unless its backend is picked.
+# imported only when chosen, so an optional dependency (Triton) is never
+# needed unless its backend is picked.
 _REGISTRY: dict[str, tuple[str, str, Callable[[torch.device], bool]]] = {
     "torch": ("specserve.workers.attention.torch_ref", "TorchReferenceBackend",
               lambda device: True),
@@ -63,9 +63,9 @@ _REGISTRY: dict[str, tuple[str, str, Callable[[torch.device], bool]]] = {
                and importlib.util.find_spec("triton") is not None),
 }
 
-# Preference order per device type; names not in the registry are skipped.
+# Preference order per device type: the first available one is chosen.
 _PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "xformers", "torch"),
+    "cuda": ("triton", "torch"),
 }
 _DEFAULT_PREFERENCE = ("torch",)
 
@@ -84,9 +84,7 @@ def get_attention_backend(device: torch.device | str,
     else:
         candidates = _PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)
     for candidate in candidates:
-        entry = _REGISTRY.get(candidate)
-        if entry is None or not entry[2](device):
-            continue
-        module_path, class_name, _ = entry
-        return getattr(importlib.import_module(module_path), class_name)()
+        module_path, class_name, available = _REGISTRY[candidate]
+        if available(device):
+            return getattr(importlib.import_module(module_path), class_name)()
     raise ValueError(f"no attention backend available on {device}")
