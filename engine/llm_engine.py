@@ -21,6 +21,7 @@ from specserve.step import ModelRunnerOutput, SchedulerOutput
 from specserve.scheduler.scheduler import Scheduler, SchedulerLimits, SequenceUpdate
 from specserve.scheduler.sequence import FinishReason, Sequence
 from specserve.workers.executor import Executor
+from specserve.workers.kv_cache import max_model_len
 from specserve.workers.models.loader import load_hf_config
 
 logger = logging.getLogger(__name__)
@@ -95,20 +96,18 @@ class LLMEngine:
         except FileNotFoundError as exc:  # a bad argument, as every other one is
             raise ValueError(f"{exc}; model must be a Hugging Face model directory") from None
         self.vocab_size = hf_config.vocab_size
-        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
         self.tokenizer = Tokenizer(mc.tokenizer or mc.model)
         self.eos_token_ids = eos_token_ids(mc.model, hf_config, self.tokenizer.eos_token_id)
         self.num_speculative_tokens = sc.num_speculative_tokens if sc.draft_model else 0
         self.executor = executor or make_executor(config)
-        block_size = config.cache_config.block_size
-        num_blocks = self.executor.num_kv_blocks
-        # A lone sequence must always fit in the cache, or it could never finish.
-        self.max_model_len = min(mc.max_model_len or limit, limit, num_blocks * block_size)
+        self.max_model_len = max_model_len(hf_config, mc.max_model_len,
+                                           self.executor.num_kv_blocks,
+                                           config.cache_config.block_size)
         self.scheduler = Scheduler(
             SchedulerLimits(config.scheduler_config.max_num_seqs,
                             config.scheduler_config.max_num_batched_tokens,
                             self.max_model_len, config.scheduler_config.kv_reserve),
-            BlockAllocator(num_blocks, block_size),
+            BlockAllocator(self.executor.num_kv_blocks, config.cache_config.block_size),
         )
         self.requests: dict[str, Request] = {}
         self.adaptive = (AdaptiveSpeculation(self.num_speculative_tokens)

@@ -39,6 +39,14 @@ class ModelShape:
                    head_dim=head_dim_of(hf_config))
 
 
+def max_model_len(hf_config: Any, requested: int | None, num_blocks: int, block_size: int) -> int:
+    """The context length served: the one asked for, at most the model's
+    ``max_position_embeddings`` (2048 where it names none), and at most the
+    whole cache, since a lone sequence must always fit or it could never finish."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    return min(requested or limit, limit, num_blocks * block_size)
+
+
 def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int,
                              head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one block takes across all layers, keys and values."""

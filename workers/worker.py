@@ -18,7 +18,8 @@ import torch
 
 from specserve.config import EngineConfig
 from specserve.step import ModelRunnerOutput, SchedulerOutput
-from specserve.workers.kv_cache import ModelShape, allocate_kv_caches, kv_cache_bytes_per_block
+from specserve.workers.kv_cache import (ModelShape, allocate_kv_caches, kv_cache_bytes_per_block,
+                                        max_model_len)
 from specserve.workers.model_runner import ModelRunner
 from specserve.workers.models.loader import load_hf_config, load_model, resolve_dtype
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
@@ -82,8 +83,7 @@ class Worker:
         self.runner = ModelRunner(target, caches[0], draft, caches[1] if draft else None,
                                   cc.block_size, target_cfg.vocab_size, self.device, mc.seed)
         if graphs:
-            max_len = mc.max_model_len or getattr(target_cfg, "max_position_embeddings", 2048)
-            max_len = min(max_len, num_blocks * cc.block_size)
+            max_len = max_model_len(target_cfg, mc.max_model_len, num_blocks, cc.block_size)
             self.runner.enable_cuda_graphs(
                 max_batch=self.config.scheduler_config.max_num_seqs,
                 max_blocks_per_seq=-(-max_len // cc.block_size), pad_block=num_blocks,
