@@ -26,6 +26,7 @@ from specserve.workers.random_draws import TAG_ACCEPT, TAG_TARGET, keyed_gumbel_
 from specserve.workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
 from specserve.workers.sampler import compute_logprobs, logits_to_probs
 from specserve.workers.sampling_batch import Rows, SamplingBatch, merge_rows
+from specserve.workers.synthetic_acceptance import coin_keys, synthetic_verify
 
 
 @dataclass
@@ -58,6 +59,9 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.target_forward = PagedForward(target, target_caches, block_size, device)
+        # BENCHMARK ONLY (workers/synthetic_acceptance.py): accept each proposal with
+        # this probability instead of verifying it. No configuration reaches it.
+        self.synthetic_acceptance: float | None = None
         self.proposer = (DraftProposer(draft, draft_caches, block_size, vocab_size, device)
                          if draft is not None else None)
         # The last launched step's first sampled token per row, and each
@@ -203,6 +207,10 @@ class ModelRunner:
         rows, Gumbel-coupled verification for seeded rows."""
         # Plain decoding (K = 0) needs no proposal counts: no copy for them.
         ks = to_device(batch.ks, self.device) if batch.K else None
+        if self.synthetic_acceptance is not None:  # a benchmark's coin, never a server's
+            return synthetic_verify(draft_tokens, ks, target_logits.argmax(dim=-1),
+                                    coin_keys(batch.seqs, batch.K + 1, self.device),
+                                    self.synthetic_acceptance)
         if batch.greedy:
             return greedy_verify(draft_tokens, ks, target_logits.argmax(dim=-1))
         S, K1, V = target_logits.shape
