@@ -13,7 +13,10 @@ For each batch size: target-only tokens/s, then tokens/s at every (alpha, k)
 and the speedup. The check against the step costs: alpha = 0 gives each k's
 step time (one token per step); the projection for alpha is
 (1 - alpha^(k+1)) / (1 - alpha) tokens per step at that step time, and the
-table shows how far the synthetic run is from it.
+table shows how far the synthetic run is from it. The JSON rows split a miss
+into the step rate against alpha = 0's and the tokens per step and sequence
+against the expected count (a batch whose requests finish at different steps
+runs its last steps with fewer sequences).
 """
 
 from __future__ import annotations
@@ -70,11 +73,16 @@ def run_batch(target: str, draft: str, batch: int, alphas: list[float], ks: list
             if alpha == 0:
                 step_rate[k] = sps
             row = {"batch": batch, "alpha": alpha, "k": k, "tokens_per_s": tps,
-                   "target_only_tokens_per_s": base, "speedup": tps / base}
+                   "target_only_tokens_per_s": base, "speedup": tps / base,
+                   "tokens_per_step_per_seq": tps / sps / batch,
+                   "expected_tokens_per_step": expected_tokens_per_step(alpha, k)}
             if k in step_rate:  # projection from alpha = 0's step time at this k
                 projected = batch * expected_tokens_per_step(alpha, k) * step_rate[k]
                 row["projected_tokens_per_s"] = projected
                 row["synthetic_over_projection"] = tps / projected
+                # Which half of the projection misses: the step's cost (its rate
+                # against alpha = 0's) or the tokens a step yields per sequence.
+                row["step_rate_over_alpha0"] = sps / step_rate[k]
             rows.append(row)
             print(json.dumps(row), flush=True)
     runner.synthetic_acceptance = None
