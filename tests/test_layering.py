@@ -105,6 +105,11 @@ def test_the_wheel_holds_only_the_specserve_package(tmp_path: Path):
                  "specserve/step.py", "specserve/engine/default_models/target/config.json",
                  "specserve/engine/default_models/draft/model.safetensors"):
         assert must in names, must
+    # Every source module is in it (a subpackage left out of pyproject.toml is not).
+    for layer in ("engine", "scheduler", "workers"):
+        for source in (ROOT / layer).rglob("*.py"):
+            rel = source.relative_to(ROOT).as_posix()
+            assert f"specserve/{rel}" in names, f"{rel} is not in the wheel"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "specserve = specserve.engine.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
