@@ -101,7 +101,7 @@ class RayWorker:
         """Where the replica's ranks meet to form their process group (rank 0's node)."""
         from specserve.workers.parallel.distributed import free_address  # noqa: PLC0415
 
-        return free_address()
+        return free_address(ray.util.get_node_ip_address())
 
     def join(self, address: str) -> None:
         """Join the replica's tensor-parallel groups (every rank at once)."""

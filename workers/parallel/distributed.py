@@ -12,9 +12,10 @@ import torch.distributed as dist
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
 
 
-def free_address() -> str:
-    """A ``tcp://host:port`` on this machine for the ranks to meet at."""
-    host = socket.gethostbyname(socket.gethostname())
+def free_address(host: str | None = None) -> str:
+    """A ``tcp://host:port`` on this machine for the ranks to meet at; ``host``
+    is the address the other ranks reach it by (under Ray, the node's IP)."""
+    host = host or socket.gethostbyname(socket.gethostname())
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
