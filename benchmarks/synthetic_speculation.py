@@ -54,11 +54,34 @@ def rate(llm: LLM, prompts, params, k: int) -> tuple[float, float]:
     return sum(len(o.token_ids) for o in outs) / secs, steps / secs
 
 
+def _engine(target: str, draft: str, batch: int, k: int, device: str, adaptive: bool) -> LLM:
+    return LLM(model=target, draft_model=draft, load_format="dummy",
+               dtype="bfloat16" if device == "cuda" else "float32", device=device,
+               num_speculative_tokens=k, adaptive_speculation=adaptive,
+               max_num_seqs=max(batch, 1), num_kv_blocks=4096)
+
+
+def run_adaptive(target: str, draft: str, batch: int, alphas: list[float], max_k: int,
+                 max_tokens: int, device: str) -> dict[float, float]:
+    """Tokens/s of adaptive k (up to ``max_k``) at each alpha: the controller
+    learns each alpha's acceptance afresh (a new engine per alpha)."""
+    prompts = None
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    result = {}
+    for alpha in sorted(alphas):
+        llm = _engine(target, draft, batch, max_k, device, adaptive=True)
+        llm.engine.executor.worker.runner.synthetic_acceptance = alpha
+        prompts = prompts or random_prompts(batch, 128, llm.engine.vocab_size, seed=batch)
+        for _ in range(2):  # warm-up: the controller's costs and acceptance
+            rate(llm, prompts, params, None)
+        result[alpha] = max(rate(llm, prompts, params, None) for _ in range(2))[0]
+        llm.shutdown()
+    return result
+
+
 def run_batch(target: str, draft: str, batch: int, alphas: list[float], ks: list[int],
-              max_tokens: int, device: str) -> list[dict]:
-    llm = LLM(model=target, draft_model=draft, load_format="dummy",
-              dtype="bfloat16" if device == "cuda" else "float32", device=device,
-              num_speculative_tokens=max(ks), max_num_seqs=max(batch, 1), num_kv_blocks=4096)
+              max_tokens: int, device: str, adaptive: bool = False) -> list[dict]:
+    llm = _engine(target, draft, batch, max(ks), device, adaptive=False)
     runner = llm.engine.executor.worker.runner
     prompts = random_prompts(batch, 128, llm.engine.vocab_size, seed=batch)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -87,6 +110,16 @@ def run_batch(target: str, draft: str, batch: int, alphas: list[float], ks: list
             print(json.dumps(row), flush=True)
     runner.synthetic_acceptance = None
     llm.shutdown()
+    if adaptive:  # against the best fixed k at each alpha
+        for alpha, tps in run_adaptive(target, draft, batch, alphas, max(ks), max_tokens,
+                                       device).items():
+            best = max((r for r in rows if r["alpha"] == alpha), key=lambda r: r["tokens_per_s"])
+            rows.append({"batch": batch, "alpha": alpha, "k": "adaptive", "tokens_per_s": tps,
+                         "target_only_tokens_per_s": best["target_only_tokens_per_s"],
+                         "speedup": tps / best["target_only_tokens_per_s"],
+                         "best_fixed_k": best["k"],
+                         "over_best_fixed_k": tps / best["tokens_per_s"]})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -95,17 +128,23 @@ def print_table(rows: list[dict], device: str, shapes: str) -> None:
           "speedup over target-only (synthetic / projection) ==")
     for batch in sorted({r["batch"] for r in rows}):
         sub = [r for r in rows if r["batch"] == batch]
-        ks = sorted({r["k"] for r in sub})
+        ks = sorted({r["k"] for r in sub if r["k"] != "adaptive"})
+        adaptive = {r["alpha"]: r for r in sub if r["k"] == "adaptive"}
         base = sub[0]["target_only_tokens_per_s"]
         print(f"batch {batch}: target-only {base:.1f} tok/s")
-        print("alpha " + "".join(f"{'k=' + str(k):>15}" for k in ks))
+        head = "".join(f"{'k=' + str(k):>15}" for k in ks)
+        print("alpha " + head + (f"{'adaptive (/best k)':>22}" if adaptive else ""))
         for alpha in sorted({r["alpha"] for r in sub}):
             cells = []
             for k in ks:
                 r = next(x for x in sub if x["alpha"] == alpha and x["k"] == k)
                 ratio = r.get("synthetic_over_projection")
                 cells.append(f"{r['speedup']:.2f}x ({ratio:.2f})" if ratio else f"{r['speedup']:.2f}x")
-            print(f"{alpha:<6}" + "".join(f"{c:>15}" for c in cells))
+            line = f"{alpha:<6}" + "".join(f"{c:>15}" for c in cells)
+            if alpha in adaptive:
+                a = adaptive[alpha]
+                line += f"{a['speedup']:.2f}x ({a['over_best_fixed_k']:.2f})".rjust(22)
+            print(line)
 
 
 def main() -> None:
@@ -115,6 +154,9 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--batch-sizes", default="1,4,16,64")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--adaptive", action="store_true",
+                    help="also adaptive k (up to the largest k) at each alpha, against the "
+                         "best fixed k")
     ap.add_argument("--shapes", default="llama-2-7b,tinyllama-1.1b",
                     help="target and draft configs under benchmarks/configs")
     args = ap.parse_args()
@@ -127,7 +169,8 @@ def main() -> None:
     ks = [int(k) for k in args.ks.split(",")]
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        rows += run_batch(target, draft, batch, alphas, ks, args.max_tokens, device)
+        rows += run_batch(target, draft, batch, alphas, ks, args.max_tokens, device,
+                          args.adaptive)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "synthetic_speculation.json"), "w") as f:
             json.dump(rows, f, indent=1)

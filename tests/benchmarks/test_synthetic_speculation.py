@@ -18,3 +18,14 @@ def test_the_table(capsys):
     print_table(rows, "GPU", "a + b")
     out = capsys.readouterr().out
     assert "4.20x (0.98)" in out and "target-only 100.0 tok/s" in out
+
+
+def test_the_table_with_adaptive_k(capsys):
+    rows = [{"batch": 4, "alpha": 0.8, "k": 2, "tokens_per_s": 150.0,
+             "target_only_tokens_per_s": 100.0, "speedup": 1.5, "synthetic_over_projection": 1.0},
+            {"batch": 4, "alpha": 0.8, "k": "adaptive", "tokens_per_s": 144.0,
+             "target_only_tokens_per_s": 100.0, "speedup": 1.44, "best_fixed_k": 2,
+             "over_best_fixed_k": 0.96}]
+    print_table(rows, "GPU", "a + b")
+    out = capsys.readouterr().out
+    assert "adaptive (/best k)" in out and "1.44x (0.96)" in out
