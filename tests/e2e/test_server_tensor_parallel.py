@@ -19,6 +19,7 @@ from specserve.engine.server import BackgroundServer  # noqa: E402
 from specserve.sampling_params import SamplingParams  # noqa: E402
 from tests.e2e.test_server_e2e import collect, gen_request, wait_until  # noqa: E402
 from tests.pair_factory import make_pair  # noqa: E402
+from tests.ray_cluster import own_local_ray  # noqa: E402
 
 OPTIONS = dict(num_speculative_tokens=3, num_kv_blocks=128, max_num_seqs=16, dtype="float32",
                device="cpu", executor="ray", data_parallel_size=2, tensor_parallel_size=2)
@@ -26,12 +27,7 @@ OPTIONS = dict(num_speculative_tokens=3, num_kv_blocks=128, max_num_seqs=16, dty
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             namespace="specserve-test", logging_level="WARNING")
-    yield
-    ray.shutdown()
+    yield from own_local_ray(4)
 
 
 @pytest.fixture(autouse=True)

@@ -24,14 +24,7 @@ PARAMS = {
 COMMON = dict(dtype="float32", block_size=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the machine's cores are shared, and spinning
-    threads of an oversubscribed pool only slow every test down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded(seed: int, kind: str = "top_k", n: int = 40) -> SamplingParams:

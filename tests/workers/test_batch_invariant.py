@@ -26,15 +26,7 @@ from tests.subprocess_env import ROOT, child_env
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, but where ``two_threads`` asks for two: the
-    machine's cores are shared, and an oversubscribed pool's spinning
-    threads slow every test down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

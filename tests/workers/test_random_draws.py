@@ -23,14 +23,7 @@ V = 8
 SEEDS, POSITIONS = 400, 500  # 200,000 keyed draws
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the machine's cores are shared, and spinning
-    threads of an oversubscribed pool only slow every test down."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _chi2_ratio(observed: torch.Tensor, probs: torch.Tensor) -> float:

@@ -21,6 +21,7 @@ from tests.model_factory import make_checkpoint  # noqa: E402
 from tests.pair_factory import make_pair, make_tokenizer  # noqa: E402
 from tests.reference.test_reference_hf import MAX_TOKENS, _hf_greedy, _noisy_copy  # noqa: E402
 from tests.reference.test_reference_hf import PROMPTS as HF_PROMPTS  # noqa: E402
+from tests.ray_cluster import own_local_ray  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):"]
 ENGINE_ARGS = dict(num_speculative_tokens=3, device="cpu", num_kv_blocks=64, dtype="float32")
@@ -29,12 +30,7 @@ GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    if ray.is_initialized():
-        ray.shutdown()  # an earlier module's Ray may hold its CPUs: start one of our own
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             namespace="specserve-test", logging_level="WARNING")
-    yield
-    ray.shutdown()
+    yield from own_local_ray(2)
 
 
 @pytest.fixture(scope="module")

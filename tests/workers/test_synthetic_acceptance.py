@@ -15,12 +15,7 @@ from specserve.workers.synthetic_acceptance import coin_keys, synthetic_verify
 from tests.pair_factory import make_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _seqs(n: int, first_position: int = 0) -> list[ScheduledSequence]:
