@@ -48,5 +48,8 @@ def join_tensor_parallel(rank: int, size: int, draft_size: int, address: str,
 
 
 def leave_tensor_parallel() -> None:
+    """Every rank must call it: the barrier keeps a rank from closing its
+    connections while another still reads from them (gloo aborts the reader)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
