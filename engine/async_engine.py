@@ -62,6 +62,8 @@ class EngineStatsSnapshot:
     draft_tokens_proposed_total: int = 0
     draft_tokens_accepted_total: int = 0
     num_preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
     num_unfinished: int = 0  # requests the front end has in flight
     num_speculative_tokens: float = 0.0  # mean over replicas of the last step's k
     per_replica: list[Any] = field(default_factory=list)
@@ -444,7 +446,8 @@ class AsyncEngine:
                 continue
             for name in ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total",
                          "draft_tokens_proposed_total", "draft_tokens_accepted_total",
-                         "num_preemptions_total"):
+                         "num_preemptions_total", "prefix_cache_queries_total",
+                         "prefix_cache_hits_total"):
                 setattr(snap, name, getattr(snap, name) + int(getattr(s, name, 0) or 0))
         ks = [getattr(s, "num_speculative_tokens", 0) for s in snap.per_replica if s is not None]
         snap.num_speculative_tokens = sum(ks) / len(ks) if ks else 0.0

@@ -55,6 +55,9 @@ class EngineStats:
     last_step_num_sequences: int = 0
     last_step_num_tokens: int = 0
     num_preemptions_total: int = 0  # running sequences sent back to recompute
+    # Prefix caching: prompt tokens of admitted requests looked up, and found cached.
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
 
 
 def resolve_default_models(config: EngineConfig) -> None:
@@ -107,7 +110,8 @@ class LLMEngine:
             SchedulerLimits(config.scheduler_config.max_num_seqs,
                             config.scheduler_config.max_num_batched_tokens,
                             self.max_model_len, config.scheduler_config.kv_reserve),
-            BlockAllocator(self.executor.num_kv_blocks, config.cache_config.block_size),
+            BlockAllocator(self.executor.num_kv_blocks, config.cache_config.block_size,
+                           config.cache_config.enable_prefix_caching),
         )
         self.requests: dict[str, Request] = {}
         self.adaptive = (AdaptiveSpeculation(self.num_speculative_tokens)
@@ -303,7 +307,13 @@ class LLMEngine:
             last_step_num_sequences=self._last_step_shape[0],
             last_step_num_tokens=self._last_step_shape[1],
             num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits_total=self.scheduler.prefix_cache_hits,
         )
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (blocks running requests hold stay theirs)."""
+        self.scheduler.allocator.reset_prefix_cache()
 
     def model_info(self) -> dict:
         sc = self.config.speculative_config

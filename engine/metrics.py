@@ -46,6 +46,12 @@ class _EngineStatsCollector(Collector):
                                   "Running requests sent back to wait and be recomputed "
                                   "(KV blocks ran out).",
                                   value=s.num_preemptions_total)
+        yield CounterMetricFamily("specserve_prefix_cache_queries_total",
+                                  "Prompt tokens of admitted requests looked up in the prefix "
+                                  "cache.", value=s.prefix_cache_queries_total)
+        yield CounterMetricFamily("specserve_prefix_cache_hits_total",
+                                  "Of them, tokens whose KV blocks were found cached (not "
+                                  "computed again).", value=s.prefix_cache_hits_total)
 
 
 class ServerMetrics:

@@ -12,6 +12,7 @@ import bisect
 import itertools
 from dataclasses import dataclass
 
+from specserve.scheduler.block_hash import extend_hashes
 from specserve.scheduler.block_manager import BlockAllocator
 from specserve.step import (ModelRunnerOutput, ScheduledSequence, SchedulerOutput,
                             TokenLogprobs)
@@ -54,6 +55,10 @@ class Scheduler:
     wasted work, so admission holds back: a waiting sequence starts only if
     the free blocks, less its prompt's, still cover ``kv_reserve`` of the
     blocks that the running sequences and it may yet grow by.
+
+    With prefix caching (the allocator's), a sequence starts from the longest
+    cached prefix of its full blocks and only the rest counts as prompt work;
+    each full block is cached as soon as the target has computed it.
     """
 
     def __init__(self, limits: SchedulerLimits, allocator: BlockAllocator) -> None:
@@ -64,6 +69,10 @@ class Scheduler:
         self._arrivals = 0
         self.step_k_cap: int | None = None  # set per step by adaptive speculation
         self.num_preemptions = 0  # since start: each one recomputes a sequence
+        # Prefix caching, since start: tokens of admitted sequences looked up,
+        # and of them, those found cached.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self._step_ids = itertools.count(1)
         # Launched steps not yet read back: step id -> (the scheduled sequences,
         # whether the next step was scheduled ahead of it).
@@ -129,14 +138,20 @@ class Scheduler:
         while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
             seq = self.waiting[0]
+            self._reuse_cached_prefix(seq)
             prompt = self.allocator.blocks_needed(seq.num_tokens, len(seq.block_ids))
             growth += self._growth_blocks([seq]) - prompt
             if self.running and self.allocator.num_free_blocks - prompt < (
                     self.limits.kv_reserve * growth):
+                self._release_cached_prefix(seq)
                 break  # (a lone sequence always starts, or nothing could)
             work = self._try_schedule(seq, budget)
             if work is None:
+                self._release_cached_prefix(seq)
                 break
+            if self.allocator.enable_prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_computed_tokens
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_running_key)
@@ -242,6 +257,53 @@ class Scheduler:
             output_token_ids=list(seq.output_token_ids) if penalties else None,
         )
 
+    # -- prefix caching --------------------------------------------------
+    def _reuse_cached_prefix(self, seq: Sequence) -> None:
+        """Give a sequence without blocks the cached blocks of its longest
+        cached prefix, as computed tokens of the target (and of the draft, up
+        to the first block the draft has not computed). At least one token is
+        left to compute, the one whose logits sample, and the rest starts in a
+        block of its own: the target never writes into a cached block."""
+        a = self.allocator
+        if not a.enable_prefix_caching or seq.block_ids:
+            return
+        bs = a.block_size
+        known = seq.num_prompt_tokens + seq.num_output_tokens
+        usable = min(known, seq.num_tokens - 1) // bs
+        extend_hashes(seq.block_hashes, seq.token_slice, bs, usable)
+        blocks = a.cached_prefix(seq.block_hashes[:usable])
+        a.hold(blocks)
+        drafted = next((i for i, b in enumerate(blocks) if not a.draft_computed(b)), len(blocks))
+        seq.block_ids = blocks
+        seq.num_cached_blocks, seq.num_draft_cached_blocks = len(blocks), drafted
+        seq.num_computed_tokens = len(blocks) * bs
+        seq.num_draft_computed_tokens = drafted * bs
+
+    def _release_cached_prefix(self, seq: Sequence) -> None:
+        """Undo ``_reuse_cached_prefix`` for a sequence that stays waiting."""
+        if seq.block_ids:
+            self.allocator.free(seq.block_ids)
+            seq.forget_blocks()
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Cache the full blocks the target has computed (of known tokens),
+        and note those the draft has computed too."""
+        a = self.allocator
+        if not a.enable_prefix_caching:
+            return
+        bs = a.block_size
+        full = min(seq.num_computed_tokens,
+                   seq.num_prompt_tokens + seq.num_output_tokens) // bs
+        if full > seq.num_cached_blocks:
+            extend_hashes(seq.block_hashes, seq.token_slice, bs, full)
+            for i in range(seq.num_cached_blocks, full):
+                a.cache(seq.block_ids[i], seq.block_hashes[i])
+            seq.num_cached_blocks = full
+        drafted = min(seq.num_draft_computed_tokens // bs, seq.num_cached_blocks)
+        for i in range(seq.num_draft_cached_blocks, drafted):
+            a.mark_draft_computed(seq.block_ids[i])
+        seq.num_draft_cached_blocks = max(seq.num_draft_cached_blocks, drafted)
+
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)
@@ -271,10 +333,12 @@ class Scheduler:
             else:
                 _advance(seq, work, num_accepted)
             if not emitted:
+                self._cache_blocks(seq)
                 continue
             room = self._room(seq)
             kept, reason = self._keep(seq, emitted, room)
             seq.output_token_ids.extend(kept)
+            self._cache_blocks(seq)
             num_accepted = num_accepted if proposed else 0
             updates.append(SequenceUpdate(
                 request_id=seq.request_id, new_token_ids=kept, num_proposed=proposed,

@@ -52,6 +52,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     num_pending_tokens: int = 0  # sampled by a launched step, not read back yet
+    # Prefix caching: the names of its full blocks so far (they depend on its
+    # tokens only, so they survive preemption), and how many of its leading
+    # blocks are cached for the target and for the draft too.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_blocks: int = 0
+    num_draft_cached_blocks: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -86,8 +92,15 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: forget all cached state; tokens (pending
         ones included) stay."""
+        self.forget_blocks()
+        self.status = SequenceStatus.WAITING
+        self.num_preemptions += 1
+
+    def forget_blocks(self) -> None:
+        """No blocks, nothing computed by either model (the block names stay:
+        they depend on the tokens alone)."""
         self.num_computed_tokens = 0
         self.num_draft_computed_tokens = 0
         self.block_ids = []
-        self.status = SequenceStatus.WAITING
-        self.num_preemptions += 1
+        self.num_cached_blocks = 0
+        self.num_draft_cached_blocks = 0

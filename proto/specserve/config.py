@@ -66,6 +66,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     kv_cache_memory: int = 1 << 30  # bytes, used on CPU
     num_kv_blocks: int | None = None  # fixed count, overrides both budgets
+    enable_prefix_caching: bool = field(default=True, metadata={"help": (
+        "Reuse the KV blocks of earlier requests' identical prefixes (a shared system prompt, "
+        "the previous turns of a chat) for both the target and the draft: full blocks are "
+        "cached by a hash of their tokens and evicted least recently used.")})
 
     def __post_init__(self) -> None:
         _check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128),

@@ -18,7 +18,7 @@ def test_allocate_and_free_returns_every_block():
 def test_shared_block_is_freed_with_its_last_reference():
     a = BlockAllocator(4, block_size=4)
     ids = a.allocate(2)
-    a.fork(ids)
+    a.hold(ids)
     assert [a.ref_count(i) for i in ids] == [2, 2]
     a.free(ids)
     assert a.num_free_blocks == 2
