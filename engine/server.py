@@ -134,7 +134,8 @@ class SpecServer:
     def __init__(self, config: EngineConfig, *, host: str = DEFAULT_HOST,
                  port: int = DEFAULT_PORT, metrics_port: int | None = None,
                  grace_period: float = DEFAULT_GRACE_PERIOD,
-                 engine_factory: Callable[[int], Any] | None = None) -> None:
+                 engine_factory: Callable[[int], Any] | None = None,
+                 http_port: int | None = None, served_model_name: str | None = None) -> None:
         self.config = config
         self.host = host
         self.port = port
@@ -145,7 +146,13 @@ class SpecServer:
                                   config.parallel_config.data_parallel_size,
                                   max_num_seqs=sc.max_num_seqs, max_queue=sc.max_queue,
                                   on_step=self._on_step)
-        self.metrics = ServerMetrics(self.engine.get_stats) if self.metrics_port else None
+        # The OpenAI-compatible HTTP API (engine.http_server) on http_port (None:
+        # off, 0: any free port); it serves /metrics too.
+        self.http_port = http_port
+        self.served_model_name = served_model_name
+        self._http: Any = None
+        self.metrics = (ServerMetrics(self.engine.get_stats)
+                        if self.metrics_port or http_port is not None else None)
         self.health = health.aio.HealthServicer()
         self.accepting = False
         self._state = "starting"
@@ -178,8 +185,12 @@ class SpecServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._grpc = server
-        if self.metrics is not None:
-            self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+        try:
+            await self._start_http_endpoints()
+        except BaseException:
+            self._state = "failed"
+            await self._close()
+            raise
         logger.info("listening on %s; loading %d engine replica(s)", self.address,
                     len(self.engine.replicas) or self.config.parallel_config.data_parallel_size)
         try:
@@ -193,6 +204,22 @@ class SpecServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("serving on %s", self.address)
+
+    async def _start_http_endpoints(self) -> None:
+        """/metrics on metrics_port and the HTTP API on http_port, where asked for."""
+        if self.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(self.metrics_port, self.host)
+            except OSError as exc:
+                raise OSError(f"cannot serve metrics on {self.host}:{self.metrics_port}: "
+                              f"{exc.strerror or exc} (is the port in use?)") from None
+        if self.http_port is not None:
+            from specserve.engine.http_server import HTTPServer  # noqa: PLC0415
+
+            self._http = HTTPServer(self, self.host, self.http_port, self.served_model_name)
+            self.http_port = await self._http.start()
+            logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", self.host,
+                        self.http_port)
 
     async def shutdown(self, grace_period: float | None = None,
                        abort_now: asyncio.Event | None = None) -> None:
@@ -224,6 +251,8 @@ class SpecServer:
         await self._close()
 
     async def _close(self) -> None:
+        if self._http is not None:
+            await self._http.stop()
         if self._grpc is not None:
             await self._grpc.stop(1.0)
         await self.engine.stop()

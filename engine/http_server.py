@@ -1,0 +1,490 @@
+"""The OpenAI-compatible HTTP API, beside the gRPC one and on the same engines.
+
+FastAPI routes on uvicorn, in the gRPC server's process and event loop:
+``/v1/completions`` and ``/v1/chat/completions`` (whole, or streamed as
+server-sent events), ``/v1/models``, ``/health`` and ``/metrics``. The wire
+format and its mapping to the engine are `engine.openai_protocol`'s; this
+module routes, runs requests and streams.
+
+Status codes follow the gRPC server's: 400 for bad input (OpenAI's error
+body, with the engine's reason), 404 for a model name the server does not
+serve, 429 when the waiting queue is full, 503 while loading or shutting
+down, 500 when the replica serving a request fails. A client that
+disconnects gets its requests aborted; their KV blocks are freed at the next
+engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from specserve import __version__
+from specserve.engine.async_engine import (EngineFailureError, EngineUnavailableError,
+                                           InvalidRequestError, QueueFullError, RequestStream)
+from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,
+                                              ChoiceState, CompletionRequest, CompletionResponse,
+                                              ModelCard, ModelList, OpenAIError, bad_request,
+                                              chat_chunk, chat_logprobs, chat_response,
+                                              completion_chunk, completion_logprobs,
+                                              completion_response, logprob_token_ids, new_id,
+                                              now, param_of, sampling_params, total_usage)
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "specserve-default"
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def default_served_model_name(model_dir: str | None) -> str:
+    """The target's directory name; "specserve-default" for the embedded pair."""
+    from specserve.engine.llm_engine import DEFAULT_MODELS_DIR  # noqa: PLC0415
+
+    if not model_dir or os.path.abspath(model_dir) == os.path.abspath(
+            os.path.join(DEFAULT_MODELS_DIR, "target")):
+        return EMBEDDED_MODEL_NAME
+    return os.path.basename(os.path.normpath(model_dir))
+
+
+def engine_error(exc: Exception) -> OpenAIError:
+    """The HTTP answer to an engine exception (as the gRPC server maps them to codes)."""
+    if isinstance(exc, QueueFullError):
+        return OpenAIError(429, str(exc))
+    if isinstance(exc, EngineUnavailableError):
+        return OpenAIError(503, str(exc))
+    if isinstance(exc, EngineFailureError):
+        return OpenAIError(500, str(exc))
+    if isinstance(exc, (ValueError, InvalidRequestError)):
+        return bad_request(str(exc), param_of(str(exc)))
+    raise exc
+
+
+class FrontTokenizer:
+    """The HTTP front end's own copy of the model's tokenizer, used from one
+    thread of its own (a Hugging Face fast tokenizer refuses concurrent use):
+    chat templates, and the text of the tokens that logprobs show."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="specserve-http-tokenizer")
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(getattr(self._tokenizer, "hf", None), "chat_template", None))
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    async def chat_prompt(self, messages: list[dict[str, str]],
+                          add_generation_prompt: bool) -> list[int]:
+        """The token ids of ``messages`` rendered by the model's chat template."""
+        hf = self._tokenizer.hf
+
+        def render() -> list[int]:
+            text = hf.apply_chat_template(messages, tokenize=False,
+                                          add_generation_prompt=add_generation_prompt)
+            return list(hf(text, add_special_tokens=False).input_ids)  # the template has them
+
+        try:
+            return await self._run(render)
+        except Exception as exc:  # the template refused the conversation (jinja raise)
+            raise bad_request(f"the chat template cannot render these messages: {exc}",
+                              "messages") from None
+
+    async def token_texts(self, token_ids: set[int]) -> dict[int, str]:
+        """Each token's text, special tokens included (an EOS shows as itself)."""
+        hf = getattr(self._tokenizer, "hf", None)
+        decode = hf.decode if hf is not None else self._tokenizer.decode
+        return await self._run(lambda: {t: decode([t]) for t in token_ids})
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+
+
+async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns once the client has gone (the request body is already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def unless_disconnected(request: Request, awaitable: Awaitable[Any]) -> Any:
+    """``awaitable``'s result, or `ClientGone` (and ``awaitable`` cancelled) if the
+    client disconnects first."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        raise ClientGone
+    return work.result()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events; ``on_close`` runs however the response ends (finished,
+    client gone, or cancelled), so no request outlives its connection."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._on_close()
+
+
+class Run:
+    """One HTTP request's engine requests (a choice each): merged outputs, and
+    every request aborted on close unless it finished."""
+
+    def __init__(self, server: Any, streams: list[RequestStream], choices: list[ChoiceState]) -> None:
+        self.server = server
+        self.streams = streams
+        self.choices = choices
+        self.arrival = time.monotonic()
+        self._first_token: list[float | None] = [None] * len(streams)
+        self._closed = False
+        self._pumps: list[asyncio.Future] = []
+        server._call_started()
+        self.outputs = self._merged()
+
+    async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                yield 0, self._seen(0, out)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+            queue.put_nowait((index, None))
+
+        self._pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            left = len(self._pumps)
+            while left:
+                index, item = await queue.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, self._seen(index, item)
+        finally:
+            self._stop_pumps()
+
+    def _stop_pumps(self) -> None:
+        for task in self._pumps:
+            task.cancel()
+
+    def _seen(self, index: int, out: Any) -> Any:
+        if self._first_token[index] is None and out.new_token_ids:
+            self._first_token[index] = time.monotonic()
+        metrics = self.server.metrics
+        if out.finished and metrics is not None:
+            metrics.observe_request(self.arrival, self._first_token[index], time.monotonic(),
+                                    self.streams[index].num_tokens, out.finish_reason.value)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_pumps()
+        for stream in self.streams:
+            if not stream.finished:
+                self.server.engine.abort(stream.request_id)
+        self.server._call_ended()
+
+
+class OpenAIFrontEnd:
+    """Runs OpenAI-shaped requests on a `SpecServer`'s engines."""
+
+    def __init__(self, server: Any, model_name: str) -> None:
+        self.server = server
+        self.model_name = model_name
+        self.created = int(time.time())
+        self._tokenizer: FrontTokenizer | None = None
+
+    @property
+    def tokenizer(self) -> FrontTokenizer:
+        if self._tokenizer is None:  # the engine's is there once it has loaded
+            self._tokenizer = FrontTokenizer(copy.deepcopy(self.server.engine.replicas[0].tokenizer))
+        return self._tokenizer
+
+    def close(self) -> None:
+        if self._tokenizer is not None:
+            self._tokenizer.close()
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise OpenAIError(404, f"the model {name!r} does not exist: this server serves "
+                                   f"{self.model_name!r}", param="model", code="model_not_found")
+
+    def model_list(self) -> ModelList:
+        try:
+            max_len = int(self.server.engine.model_info().get("max_model_len") or 0) or None
+        except EngineUnavailableError:
+            max_len = None
+        return ModelList(data=[ModelCard(id=self.model_name, created=self.created,
+                                         max_model_len=max_len)])
+
+    # -- generation ----------------------------------------------------------------------
+    async def generate(self, body: CompletionRequest | ChatCompletionRequest,
+                       request: Request) -> Response:
+        body.check_supported()
+        self.check_model(body.model)
+        if not self.server.accepting:
+            raise OpenAIError(503, self.server.unavailable_reason())
+        chat = isinstance(body, ChatCompletionRequest)
+        prompts, max_tokens = await (self._chat_prompt(body) if chat else self._prompts(body))
+        run = self._submit(body, prompts, max_tokens)
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        try:
+            if not body.stream:
+                await unless_disconnected(request, self._collect(run, chat))
+                build = chat_response if chat else completion_response
+                return JSONResponse(build(rid, created, self.model_name,
+                                          run.choices).model_dump(mode="json"))
+            first = await unless_disconnected(request, anext(run.outputs))
+        except ClientGone:
+            run.close()
+            return Response(status_code=499)  # nobody reads it
+        except (InvalidRequestError, EngineFailureError) as exc:
+            run.close()
+            raise engine_error(exc) from None
+        except BaseException:
+            run.close()
+            raise
+        return EventStream(self._events(run, first, body, rid, created), run.close)
+
+    async def _prompts(self, body: CompletionRequest) -> tuple[list, int]:
+        return body.prompts(), COMPLETION_MAX_TOKENS
+
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list, int]:
+        if not self.tokenizer.has_chat_template:
+            raise bad_request(f"the model {self.model_name!r} has no chat template (none in its "
+                              "tokenizer_config.json): use /v1/completions with a prompt",
+                              "messages")
+        ids = await self.tokenizer.chat_prompt(body.template_input(),
+                                               body.add_generation_prompt)
+        max_len = int(self.server.engine.model_info().get("max_model_len") or 0)
+        return [ids], max(1, max_len - len(ids))  # up to the context, as OpenAI's default
+
+    def _submit(self, body: CompletionRequest | ChatCompletionRequest, prompts: list,
+                default_max_tokens: int) -> Run:
+        """Check every choice's parameters, then queue one engine request per choice."""
+        params = [sampling_params(body, default_max_tokens=default_max_tokens, choice=j)
+                  for j in range(body.n)]
+        engine, base = self.server.engine, new_id("http")
+        streams: list[RequestStream] = []
+        try:
+            for prompt in prompts:
+                for p in params:
+                    streams.append(engine.add_request(f"{base}-{len(streams)}", prompt, p,
+                                                      body.num_speculative_tokens))
+        except (ValueError, QueueFullError, EngineUnavailableError) as exc:
+            for stream in streams:
+                engine.abort(stream.request_id)
+            raise engine_error(exc) from None
+        choices = [ChoiceState(index=i, first_of_prompt=i % body.n == 0)
+                   for i in range(len(streams))]
+        return Run(self.server, streams, choices)
+
+    async def _logprobs(self, run: Run, index: int, out: Any, chat: bool) -> Any:
+        """The delta's logprobs in the request's format (None without)."""
+        if not out.new_logprobs:
+            return None
+        texts = await self.tokenizer.token_texts(logprob_token_ids(out))
+        if chat:
+            return chat_logprobs(out, texts)
+        return completion_logprobs(out, texts, run.choices[index].text_length)
+
+    async def _collect(self, run: Run, chat: bool) -> None:
+        try:
+            async for index, out in run.outputs:
+                logprobs = await self._logprobs(run, index, out, chat)
+                choice = run.choices[index]
+                choice.add(out)
+                if logprobs is not None:
+                    (choice.add_chat_logprobs if chat else choice.add_completion_logprobs)(logprobs)
+        except (InvalidRequestError, EngineFailureError) as exc:
+            raise engine_error(exc) from None
+        finally:
+            run.close()
+
+    async def _events(self, run: Run, first: tuple[int, Any],
+                      body: CompletionRequest | ChatCompletionRequest, rid: str,
+                      created: int) -> AsyncIterator[str]:
+        chat = isinstance(body, ChatCompletionRequest)
+        started: set[int] = set()
+
+        async def chunk(index: int, out: Any) -> str:
+            logprobs = await self._logprobs(run, index, out, chat)
+            run.choices[index].add(out)
+            if chat:
+                made = chat_chunk(rid, created, self.model_name, index, out, logprobs,
+                                  first=index not in started)
+                started.add(index)
+            else:
+                made = completion_chunk(rid, created, self.model_name, index, out, logprobs)
+            return f"data: {made.model_dump_json()}\n\n"
+
+        try:
+            yield await chunk(*first)
+            async for index, out in run.outputs:
+                yield await chunk(index, out)
+            if body.include_usage:
+                kind = ChatCompletionChunk if chat else CompletionResponse
+                usage = kind(id=rid, created=created, model=self.model_name, choices=[],
+                             usage=total_usage(run.choices))
+                yield f"data: {usage.model_dump_json()}\n\n"
+        except (InvalidRequestError, EngineFailureError) as exc:
+            yield f"data: {json.dumps(engine_error(exc).body())}\n\n"
+        finally:
+            run.close()
+        yield "data: [DONE]\n\n"
+
+
+# -- the app ------------------------------------------------------------------------------
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One line for the first problem pydantic found, and the parameter it is about."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "extra_forbidden":
+        return f"parameter {param!r} is not supported by this server", param
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if err.get("type") == "missing":
+        return f"the parameter {param!r} is required", param
+    return f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param
+
+
+def build_app(front: OpenAIFrontEnd) -> FastAPI:
+    """The routes over ``front``; every error answers with OpenAI's error body."""
+    app = FastAPI(title="specserve", version=__version__,
+                  description="OpenAI-compatible API of a specserve server")
+    server = front.server
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(bad_request(message, param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(),
+                            status_code=exc.status_code)
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await front.generate(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await front.generate(body, request)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return front.model_list()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if server.accepting:
+            return JSONResponse({"status": "serving"})
+        return JSONResponse({"status": server.unavailable_reason()}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """Uvicorn without its signal handlers: SIGINT/SIGTERM drain the whole
+    server (`engine.server.serve_until_signal`), which then stops this one."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+class HTTPServer:
+    """The HTTP API of a `SpecServer`, on its event loop."""
+
+    def __init__(self, server: Any, host: str, port: int, model_name: str | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.front = OpenAIFrontEnd(server, model_name or default_served_model_name(
+            server.config.model_config.model))
+        self._uvicorn: _EmbeddedUvicorn | None = None
+        self._task: asyncio.Future | None = None
+
+    async def start(self) -> int:
+        """Listen (refusing a port in use with its number) and serve; returns the port."""
+        try:
+            sock = socket.create_server((self.host, self.port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {self.host}:{self.port} for HTTP: "
+                          f"{exc.strerror or exc} (is the port in use?)") from None
+        self.port = sock.getsockname()[1]
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        config = uvicorn.Config(build_app(self.front), log_config=None, access_log=False,
+                                lifespan="off", ws="none", timeout_graceful_shutdown=5)
+        self._uvicorn = _EmbeddedUvicorn(config)
+        self._task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError(f"the HTTP server on {self.host}:{self.port} did not start")
+            await asyncio.sleep(0.01)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._uvicorn is None:
+            return
+        self._uvicorn.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, timeout=10)
+        except asyncio.TimeoutError:
+            logger.warning("the HTTP server did not stop within 10 s")
+        self.front.close()
+        self._uvicorn = None
