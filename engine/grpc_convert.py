@@ -106,6 +106,7 @@ def usage_from_metrics(metrics: RequestMetrics | None, completion_tokens: int | 
         draft_tokens_proposed=m.draft_tokens_proposed,
         draft_tokens_accepted=m.draft_tokens_accepted,
         num_steps=m.num_steps,
+        cached_prompt_tokens=m.cached_prompt_tokens,
     )
 
 

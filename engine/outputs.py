@@ -19,6 +19,7 @@ class RequestMetrics:
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
     num_steps: int = 0  # steps that emitted tokens
+    cached_prompt_tokens: int = 0  # found in the prefix cache when the request started
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finished_time: float | None = None

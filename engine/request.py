@@ -46,6 +46,7 @@ class Request:
         m = self.metrics
         m.completion_tokens += len(update.new_token_ids)
         m.num_steps += 1
+        m.cached_prompt_tokens = self.seq.num_cached_prompt_tokens
         m.draft_tokens_proposed += update.counted_proposed
         m.draft_tokens_accepted += update.counted_accepted
         self._step_num_kept = len(update.new_token_ids)

@@ -152,6 +152,8 @@ class Scheduler:
             if self.allocator.enable_prefix_caching:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += seq.num_computed_tokens
+                if not seq.num_preemptions:
+                    seq.num_cached_prompt_tokens = seq.num_computed_tokens
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_running_key)

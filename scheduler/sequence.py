@@ -58,6 +58,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0
     num_draft_cached_blocks: int = 0
+    num_cached_prompt_tokens: int = 0  # found cached when it first started
 
     @property
     def num_prompt_tokens(self) -> int:

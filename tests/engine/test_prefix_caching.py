@@ -116,3 +116,13 @@ def test_a_new_engine_request_reports_no_hits_on_distinct_prompts(pair):
     llm.generate(["aaaa bbbb cccc dddd", "zzzz yyyy xxxx wwww"], params(False))
     stats = llm.engine.get_stats()
     assert stats.prefix_cache_hits_total == 0 and stats.prefix_cache_queries_total > 0
+
+
+def test_each_request_reports_its_cached_prompt_tokens(pair):
+    llm = make_llm(pair, True)
+    (first,) = llm.generate([SYSTEM], params(False))
+    (second,) = llm.generate([SYSTEM + TURNS[1]], params(False))
+    assert first.metrics.cached_prompt_tokens == 0
+    n = len(llm.engine.tokenizer.encode(SYSTEM))
+    assert n - 8 < second.metrics.cached_prompt_tokens <= n  # whole blocks of the shared part
+    assert second.metrics.cached_prompt_tokens % 4 == 0
