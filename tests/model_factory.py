@@ -1,6 +1,6 @@
 """Small random Hugging Face checkpoints for tests.
 
-``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 model with
+``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 / Mixtral model with
 transformers, perturbs the parts a fresh init leaves trivial (norm weights are
 all one, biases all zero) so that a test notices if they are mishandled, and
 saves it as safetensors the way a real checkpoint is saved.
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "mixtral")
 
 
 def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
@@ -23,7 +23,7 @@ def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: in
                    max_position_embeddings: int = 512, intermediate_size: int | None = None,
                    initializer_range: float = 0.15, **extra: Any):
     """A transformers config for a tiny model of ``arch``."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
 
     common: dict[str, Any] = dict(
         hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -44,6 +44,13 @@ def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: in
             raise ValueError("Mistral has no q/k/v bias")
         extra.setdefault("sliding_window", None)
         return MistralConfig(**common, **extra)
+    if arch == "mixtral":  # 4 experts, top 2, unless the caller says otherwise
+        if qkv_bias:
+            raise ValueError("Mixtral has no q/k/v bias")
+        extra.setdefault("sliding_window", None)
+        extra.setdefault("num_local_experts", 4)
+        extra.setdefault("num_experts_per_tok", 2)
+        return MixtralConfig(**common, **extra)
     if arch == "qwen2":  # Qwen2 always has q/k/v biases
         extra.setdefault("use_sliding_window", False)
         return Qwen2Config(**common, **extra)
@@ -73,10 +80,13 @@ def make_checkpoint(path: str | os.PathLike, arch: str = "llama", *, hidden_size
                     tie_word_embeddings: bool = False, rope_scaling: dict | None = None,
                     max_position_embeddings: int = 512, seed: int = 0,
                     dtype: torch.dtype = torch.float32, shards: int = 1,
-                    **extra: Any) -> str:
+                    stacked_experts: bool = False, **extra: Any) -> str:
     """Save a random tiny HF model of ``arch`` to ``path`` (safetensors, in
     ``dtype``, split into ``shards`` files when > 1) and return the path.
-    Same arguments and seed give the same weights."""
+    Same arguments and seed give the same weights. ``stacked_experts``
+    (Mixtral) saves the tensors under transformers' in-memory names, each
+    layer's experts stacked (``mlp.experts.gate_up_proj``), instead of the
+    per-expert names ``save_pretrained`` writes."""
     path = str(path)
     model = make_hf_model(
         arch, seed=seed, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -84,9 +94,24 @@ def make_checkpoint(path: str | os.PathLike, arch: str = "llama", *, hidden_size
         tie_word_embeddings=tie_word_embeddings, rope_scaling=rope_scaling,
         max_position_embeddings=max_position_embeddings, **extra)
     model = model.to(dtype)
+    if stacked_experts:
+        return _save_stacked(model, path)
     save_kwargs: dict[str, Any] = {"safe_serialization": True}
     if shards > 1:
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         save_kwargs["max_shard_size"] = max(1, total // shards)
     model.save_pretrained(path, **save_kwargs)
+    return path
+
+
+def _save_stacked(model: Any, path: str) -> str:
+    from safetensors.torch import save_file
+
+    names = {name for name, _ in model.named_parameters()}
+    if not any(".mlp.experts." in name for name in names):
+        raise ValueError("stacked_experts needs a mixture-of-experts model")
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    tensors = {name: t.contiguous() for name, t in model.state_dict().items() if name in names}
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     return path

@@ -24,14 +24,19 @@ from safetensors import safe_open
 
 from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
 from specserve.workers.models.llama import LlamaForCausalLM
+from specserve.workers.models.mixtral import MixtralForCausalLM
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
 from specserve.workers.parallel.layers import WHOLE, Region
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Architecture (config.json's ``architectures``) -> the class that runs it.
+MODEL_CLASSES = {"LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM,
+                 "Qwen2ForCausalLM": LlamaForCausalLM,
+                 "MixtralForCausalLM": MixtralForCausalLM}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_CLASSES)
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}
+                               "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16}
 # Checkpoint tensors that carry nothing we need (old checkpoints saved RoPE tables).
@@ -137,6 +142,10 @@ def _checkpoint_targets(model: LlamaForCausalLM) -> dict[str, list[_Target]]:
     for name, param in model.named_parameters():
         module_name, leaf = name.rsplit(".", 1)
         module = modules[module_name]
+        if hasattr(module, "checkpoint_tensors"):  # names its tensors itself (MoE experts)
+            for tensor_name, region in module.checkpoint_tensors(module_name, leaf):
+                targets[tensor_name].append(_Target(param, region))
+            continue
         regions = module.checkpoint_regions(leaf) if hasattr(module, "checkpoint_regions") else WHOLE
         parent, _, own = module_name.rpartition(".")
         parts = model.packed_modules.get(own)
@@ -150,7 +159,7 @@ def checkpoint_shapes(hf_config: Any) -> dict[str, tuple[int, ...]]:
     """The full shape of every checkpoint tensor the model reads (a
     single-rank model built on the meta device says)."""
     with torch.device("meta"):
-        whole = LlamaForCausalLM(hf_config)
+        whole = MODEL_CLASSES[model_architecture(hf_config)](hf_config)
     return {name: tuple(t.dest().shape) for name, (t,) in _checkpoint_targets(whole).items()}
 
 
@@ -161,19 +170,53 @@ def _open(path: str):
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def _read(f: Any, path: str, name: str, source: tuple[slice, ...],
+def _read(f: Any, path: str, name: str, index: tuple, source: tuple[slice, ...],
           expected: tuple[int, ...]) -> torch.Tensor:
-    """This rank's region of checkpoint tensor ``name``, after checking its full shape."""
+    """This rank's region ``source`` of the tensor at ``index`` of stored
+    tensor ``name`` (the whole of it when ``index`` is empty), after checking
+    that tensor's shape."""
     try:
         lazy = f.get_slice(name)
         shape = tuple(lazy.get_shape())
-        if shape != expected:
-            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected {expected}")
-        return lazy[source] if source else f.get_tensor(name)
+        if _indexed_shape(shape, index) != expected:
+            at = f" at {index}" if index else ""
+            raise ValueError(f"{path}: tensor {name!r} has shape {shape}, expected {expected}{at}")
+        return lazy[_compose(index, source)] if index or source else f.get_tensor(name)
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"{path}: corrupt or unreadable tensor {name!r} ({e})") from e
+
+
+def _indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...] | None:
+    """The shape of ``tensor[index]`` for a tensor of ``shape`` (None: out of range)."""
+    try:
+        return tuple(torch.empty(shape, device="meta")[index].shape)
+    except IndexError:
+        return None
+
+
+def _compose(index: tuple, source: tuple[slice, ...]) -> tuple:
+    """``tensor[index][source]`` as one index of ``tensor``, so that a lazy
+    slice reads only that region (``index`` holds ints and bounded slices)."""
+    inner = iter(source)
+    out: list = []
+    for part in index:
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        sub = next(inner, slice(None))
+        start = part.start or 0
+        stop = part.stop if sub.stop is None else start + sub.stop
+        out.append(slice(start + (sub.start or 0), stop))
+    return (*out, *inner)
+
+
+def _pieces(model: torch.nn.Module, stored: str) -> list[tuple[str, tuple]]:
+    """The checkpoint tensors a stored tensor holds, with their index in it:
+    itself, unless the model reads stacked tensors (Mixtral's experts)."""
+    split = getattr(model, "checkpoint_pieces", None)
+    return split(stored) if split else [(stored, ())]
 
 
 @torch.no_grad()
@@ -189,15 +232,17 @@ def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
     unexpected: list[str] = []
     for path in files:
         with _open(path) as f:
-            for name in f.keys():
-                if name not in shapes:
-                    tied_head = name == "lm_head.weight" and model.lm_head is None
-                    if not tied_head and not name.endswith(_IGNORED_SUFFIXES):
-                        unexpected.append(name)
-                    continue
-                for target in targets.get(name, ()):
-                    target.dest().copy_(_read(f, path, name, target.region.source, shapes[name]))
-                pending.discard(name)
+            for stored in f.keys():
+                for name, index in _pieces(model, stored):
+                    if name not in shapes:
+                        tied_head = name == "lm_head.weight" and model.lm_head is None
+                        if not tied_head and not name.endswith(_IGNORED_SUFFIXES):
+                            unexpected.append(stored)
+                        continue
+                    for target in targets.get(name, ()):
+                        target.dest().copy_(_read(f, path, stored, index, target.region.source,
+                                                  shapes[name]))
+                    pending.discard(name)
     if unexpected:
         logger.warning("%s: ignoring %d unexpected tensors, e.g. %s",
                        model_dir, len(unexpected), unexpected[:3])
@@ -261,7 +306,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     check_architecture(hf_config, model_dir)
     try:
         with torch.device("meta"):  # no memory, no random init: every value is written below
-            model = LlamaForCausalLM(hf_config, tp=tp)
+            model = MODEL_CLASSES[model_architecture(hf_config)](hf_config, tp=tp)
     except ValueError as e:
         raise ValueError(f"{os.path.join(model_dir, 'config.json')}: {e}") from e
     model = model.to(dtype).to_empty(device=device)
