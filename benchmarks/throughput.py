@@ -1,10 +1,13 @@
-"""Load-test a specserve server over gRPC: request throughput, tokens/s and
-latency (TTFT, TPOT, ITL, end to end), with the draft's acceptance.
+"""Load-test a specserve server over gRPC or its OpenAI-compatible HTTP API:
+request throughput, tokens/s and latency (TTFT, TPOT, ITL, end to end), with
+the draft's acceptance.
 
-    # a running server
-    python benchmarks/throughput.py --target-address 127.0.0.1:50051 \\
+    # a running server, over gRPC
+    python benchmarks/throughput.py --endpoint 127.0.0.1:50051 \\
         --num-requests 200 --request-rate 20 --max-concurrency 64 \\
         --input-len 128:1024 --output-len 256
+    # the same load over HTTP: streamed /v1/completions (`specserve serve --http-port 8000`)
+    python benchmarks/throughput.py --endpoint http://127.0.0.1:8000 --num-requests 200
     # start one from the same flags as `specserve serve`, and compare speculation on and off
     python benchmarks/throughput.py --model DIR --draft-model DIR --num-speculative-tokens 4 \\
         --num-requests 64 --input-len 512 --output-len 128 --compare-speculation --json out.json
@@ -21,7 +24,17 @@ instead: one JSON object a line, ``{"prompt": "...", "max_tokens": N}`` or
 ``{"token_ids": [...], "max_tokens": N}`` (``max_tokens`` optional, else drawn
 from ``--output-len``).
 
-Without ``--target-address`` the benchmark starts a server itself, from the
+``--endpoint`` is ``http://HOST:PORT`` for the HTTP API (streamed
+``/v1/completions`` through the official ``openai`` client, ``pip install
+'specserve[bench]'``), or ``grpc://HOST:PORT`` or a bare ``HOST:PORT`` for
+gRPC (``--target-address`` is another name for it). Over HTTP the model name
+comes from ``/v1/models``, synthetic prompts are ids in [3, 256) (the API
+gives no vocabulary), and each chunk's token count from its running usage
+(``stream_options.continuous_usage_stats``; a server without it counts one
+token per chunk). A server that does not answer stops the benchmark before
+any load is sent.
+
+Without ``--endpoint`` the benchmark starts a server itself, from the
 engine flags of ``specserve serve`` (``--model``, ``--draft-model``, ...; no
 ``--model`` serves the embedded default pair): by default as a child process
 (``specserve serve`` on a free loopback port), so that the client and the
@@ -49,8 +62,9 @@ concurrency slot; that wait is recorded separately as ``queued``):
 
 Throughputs divide by the wall time from the first request sent to the last
 stream ended. Latency figures cover successful requests only; failed ones
-(a gRPC status other than OK, ``--timeout`` passed as DEADLINE_EXCEEDED, or a
-stream ended as aborted) are counted by status code and reported; the exit code
+(a gRPC status other than OK, or over HTTP its equivalent for the HTTP status,
+``--timeout`` passed as DEADLINE_EXCEEDED, or a stream ended as aborted) are
+counted by status code and reported; the exit code
 is 1 if any request failed, unless ``--allow-errors``.
 
 Before each run, ``--warmup-requests`` (default 8) of the workload's requests
@@ -274,6 +288,98 @@ async def send_one(stub: pb_grpc.GenerationStub, req: pb.GenerateRequest,
             record.e2e = end - start
 
 
+HTTP_STATUS_NAMES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
+                     500: "INTERNAL", 503: "UNAVAILABLE"}  # as the gRPC server's codes
+
+
+def parse_endpoint(text: str) -> tuple[str, str]:
+    """'http://h:p' -> ('http', 'http://h:p'); 'grpc://h:p' or 'h:p' -> ('grpc', 'h:p')."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "grpc", text
+    if scheme in ("http", "https"):
+        return "http", text.rstrip("/")
+    if scheme == "grpc":
+        return "grpc", rest
+    raise ValueError(f"--endpoint must be http://HOST:PORT, grpc://HOST:PORT or HOST:PORT, "
+                     f"got {text!r}")
+
+
+def http_arguments(req: pb.GenerateRequest, model: str) -> dict[str, Any]:
+    """The /v1/completions arguments (of the openai client) for a workload request."""
+    sp = req.sampling_params
+    extra: dict[str, Any] = {"ignore_eos": sp.ignore_eos}
+    if req.HasField("num_speculative_tokens"):
+        extra["num_speculative_tokens"] = req.num_speculative_tokens
+    prompt = req.text if req.WhichOneof("prompt") == "text" else list(req.token_ids.ids)
+    return dict(model=model, prompt=prompt, max_tokens=sp.max_tokens,
+                temperature=sp.temperature, stream=True, extra_body=extra,
+                stream_options={"include_usage": True, "continuous_usage_stats": True})
+
+
+async def send_one_http(client: Any, model: str, req: pb.GenerateRequest, record: RequestRecord,
+                        timeout: float | None, t0: float) -> None:
+    """`send_one` over the HTTP API: a streamed /v1/completions request. Each
+    chunk's tokens are the growth of its running usage (one where it has none)."""
+    import openai  # noqa: PLC0415
+
+    times: list[float] = []
+    counts: list[int] = []
+    usage, finish = None, None
+    clock = time.perf_counter
+    start = clock()
+    record.start = start - t0
+
+    async def read() -> None:
+        nonlocal usage, finish
+        stream = await client.completions.create(**http_arguments(req, model))
+        async for chunk in stream:
+            if chunk.choices:
+                seen = usage.completion_tokens if usage is not None else 0
+                n = (chunk.usage.completion_tokens - seen if chunk.usage is not None
+                     else int(bool(chunk.choices[0].text)))
+                if n:
+                    times.append(clock())
+                    counts.append(n)
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        record.error, record.error_details = "DEADLINE_EXCEEDED", f"no answer in {timeout} s"
+    except openai.APIStatusError as exc:
+        record.error = HTTP_STATUS_NAMES.get(exc.status_code, f"HTTP_{exc.status_code}")
+        record.error_details = exc.message
+    except openai.APIConnectionError as exc:
+        record.error, record.error_details = "UNAVAILABLE", str(exc)
+    except Exception as exc:  # noqa: BLE001 - an error event mid-stream, a broken client
+        record.error, record.error_details = "CLIENT_ERROR", f"{type(exc).__name__}: {exc}"
+    end = clock()
+    record.message_times = [t - start for t in times]
+    record.message_tokens = counts
+    record.output_tokens = sum(counts)
+    record.steps = len(counts)
+    if times:
+        record.ttft = times[0] - start
+    if usage is not None:
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        extra = usage.model_extra or {}
+        record.draft_tokens_proposed = int(extra.get("draft_tokens_proposed", 0))
+        record.draft_tokens_accepted = int(extra.get("draft_tokens_accepted", 0))
+        record.steps = int(extra.get("num_steps", 0)) or record.steps
+    record.finish_reason = finish or ""
+    if record.error is None:
+        if finish is None:
+            record.error = "NO_FINISH"
+            record.error_details = "the stream ended without a finish reason"
+        elif finish == "abort":
+            record.error, record.error_details = "ABORTED", "the server aborted the request"
+        else:
+            record.e2e = end - start
+
+
 class Progress:
     """A one-line progress bar on stderr, redrawn by a timer (not per message).
     Off a terminal it prints a line every tenth of the way instead."""
@@ -307,15 +413,46 @@ class Progress:
             await asyncio.sleep(interval)
 
 
+@contextlib.asynccontextmanager
+async def senders(address: str, num_channels: int, model: str = ""):
+    """One ``send(req, record, timeout, t0)`` per channel (gRPC) or client (HTTP)."""
+    scheme, target = parse_endpoint(address)
+    if scheme == "http":
+        from openai import AsyncOpenAI  # noqa: PLC0415
+
+        clients = [AsyncOpenAI(base_url=target + "/v1", api_key="none", max_retries=0)
+                   for _ in range(num_channels)]
+        try:
+            yield [lambda *a, c=c: send_one_http(c, model, *a) for c in clients]
+        finally:
+            for client in clients:
+                await client.close()
+        return
+    options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(num_channels)]
+    try:
+        yield [lambda *a, s=pb_grpc.GenerationStub(ch): send_one(s, *a) for ch in channels]
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
 async def run_load(address: str, requests: list[pb.GenerateRequest], arrivals: list[float],
                    *, max_concurrency: int | None, timeout: float | None, num_channels: int = 1,
-                   label: str = "", progress: bool = True) -> tuple[list[RequestRecord], float]:
+                   label: str = "", progress: bool = True,
+                   model: str = "") -> tuple[list[RequestRecord], float]:
     """Send the requests at their arrival times, at most ``max_concurrency`` in
-    flight, over ``num_channels`` connections. Returns the records (in request
+    flight, over ``num_channels`` connections (gRPC channels or HTTP clients;
+    ``model`` names the model over HTTP). Returns the records (in request
     order) and the wall time from the first send to the last stream's end."""
-    options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(num_channels)]
-    stubs = [pb_grpc.GenerationStub(ch) for ch in channels]
+    async with senders(address, num_channels, model) as sends:
+        return await _run_load(sends, requests, arrivals, max_concurrency=max_concurrency,
+                               timeout=timeout, label=label, progress=progress)
+
+
+async def _run_load(sends: list, requests: list[pb.GenerateRequest], arrivals: list[float], *,
+                    max_concurrency: int | None, timeout: float | None, label: str,
+                    progress: bool) -> tuple[list[RequestRecord], float]:
     records = [RequestRecord(i, r.sampling_params.max_tokens, r.sampling_params.ignore_eos,
                              scheduled=arrivals[i]) for i, r in enumerate(requests)]
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -325,7 +462,7 @@ async def run_load(address: str, requests: list[pb.GenerateRequest], arrivals: l
 
     async def one(i: int) -> None:
         try:
-            await send_one(stubs[i % num_channels], requests[i], records[i], timeout, t0)
+            await sends[i % len(sends)](requests[i], records[i], timeout, t0)
         finally:
             if slots is not None:
                 slots.release()
@@ -348,20 +485,40 @@ async def run_load(address: str, requests: list[pb.GenerateRequest], arrivals: l
             task.cancel()
         ticker.cancel()
         bar.draw(final=True)
-        for ch in channels:
-            await ch.close()
     return records, duration
 
 
 async def probe_server(address: str, timeout: float) -> tuple[pb.ModelInfo | None, str]:
-    """The server's ModelInfo, or (None, "CODE: details") when it does not answer."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    """The server's ModelInfo, or (None, "CODE: details") when it does not answer.
+    Over HTTP, what /v1/models tells: the model's name (as ``target``) and context."""
+    scheme, target = parse_endpoint(address)
+    if scheme == "http":
+        return await probe_http(target, timeout)
+    async with grpc.aio.insecure_channel(target) as channel:
         try:
             info = await pb_grpc.GenerationStub(channel).GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=timeout)
             return info, ""
         except grpc.aio.AioRpcError as exc:
             return None, f"{exc.code().name}: {exc.details()}"
+
+
+async def probe_http(url: str, timeout: float) -> tuple[pb.ModelInfo | None, str]:
+    import openai  # noqa: PLC0415
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                                  timeout=timeout) as client:
+        try:
+            models = (await client.models.list()).data
+        except openai.APIStatusError as exc:
+            return None, f"HTTP {exc.status_code}: {exc.message}"
+        except openai.APIError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+    if not models:
+        return None, "/v1/models lists no model"
+    card = models[0]
+    return pb.ModelInfo(target=card.id,
+                        max_model_len=int((card.model_extra or {}).get("max_model_len") or 0)), ""
 
 
 # -- summarising ----------------------------------------------------------------------------
@@ -507,6 +664,9 @@ def format_table(summaries: list[Summary], ratio: dict[str, float | None] | None
 def describe_server(address: str, info: pb.ModelInfo | None) -> str:
     if info is None:
         return f"server {address}: no model info"
+    if parse_endpoint(address)[0] == "http":
+        return (f"server {address}: model {info.target}, max_model_len {info.max_model_len}; "
+                f"synthetic prompts are ids in [{FIRST_TOKEN_ID}, {FALLBACK_VOCAB})")
     draft = f"draft {info.draft} (k={info.num_speculative_tokens})" if info.draft else "no draft"
     return (f"server {address}: target {info.target}, {draft}, max_model_len "
             f"{info.max_model_len}, vocab {info.vocab_size}, replicas {info.data_parallel_size}")
@@ -543,7 +703,7 @@ def write_plot(path: str, runs: list[tuple[Summary, list[RequestRecord]]]) -> No
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from None
+        raise SystemExit("--plot needs matplotlib: pip install 'specserve[bench]'") from None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [("TTFT (ms)", lambda rs: [r.ttft for r in rs if r.ttft is not None]),
               ("ITL (ms)", lambda rs: np.concatenate([r.itls() for r in rs] or [np.empty(0)])),
@@ -676,32 +836,31 @@ async def benchmark(address: str, args: argparse.Namespace) -> BenchmarkResult:
     --compare-speculation) and summarise."""
     probe_timeout = min(args.timeout or 10.0, 10.0)
     info, why = await probe_server(address, probe_timeout)
-    vocab = info.vocab_size if info is not None and info.vocab_size else 0
-    if info is None:
-        # Send the load anyway, so that every request's failure is counted by its status.
-        print(f"warning: GetModelInfo on {address} failed ({why}); sending the load anyway",
-              file=sys.stderr)
-    else:
-        print(describe_server(address, info), file=sys.stderr)
+    if info is None:  # no load against nothing: it would only count failures
+        raise ConnectionError(f"no server ready at {address} ({why}); nothing was sent")
+    http = parse_endpoint(address)[0] == "http"
+    vocab = info.vocab_size
+    print(describe_server(address, info), file=sys.stderr)
     if not vocab and not args.dataset:
         vocab = FALLBACK_VOCAB
     rng = random.Random(args.workload_seed)
     requests = build_requests(args, vocab, rng)
     arrivals = arrival_times(len(requests), args.request_rate, rng)
-    if info is not None and info.max_model_len and not args.dataset:
+    if info.max_model_len and not args.dataset:
         too_long = sum(len(r.token_ids.ids) + r.sampling_params.max_tokens > info.max_model_len
                        for r in requests)
         if too_long:
             print(f"warning: {too_long} request(s) need more than max_model_len "
                   f"{info.max_model_len} tokens: refused, or cut short", file=sys.stderr)
-    if args.compare_speculation and info is not None and not info.num_speculative_tokens:
+    if args.compare_speculation and not http and not info.num_speculative_tokens:
         print("warning: the server does not speculate; both runs are target-only",
               file=sys.stderr)
 
     variants = [("speculation on", None), ("speculation off", 0)] \
         if args.compare_speculation else [("run", None)]
     kwargs = dict(max_concurrency=args.max_concurrency, timeout=args.timeout,
-                  num_channels=args.num_channels, progress=not args.no_progress)
+                  num_channels=args.num_channels, progress=not args.no_progress,
+                  model=info.target if http else "")
     runs = []
     for label, k in variants:
         reqs = requests
@@ -749,11 +908,13 @@ def _rate(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="throughput.py", description=__doc__.split("\n\n")[0],
         epilog="Metric definitions: see the top of benchmarks/throughput.py.")
-    p.add_argument("--target-address", metavar="HOST:PORT",
-                   help="the server to load; without it, one is started from the engine flags")
+    p.add_argument("--endpoint", "--target-address", dest="endpoint", metavar="URL",
+                   help="the server to load: http://HOST:PORT (the OpenAI-compatible API), "
+                        "grpc://HOST:PORT or HOST:PORT (gRPC); without it, one is started "
+                        "from the engine flags and loaded over gRPC")
     load = p.add_argument_group("workload")
     load.add_argument("--num-requests", type=int, default=None,
                       help="requests to send (default: 100, or the dataset's size)")
@@ -778,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--timeout", type=float, default=None,
                       help="deadline of each request in seconds (default: none)")
     load.add_argument("--num-channels", type=int, default=1,
-                      help="gRPC connections the requests are spread over")
+                      help="gRPC channels (or HTTP clients) the requests are spread over")
     load.add_argument("--warmup-requests", type=int, default=8,
                       help="requests of the workload sent (all at once, within "
                            "--max-concurrency) and not measured before each run; 0: none")
@@ -792,7 +953,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit 0 even when requests failed")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     server = p.add_argument_group(
-        "a server of our own (without --target-address): the flags of `specserve serve`")
+        "a server of our own (without --endpoint): the flags of `specserve serve`")
     server.add_argument("--server-in-process", action="store_true",
                         help="run it on a thread of this process instead of a child process")
     server.add_argument("--server-start-timeout", type=float, default=600.0,
@@ -806,9 +967,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     engine_flags = serve_argv(args)
-    if args.target_address and engine_flags:
+    if args.endpoint and engine_flags:
         parser.error("engine flags (" + " ".join(a for a in engine_flags if a.startswith("--"))
-                     + ") only apply to a server the benchmark starts; drop --target-address")
+                     + ") only apply to a server the benchmark starts; drop --endpoint")
+    if args.endpoint:
+        try:
+            parse_endpoint(args.endpoint)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.dataset:
         try:
             size = len(load_dataset(args.dataset))
@@ -826,7 +992,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:
             import matplotlib  # noqa: F401, PLC0415
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install matplotlib")
+            parser.error("--plot needs matplotlib: pip install 'specserve[bench]'")
     return args
 
 
@@ -834,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with contextlib.ExitStack() as stack:
-            address = args.target_address or stack.enter_context(own_server(args))
+            address = args.endpoint or stack.enter_context(own_server(args))
             result = asyncio.run(benchmark(address, args))
     except (ValueError, OSError) as exc:
         print(f"throughput: {exc}", file=sys.stderr)

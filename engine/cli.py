@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
+import os
 import sys
 import time
 import types
 from dataclasses import MISSING, Field, fields
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 from specserve import __version__
 from specserve import config as config_module
@@ -30,6 +32,7 @@ DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grp
 DEFAULT_PORT = 50051
 DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
+EMBEDDED_MODEL_NAME = "specserve-default"  # engine.http_server's, without importing it here
 
 # Help for each engine option, unless its dataclass field carries
 # ``metadata={"help": ...}`` (which wins). tests/engine/test_cli.py checks that every
@@ -187,20 +190,54 @@ def _given(args: argparse.Namespace, dc_fields: list[Field]) -> dict[str, Any]:
 
 
 # -- parser -----------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse that answers a bad command line with the one-line error and a
+    pointer to --help, not the whole usage (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nTry '{self.prog} --help' for the "
+                     "options.\n")
+
+
+def port_type(lowest: int) -> Callable[[str], int]:
+    """An argparse type for a TCP port in [lowest, 65535]: a larger number would
+    silently wrap to another port."""
+    def port(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not lowest <= value <= 65535:
+            raise argparse.ArgumentTypeError(
+                f"a port must be an integer in [{lowest}, 65535], got {text!r}")
+        return value
+
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="specserve",
         description="A batched LLM serving engine with lossless speculative decoding.")
     parser.add_argument("--version", action="version", version=f"specserve {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = sub.add_parser(
-        "serve", help="run the gRPC server",
+        "serve", help="run the gRPC server (and the OpenAI-compatible HTTP API)",
         description="Serve a target model (and a draft model for speculative decoding) over "
-                    "gRPC. With no --model, the embedded default pair is served.",
+                    "gRPC, and with --http-port over an OpenAI-compatible HTTP API. With no "
+                    "--model, the embedded default pair is served.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_address_flags(serve)
-    serve.add_argument("--metrics-port", type=int, default=0,
+    _add_address_flags(serve, lowest_port=0)
+    serve.add_argument("--http-port", type=port_type(1), default=None,
+                       help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                            "/v1/chat/completions, /v1/models, /health, /metrics) on this "
+                            "port; default: off")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name of the HTTP API (requests' \"model\", "
+                            "/v1/models); default: the target's directory name, or "
+                            f"\"{EMBEDDED_MODEL_NAME}\" for the embedded pair")
+    serve.add_argument("--metrics-port", type=port_type(0), default=0,
                        help="port of the Prometheus /metrics endpoint; 0 turns it off")
     serve.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD,
                        help="seconds streams in flight get to finish after SIGINT/SIGTERM "
@@ -209,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("debug", "info", "warning", "error"), help="logging level")
     engine_group = serve.add_argument_group("engine options")
     add_dataclass_flags(engine_group, engine_fields(), ENGINE_OPTION_HELP, ENGINE_OPTION_CHOICES)
-    serve.set_defaults(func=cmd_serve)
+    serve.set_defaults(func=cmd_serve, parser=serve)
 
     gen = sub.add_parser(
         "generate", help="stream a completion from a running server",
@@ -225,17 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     sampling = gen.add_argument_group("sampling parameters")
     add_dataclass_flags(sampling, list(fields(SamplingParams)), SAMPLING_HELP)
-    gen.set_defaults(func=cmd_generate)
+    gen.set_defaults(func=cmd_generate, parser=gen)
 
     info = sub.add_parser("info", help="show the models a running server serves")
     _add_address_flags(info, wait=True)
-    info.set_defaults(func=cmd_info)
+    info.set_defaults(func=cmd_info, parser=info)
     return parser
 
 
-def _add_address_flags(parser: argparse.ArgumentParser, wait: bool = False) -> None:
+def _add_address_flags(parser: argparse.ArgumentParser, wait: bool = False,
+                       lowest_port: int = 1) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help="server host")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port")
+    parser.add_argument("--port", type=port_type(lowest_port), default=DEFAULT_PORT,
+                        help="gRPC port" + ("; 0 takes a free one" if lowest_port == 0 else ""))
     if wait:
         parser.add_argument("--wait-ready", type=float, default=DEFAULT_WAIT_READY,
                             metavar="SECONDS",
@@ -281,17 +320,35 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         resolve_default_models(config)
     except ValueError as exc:
         raise SystemExit(f"specserve serve: {exc}") from None
+    if config.parallel_config.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise SystemExit("specserve serve: --executor ray needs Ray, which is not installed: "
+                         "pip install 'specserve[ray]'")
     return config
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """The server's ports must differ (a port of 0 or off is never a clash)."""
+    ports = [("--port", args.port), ("--http-port", args.http_port),
+             ("--metrics-port", args.metrics_port)]
+    seen: dict[int, str] = {}
+    for flag, port in ports:
+        if port and port in seen:
+            raise SystemExit(f"specserve serve: {flag} {port} is also {seen[port]}; "
+                             "give each its own port")
+        if port:
+            seen[port] = flag
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_ports(args)
     config = engine_config_from_args(args)
     from specserve.engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
 
     server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                        grace_period=args.grace_period)
+                        grace_period=args.grace_period, http_port=args.http_port,
+                        served_model_name=args.served_model_name)
     try:
         asyncio.run(serve_until_signal(server))
     except (ValueError, OSError) as exc:
@@ -318,6 +375,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         request.num_speculative_tokens = args.num_speculative_tokens
     first = None
     last = None
+    logprobs: list[Any] = []
     address = f"{args.host}:{args.port}"
     with grpc.insecure_channel(address) as channel:
         if args.wait_ready > 0:
@@ -334,6 +392,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     first = time.perf_counter()
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
+                logprobs.extend(resp.logprobs)
                 last = resp
         except KeyboardInterrupt:
             call.cancel()
@@ -342,12 +401,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except grpc.RpcError as err:
             print(f"\nspecserve generate: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
-    elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if logprobs:
+            target = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
+                                                                  timeout=10).target
     sys.stdout.write("\n")
+    if logprobs:
+        ids = {i for lp in logprobs for i in (lp.token_id, *(t.token_id for t in lp.top_logprobs))}
+        print(format_logprobs(logprobs, token_texts(target, ids)), file=sys.stderr)
     if last is not None:
         print(format_usage(last, elapsed, None if first is None else first - start),
               file=sys.stderr)
     return 0
+
+
+def token_texts(target_dir: str, token_ids: set[int]) -> dict[int, str]:
+    """Each token's text, from the served target's tokenizer.json where this
+    machine has that directory (a server on this machine); else empty."""
+    path = os.path.join(target_dir, "tokenizer.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        tokenizer = Tokenizer.from_file(path)
+    except Exception:  # an unreadable tokenizer only costs the texts
+        return {}
+    return {t: tokenizer.decode([t], skip_special_tokens=False) for t in token_ids}
+
+
+def format_logprobs(logprobs: list[Any], texts: dict[int, str]) -> str:
+    """One line per output token: the token, its logprob, and the top alternatives
+    (a token's text where known, else #id)."""
+    def name(token_id: int) -> str:
+        return repr(texts[token_id]) if token_id in texts else f"#{token_id}"
+
+    lines = ["-- logprobs (token, logprob | top alternatives)"]
+    for lp in logprobs:
+        line = f"{name(lp.token_id):>16} {lp.logprob:9.4f}"
+        if lp.top_logprobs:
+            line += "  | " + ", ".join(f"{name(t.token_id)} {t.logprob:.4f}"
+                                       for t in lp.top_logprobs)
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def format_usage(last: Any, elapsed: float, ttft: float | None) -> str:
@@ -396,7 +492,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # gRPC's core logs its own errors to stderr (a port in use, ...), which the
+    # commands report in their own words; GRPC_VERBOSITY=ERROR brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # named by the subcommand, whose --help lists what it takes
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args.func(args)
 
 

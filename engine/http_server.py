@@ -357,6 +357,8 @@ class OpenAIFrontEnd:
                 started.add(index)
             else:
                 made = completion_chunk(rid, created, self.model_name, index, out, logprobs)
+            if body.continuous_usage:
+                made.usage = total_usage(run.choices)
             return f"data: {made.model_dump_json()}\n\n"
 
         try:

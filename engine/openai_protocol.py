@@ -61,8 +61,13 @@ def param_of(message: str) -> str | None:
 
 # -- requests ---------------------------------------------------------------------------
 class StreamOptions(BaseModel):
+    """``include_usage``: a last chunk with the usage (OpenAI's).
+    ``continuous_usage_stats``: the usage so far on every chunk (vLLM's), which
+    tells a client how many tokens each chunk carries."""
+
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _GenerationRequest(BaseModel):
@@ -94,6 +99,10 @@ class _GenerationRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     def check_supported(self) -> None:
         if self.n < 1:
