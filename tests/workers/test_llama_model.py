@@ -155,8 +155,8 @@ def test_forward_without_kv_cache_matches(models):
 
 def test_unsupported_rope_type_is_named():
     config = make_hf_config("llama")
-    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
-    with pytest.raises(ValueError, match="dynamic"):
+    config.rope_parameters = {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match="proportional"):
         LlamaForCausalLM(config)
 
 
