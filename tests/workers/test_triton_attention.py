@@ -1,16 +1,23 @@
-"""The Triton paged-attention backend against the torch reference, on a GPU.
+"""The Triton paged-attention backend against the torch reference, on a GPU
+and (sliding windows and soft-capping) in Triton's interpreter on the CPU.
 
 Every check draws fresh random inputs, fills the allocator with NaN before the
 Triton forward (so an output element it never writes shows up), and compares
 per sequence by ||out - ref|| / ||ref|| with the reference computed in
-float32. Shapes: block sizes 16 and 32, head_dim 64 and 128, GQA ratios 1, 4
-and 8; batches of decodes, of 5-token verifications, and mixed batches that
-add prefill chunks of 37..300 tokens over cached prefixes, contexts to ~4k.
+float32. Shapes: block sizes 16 and 32, head_dim 64, 128 and 256, GQA ratios
+1, 4 and 8; batches of decodes, of 5-token verifications, and mixed batches
+that add prefill chunks of 37..300 tokens over cached prefixes, contexts to
+~4k; windows from 1 key to longer than the context, soft caps that bite.
+
+Run as a script (``python -m tests.workers.test_triton_attention``, under
+``TRITON_INTERPRET=1``) it makes the window and soft-cap checks on the CPU.
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -18,8 +25,9 @@ import torch
 
 from specserve.workers.attention.metadata_builder import build_attention_metadata
 from specserve.workers.attention.torch_ref import TorchReferenceBackend
+from tests.subprocess_env import ROOT, child_env
 
-pytestmark = pytest.mark.cuda
+cuda = pytest.mark.cuda
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-4}
 
@@ -80,16 +88,20 @@ def relative_errors(out: torch.Tensor, ref: torch.Tensor, query_lens: list[int])
 
 
 def check_case(backend, query_lens, seq_lens, block_size, num_heads, num_kv_heads, head_dim,
-               dtype, device, seed) -> float:
+               dtype, device, seed, window: int | None = None,
+               soft_cap: float | None = None) -> float:
     """Run ``backend`` and the float32 reference on one random case; return the
     worst per-sequence relative error (asserting it is under tolerance)."""
     q, k, v, cache, meta = make_inputs(query_lens, seq_lens, block_size, num_heads,
                                        num_kv_heads, head_dim, dtype, device, seed)
     scale = head_dim ** -0.5
+    if soft_cap is not None:
+        q = q * 4  # scores of a few caps: the cap bites
     ref_cache = cache.float().clone()
-    ref = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), ref_cache, meta, scale)
+    ref = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), ref_cache, meta, scale,
+                                          window=window, soft_cap=soft_cap)
     poison_allocator(q.numel() * q.element_size(), device)
-    out = backend.forward(q, k, v, cache, meta, scale)
+    out = backend.forward(q, k, v, cache, meta, scale, window=window, soft_cap=soft_cap)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not torch.isnan(out).any(), "NaN in the output (an unwritten element?)"
     # The new keys and values went into their slots.
@@ -104,6 +116,7 @@ def _backend(**kw):
     return TritonPagedBackend(**kw)
 
 
+@cuda
 @pytest.mark.parametrize("kind", ["decode", "verify", "mixed"])
 @pytest.mark.parametrize("heads", [(8, 8), (16, 4), (32, 4), (12, 4)],
                          ids=["mha", "gqa4", "gqa8", "gqa3"])
@@ -119,6 +132,7 @@ def test_matches_reference_bf16(block_size, head_dim, heads, kind):
                torch.bfloat16, "cuda", seed)
 
 
+@cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_matches_reference_other_dtypes(dtype, kind):
@@ -127,6 +141,7 @@ def test_matches_reference_other_dtypes(dtype, kind):
     check_case(_backend(), query_lens, seq_lens, 16, 16, 4, 128, dtype, "cuda", 11)
 
 
+@cuda
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 def test_forced_context_splits(num_splits):
     """Splitting the context among programs (and empty or fully masked
@@ -139,6 +154,72 @@ def test_forced_context_splits(num_splits):
                torch.bfloat16, "cuda", 100 + num_splits)
 
 
+# (window, soft cap): one key, windows inside one block, across chunks and
+# splits, as long as a context, longer than every context; caps alone and with
+# a window (Gemma 2's local layers).
+WINDOW_CASES = [(1, None), (7, None), (16, None), (100, None), (300, None), (5000, None),
+                (None, 1.5), (40, 1.5)]
+
+
+def check_windows_and_caps(device: str, dtype: torch.dtype, head_dim: int = 64,
+                           heads: tuple[int, int] = (4, 2), splits=(None, 3)) -> None:
+    """Every WINDOW_CASES entry over a mixed batch (decodes far past the
+    window, a verification, a prefill chunk over a prefix, a whole prompt),
+    with the launch's own split count and with the context split."""
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
+
+    query_lens, seq_lens = [1, 5, 70, 1, 33], [300, 53, 72, 200, 33]
+    for i, (window, soft_cap) in enumerate(WINDOW_CASES):
+        for num_splits in splits:
+            check_case(TritonPagedBackend(num_splits=num_splits), query_lens, seq_lens, 16,
+                       *heads, head_dim, dtype, device, 40 + i, window=window, soft_cap=soft_cap)
+
+
+def check_reads_only_the_window(device: str) -> None:
+    """Decodes over long contexts with every block wholly before their window
+    set to NaN: a NaN key or value read anywhere would reach the output."""
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
+
+    block_size, window, head_dim = 16, 50, 64
+    seq_lens = [300, 181, 64]
+    q, _, _, cache, meta = make_inputs([1] * 3, seq_lens, block_size, 4, 2, head_dim,
+                                       torch.float32, device, 9)
+    for b, seq_len in enumerate(seq_lens):
+        before = (seq_len - window) // block_size  # blocks wholly outside the window
+        cache[:, meta.block_tables[b, :before].long()] = float("nan")
+    for num_splits in (None, 4):
+        out = TritonPagedBackend(num_splits=num_splits).forward(
+            q, None, None, cache, meta, head_dim ** -0.5, kv_stored=True, window=window)
+        assert not torch.isnan(out).any(), f"read outside the window (splits {num_splits})"
+
+
+def test_window_and_soft_cap_in_the_interpreter():
+    pytest.importorskip("triton", reason="Triton is a dev dependency on Linux")
+    run = subprocess.run([sys.executable, "-m", "tests.workers.test_triton_attention"],
+                         cwd=ROOT, env=child_env(TRITON_INTERPRET="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("ok")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim,heads", [(64, (4, 2)), (128, (32, 8)), (256, (8, 1)),
+                                            (256, (16, 8))])
+def test_windows_and_soft_caps_on_cuda(dtype, head_dim, heads):
+    """Gemma's shapes among them: head_dim 256, one KV head (multi-query)."""
+    check_windows_and_caps("cuda", dtype, head_dim, heads, splits=(None, 1, 3, 8))
+    check_reads_only_the_window("cuda")
+
+
+@cuda
+def test_windowed_rows_are_batch_invariant_on_cuda():
+    from tests.workers.test_torch_attention import check_windowed_rows_are_invariant
+
+    check_windowed_rows_are_invariant(_backend(), "cuda", torch.bfloat16)
+
+
+@cuda
 def test_odd_shapes():
     """head_dim 80 (padded to 128), a group of 7 query heads, block size 8."""
     rng = random.Random(3)
@@ -146,9 +227,12 @@ def test_odd_shapes():
     check_case(_backend(), query_lens, seq_lens, 8, 28, 4, 80, torch.bfloat16, "cuda", 5)
 
 
-def test_cuda_graph_replay_follows_new_inputs():
+@cuda
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (100, 50.0)])
+def test_cuda_graph_replay_follows_new_inputs(window, soft_cap):
     """Captured once, replayed after the metadata tensors change in place."""
     backend = _backend()
+    options = dict(window=window, soft_cap=soft_cap)
     num_seqs, q_len, block_size, heads, head_dim = 4, 5, 16, (32, 8), 128
     max_blocks = 64
     dev = "cuda"
@@ -173,10 +257,10 @@ def test_cuda_graph_replay_follows_new_inputs():
 
     static = load(1)
     static.max_seq_len = max_blocks * block_size  # as the graph runner sets it
-    out = backend.forward(q, k, v, cache, static, head_dim ** -0.5)  # warm-up compile
+    out = backend.forward(q, k, v, cache, static, head_dim ** -0.5, **options)  # warm-up compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = backend.forward(q, k, v, cache, static, head_dim ** -0.5)
+        out = backend.forward(q, k, v, cache, static, head_dim ** -0.5, **options)
     for seed in (2, 3):
         fresh = load(seed)
         for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping"):
@@ -184,11 +268,12 @@ def test_cuda_graph_replay_follows_new_inputs():
         ref_cache = cache.float().clone()
         graph.replay()
         ref = TorchReferenceBackend().forward(q.float(), k.float(), v.float(), ref_cache, fresh,
-                                              head_dim ** -0.5)
+                                              head_dim ** -0.5, **options)
         worst = max(relative_errors(out, ref, [q_len] * num_seqs))
         assert worst < 1e-2
 
 
+@cuda
 def test_model_logits_match_torch_backend(tmp_path):
     """A small random Llama in bf16: the same logits with either backend over a
     prefill, a mixed chunk + decode + verification step, and decodes."""
@@ -234,3 +319,16 @@ def test_model_logits_match_torch_backend(tmp_path):
         assert not torch.isnan(out).any()
         err = float((out - ref).norm() / ref.norm())
         assert err < 2e-2, err
+
+
+if __name__ == "__main__":  # under TRITON_INTERPRET=1: the CPU checks, float32
+    torch.set_num_threads(1)
+    check_windows_and_caps("cpu", torch.float32)
+    check_reads_only_the_window("cpu")
+    from tests.batch_invariance_checks import use_row_invariant_interpreter_dot
+    from tests.workers.test_torch_attention import check_windowed_rows_are_invariant
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
+
+    use_row_invariant_interpreter_dot()  # last: it replaces the interpreter's tl.dot
+    check_windowed_rows_are_invariant(TritonPagedBackend(), "cpu", torch.float32)
+    print("ok")

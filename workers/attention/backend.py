@@ -2,7 +2,9 @@
 
 Every backend does the same two things for one layer: write the new tokens'
 keys and values into the paged KV cache, then let each sequence's queries
-attend causally over its whole context. Backends differ only in how.
+attend causally over its context (the last ``window`` keys on a
+sliding-window layer, with scores soft-capped where the model asks). Backends
+differ only in how.
 
 A KV cache is one tensor per layer, ``[2, num_blocks, block_size, Hkv, D]``
 (index 0 keys, 1 values); ``slot = block_id * block_size + offset``.
@@ -31,7 +33,8 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
-                scale: float, kv_stored: bool = False) -> torch.Tensor:
+                scale: float, kv_stored: bool = False, window: int | None = None,
+                soft_cap: float | None = None) -> torch.Tensor:
         """Attend ``q [T, Hq, D]`` over each sequence's context; returns ``[T, Hq, D]``.
 
         ``k, v [T, Hkv, D]`` are the new tokens' keys and values; they are
@@ -40,6 +43,12 @@ class AttentionBackend(ABC):
         v may then be None). Query i of a sequence with q_len queries and
         context seq_len is at position ``seq_len - q_len + i`` and sees the
         keys at positions up to its own.
+
+        ``window`` (a sliding-window layer) counts the keys a query sees,
+        itself included, as Hugging Face's ``sliding_window`` does: the query
+        at position p sees keys ``p - window + 1 .. p``. ``soft_cap`` bounds
+        each scaled score s to ``soft_cap * tanh(s / soft_cap)`` before the
+        softmax (Gemma 2's attention soft-capping).
         """
 
     @staticmethod
@@ -50,6 +59,23 @@ class AttentionBackend(ABC):
         flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
         flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
         flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def check_window_and_cap(window: int | None, soft_cap: float | None) -> None:
+    """Refuse a window or soft cap no attention could honour."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"attention window must be a positive int or None, got {window!r}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"attention soft_cap must be > 0 or None, got {soft_cap!r}")
+
+
+def first_visible_key(query_len: int, seq_len: int, window: int | None) -> int:
+    """The first key position any of a sequence's new queries sees: 0 under
+    full attention, else its first query's window start."""
+    if window is None:
+        return 0
+    return max(0, seq_len - query_len - window + 1)
 
 
 # name -> (module path, class name, available on this device?). Modules are

@@ -25,6 +25,13 @@ Grid: ``(num_query_tiles * num_splits, num_seqs, num_kv_heads)``.
   sees the cached prefix plus the draft tokens before it), and a prefill chunk
   over a cached prefix. A tile stops at the last key its last query can see,
   so prefill tiles skip the upper triangle.
+* **Sliding window, soft cap** (per layer, constexpr flags). A window of W
+  adds ``j > position - W`` to the mask, and a tile reads keys from its
+  first query's first visible one on (its chunk walk starts at that key's
+  chunk), so a long context costs a decode only its window (and the split
+  heuristic sees only the window's length).
+  Soft-capping maps each scaled score s to ``cap * tanh(s / cap)``, tanh
+  from ``exp2`` (Triton's interpreter has no libdevice).
 * **Prefill path.** Same kernel with query tiling: when
   ``next_pow2(max_query_len) * GROUP`` exceeds 64 rows the tile is 64 rows
   (``64 // GROUP`` query positions) and a long chunk becomes several tiles.
@@ -42,7 +49,10 @@ and the query tile is the prefill path's for every batch (its shape depends
 on the GQA group alone). A query's row then goes through MMAs of one shape
 over the same key chunks, counted from position 0, in the same order; chunks
 past its own position are masked and change nothing, so its output does not
-depend on the batch, its sequence's query count or where a chunk began.
+depend on the batch, its sequence's query count or where a chunk began. With
+a window a tile starts at its first query's window: the chunks before a row's
+own window are masked for it too, and change nothing (the running max starts
+finite: an all-masked chunk scales by exp2(0) = 1 and adds 0).
 
 Nothing here reads device values on the host: launch sizes come from the
 metadata's host fields (``max_query_len``, ``max_seq_len``) and the shapes of
@@ -59,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specserve.workers.attention.backend import AttentionBackend
+from specserve.workers.attention.backend import AttentionBackend, check_window_and_cap
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.kernels.batch_invariant import batch_invariant
 
@@ -77,14 +87,19 @@ _MAX_SPLITS = 32
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    scale_log2, num_splits,
+    qk_scale, cap_log2, window, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_bt,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
+    """Scores are ``dot * qk_scale`` in base 2 (``qk_scale`` = scale * log2 e);
+    with SOFT_CAP, ``cap_log2 * tanh(dot * qk_scale)`` (``qk_scale`` =
+    scale / cap, ``cap_log2`` = cap * log2 e). With HAS_WINDOW a query sees
+    the ``window`` keys up to its own."""
     pid = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -119,12 +134,18 @@ def _paged_attention_kernel(
     last_q = tl.minimum(first_q + BLOCK_Q, q_len) - 1
     kv_end = first_pos + last_q + 1
     num_chunks = tl.cdiv(kv_end, BLOCK_N)
+    # Keys before the first query's window are never read.
+    if HAS_WINDOW:
+        kv_start = tl.maximum(first_pos + first_q - window + 1, 0)
+    else:
+        kv_start = 0
+    first_chunk = kv_start // BLOCK_N
     if SPLIT:
-        per_split = tl.cdiv(num_chunks, num_splits)
-        chunk_lo = split * per_split
+        per_split = tl.cdiv(num_chunks - first_chunk, num_splits)
+        chunk_lo = first_chunk + split * per_split
         chunk_hi = tl.minimum(chunk_lo + per_split, num_chunks)
     else:
-        chunk_lo = 0
+        chunk_lo = first_chunk
         chunk_hi = num_chunks
 
     # Finite start for the running max: a row whose keys are all masked keeps
@@ -137,7 +158,7 @@ def _paged_attention_kernel(
 
     for chunk in range(chunk_lo, chunk_hi):
         j = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-        j_ok = j < kv_end
+        j_ok = (j < kv_end) & (j >= kv_start)
         block = tl.load(table + j // BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
         kv_off = block * stride_kb + (j % BLOCK_SIZE) * stride_ks + head_off
         kv_mask = j_ok[:, None] & d_ok[None, :]
@@ -146,8 +167,15 @@ def _paged_attention_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             qk = tl.dot(q, tl.trans(k))
-        qk = qk * scale_log2
-        qk = tl.where(j[None, :] <= q_pos[:, None], qk, float("-inf"))
+        qk = qk * qk_scale
+        if SOFT_CAP:  # tanh from exp2, stable at both ends
+            t = tl.exp2(-2.885390081777927 * tl.abs(qk))  # e^(-2|x|)
+            tanh = (1.0 - t) / (1.0 + t)
+            qk = cap_log2 * tl.where(qk < 0, -tanh, tanh)
+        visible = j[None, :] <= q_pos[:, None]
+        if HAS_WINDOW:
+            visible = visible & (j[None, :] > q_pos[:, None] - window)
+        qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
@@ -288,12 +316,15 @@ class TritonPagedBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
-                scale: float, kv_stored: bool = False) -> torch.Tensor:
+                scale: float, kv_stored: bool = False, window: int | None = None,
+                soft_cap: float | None = None) -> torch.Tensor:
         """See ``AttentionBackend.forward``. Without a cache (a memory-profile
         forward over whole prompts) this defers to the torch reference."""
+        check_window_and_cap(window, soft_cap)
         if kv_cache is None:
             from specserve.workers.attention.torch_ref import TorchReferenceBackend
-            return TorchReferenceBackend().forward(q, k, v, None, meta, scale)
+            return TorchReferenceBackend().forward(q, k, v, None, meta, scale,
+                                                   window=window, soft_cap=soft_cap)
         if not kv_stored:
             write_kv_triton(k, v, kv_cache, meta.slot_mapping)
         num_tokens, num_heads, head_dim = q.shape
@@ -314,8 +345,11 @@ class TritonPagedBackend(AttentionBackend):
         block_n = self.block_n or max(block_size, 64 if block_d <= 128 else 32)
         if block_n % block_size:
             block_n = block_size * (-(-block_n // block_size))
+        # A window bounds the keys any tile reads, whatever the context.
+        span = meta.max_seq_len if window is None else min(
+            meta.max_seq_len, window + meta.max_query_len - 1)
         splits = 1 if invariant else self._splits(num_q_tiles * num_seqs * num_kv_heads,
-                                                  meta.max_seq_len, block_n, q.device)
+                                                  span, block_n, q.device)
         # 4 warps: on an H100, 8 were no faster for decode and 27% slower for
         # a 4 x 512-token prefill chunk (benchmarks/attention_kernels.py).
         num_warps = self.num_warps or 4
@@ -334,7 +368,8 @@ class TritonPagedBackend(AttentionBackend):
         _paged_attention_kernel[grid](
             q, k_cache, v_cache, out, part_out, part_lse,
             meta.query_start_loc, meta.seq_lens, meta.block_tables,
-            scale * _LOG2E, splits,
+            scale * _LOG2E if soft_cap is None else scale / soft_cap,
+            0.0 if soft_cap is None else soft_cap * _LOG2E, window or 0, splits,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
@@ -342,6 +377,7 @@ class TritonPagedBackend(AttentionBackend):
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_SIZE=block_size, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+            HAS_WINDOW=window is not None, SOFT_CAP=soft_cap is not None,
             num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:
