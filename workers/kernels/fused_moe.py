@@ -174,23 +174,23 @@ def align_assignments(topk_ids: torch.Tensor, num_experts: int,
                       block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The assignments (flat indices into ``topk_ids``) sorted by expert, each
     expert's run padded to a multiple of ``block_m`` with ``topk_ids.numel()``:
-    (sorted slots ``[max_padded]``, each block's expert ``[max_padded // block_m]``,
+    (sorted slots ``[rows]``, each block's expert ``[rows // block_m]``,
     the padded length ``[1]``). Sizes depend on the token count only; blocks
     past the padded length are never read."""
     num_assignments = topk_ids.numel()
-    max_padded = _max_padded(num_assignments, num_experts, block_m)
+    rows = max_padded_rows(num_assignments, num_experts, block_m)
     device = topk_ids.device
-    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
+    sorted_ids = torch.empty(rows, dtype=torch.int32, device=device)
+    block_expert = torch.empty(rows // block_m, dtype=torch.int32, device=device)
     total = torch.empty(1, dtype=torch.int32, device=device)
     experts = triton.next_power_of_2(num_experts)
-    _align_kernel[(1,)](topk_ids, sorted_ids, block_expert, total, num_assignments, max_padded,
-                        max_padded // block_m, EXPERTS=experts, BLOCK_M=block_m,
+    _align_kernel[(1,)](topk_ids, sorted_ids, block_expert, total, num_assignments, rows,
+                        rows // block_m, EXPERTS=experts, BLOCK_M=block_m,
                         CHUNK=max(16, 4096 // experts), num_warps=4)
     return sorted_ids, block_expert, total
 
 
-def _max_padded(num_assignments: int, num_experts: int, block_m: int) -> int:
+def max_padded_rows(num_assignments: int, num_experts: int, block_m: int) -> int:
     """The most rows the sorted blocks can take: each expert in use pads its
     run by fewer than ``block_m`` rows."""
     padded = num_assignments + min(num_experts, num_assignments) * (block_m - 1)
