@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from specserve.workers.kernels import activation, gemv, norm, rotary
+from specserve.workers.kernels import activation, fp8, gemv, norm, rotary
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -65,6 +65,20 @@ def check_gemv(device: str, dtype: torch.dtype, n: int, k: int) -> None:
     assert gemv.gemv_fits(x, w), (n, k)
     want = torch.nn.functional.linear(x.float(), w.float()).to(dtype)
     _close(gemv.linear(x, w), want, dtype, f"gemv {n}x{k}")
+
+
+def check_fp8_gemv(device: str, dtype: torch.dtype, n: int, k: int, bias: bool) -> None:
+    """The FP8 GEMV (one row) against the same sum computed in float32 from
+    the quantized values: the scaled matmul's arithmetic."""
+    g = torch.Generator().manual_seed(3 * n + k)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    wq, w_scale = fp8.quantize_rows((torch.randn(n, k, generator=g) / k ** 0.5).to(device))
+    b = torch.randn(n, generator=g).to(device, dtype) if bias else None
+    assert fp8._gemv_fits(x, wq), (n, k)
+    xq, x_scale = fp8.quantize_rows(x)
+    want = (xq.float() @ wq.float().t()) * x_scale * w_scale.t()
+    want = (want + b.float() if bias else want).to(dtype)
+    _close(fp8.fp8_linear(x, wq, w_scale, b), want, dtype, f"fp8 gemv {n}x{k}")
 
 
 def check_rotary_store(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int,
@@ -146,6 +160,8 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
         # Even and uneven K tiles, square and tall weights.
         for n, k in ((32, 64), (48, 688), (4096, 4096), (256, 11008)):
             check_gemv(device, dtype, n, k)
+        for n, k, bias in ((32, 64, False), (48, 688, True), (256, 2048, False)):
+            check_fp8_gemv(device, dtype, n, k, bias)
 
 
 if __name__ == "__main__":

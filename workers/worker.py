@@ -56,7 +56,8 @@ class Worker:
         target_cfg = load_hf_config(mc.model)
         dtype = resolve_dtype(mc.dtype, target_cfg, self.device)
         target = load_model(mc.model, dtype, self.device, mc.load_format, seed=mc.seed,
-                            batch_invariant=invariant, tp=self.target_tp)
+                            batch_invariant=invariant, tp=self.target_tp,
+                            quantization=mc.quantization)
         draft, draft_cfg = None, None
         if sc.draft_model is not None:
             draft_cfg = load_hf_config(sc.draft_model)
@@ -65,7 +66,8 @@ class Worker:
                     f"the draft {sc.draft_model} has a vocabulary of {draft_cfg.vocab_size} "
                     f"tokens, the target {mc.model} of {target_cfg.vocab_size}: they must share one")
             draft = load_model(sc.draft_model, dtype, self.device, mc.load_format,
-                               seed=mc.seed + 1, batch_invariant=invariant, tp=self.draft_tp)
+                               seed=mc.seed + 1, batch_invariant=invariant, tp=self.draft_tp,
+                               quantization=sc.draft_quantization)
         shapes = [ModelShape.from_hf_config(c, tp.size)
                   for c, tp in ((target_cfg, self.target_tp), (draft_cfg, self.draft_tp))
                   if c is not None]

@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 EXECUTORS = ("local", "ray")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("fp8",)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -31,6 +32,10 @@ class ModelConfig:
     load_format: str = "auto"
     max_model_len: int | None = None
     seed: int = 0
+    quantization: str | None = field(default=None, metadata={"choices": QUANTIZATIONS, "help": (
+        "Quantize the target's projections at load: fp8 (E4M3 weights with a scale per output "
+        "row, activations scaled per token; needs an Ada or Hopper GPU, or the CPU). An FP8 "
+        "checkpoint is served in FP8 without it.")})
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -38,6 +43,8 @@ class ModelConfig:
                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         _check(self.max_model_len is None or self.max_model_len > 0,
                f"max_model_len must be > 0, got {self.max_model_len}")
+        _check(self.quantization in (None, *QUANTIZATIONS),
+               f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
 
 
 @dataclass
@@ -47,10 +54,16 @@ class SpeculativeConfig:
     draft_model: str | None = None
     num_speculative_tokens: int = 4
     adaptive_speculation: bool = False
+    draft_quantization: str | None = field(default=None, metadata={
+        "choices": QUANTIZATIONS,
+        "help": "Quantize the draft's projections at load (as --quantization, for the draft)."})
 
     def __post_init__(self) -> None:
         _check(0 <= self.num_speculative_tokens <= 16,
                f"num_speculative_tokens must be in [0, 16], got {self.num_speculative_tokens}")
+        _check(self.draft_quantization in (None, *QUANTIZATIONS),
+               f"draft_quantization must be one of {QUANTIZATIONS}, got "
+               f"{self.draft_quantization!r}")
 
     @property
     def enabled(self) -> bool:

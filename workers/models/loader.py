@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
+from specserve.workers.models import quantization as quant
 from specserve.workers.models.llama import LlamaForCausalLM
 from specserve.workers.models.mixtral import MixtralForCausalLM
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
@@ -220,9 +221,11 @@ def _pieces(model: torch.nn.Module, stored: str) -> list[tuple[str, tuple]]:
 
 
 @torch.no_grad()
-def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
+def load_weights(model: LlamaForCausalLM, model_dir: str,
+                 scales: dict[str, torch.Tensor] | None = None) -> None:
     """Fill every parameter of ``model`` (this rank's share of it) from the
-    checkpoint in ``model_dir``."""
+    checkpoint in ``model_dir``. With ``scales`` (an FP8 checkpoint), its
+    weight scales are collected there, its FP8 weights read exactly."""
     files, weight_map = _weight_files(model_dir)
     targets = _checkpoint_targets(model)
     shapes = checkpoint_shapes(model.config)
@@ -234,9 +237,13 @@ def load_weights(model: LlamaForCausalLM, model_dir: str) -> None:
         with _open(path) as f:
             for stored in f.keys():
                 for name, index in _pieces(model, stored):
+                    if scales is not None and name.endswith(quant.SCALE_SUFFIX):
+                        scales[name] = f.get_tensor(stored)
+                        continue
                     if name not in shapes:
                         tied_head = name == "lm_head.weight" and model.lm_head is None
-                        if not tied_head and not name.endswith(_IGNORED_SUFFIXES):
+                        if not tied_head and not name.endswith(
+                                _IGNORED_SUFFIXES + quant.IGNORED_SUFFIXES):
                             unexpected.append(stored)
                         continue
                     for target in targets.get(name, ()):
@@ -290,7 +297,8 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
                load_format: str = "auto", *, attention_backend: AttentionBackend | None = None,
                seed: int = 0, batch_invariant: bool = False,
-               tp: TensorParallel = SINGLE_RANK) -> LlamaForCausalLM:
+               tp: TensorParallel = SINGLE_RANK,
+               quantization: str | None = None) -> LlamaForCausalLM:
     """Build the model of ``model_dir`` on ``device`` in ``dtype``, in eval mode.
 
     ``load_format``: ``auto``/``safetensors`` read the checkpoint; ``dummy``
@@ -298,12 +306,17 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     ``batch_invariant``: compute each token independently of its batch
     (``LlamaForCausalLM.batch_invariant``). ``tp``: this rank's
     tensor-parallel group; the rank builds and reads only its shard.
+    ``quantization="fp8"``: FP8 projections (workers/models/quantization.py);
+    an FP8 checkpoint is served in FP8 whatever it says.
     """
     if load_format not in ("auto", "safetensors", "dummy"):
         raise ValueError(f"unknown load_format {load_format!r}; expected auto, safetensors or dummy")
     device = torch.device(device)
     hf_config = load_hf_config(model_dir)
     check_architecture(hf_config, model_dir)
+    stored_fp8 = quant.checkpoint_quantization(hf_config) == "fp8"
+    quantization = "fp8" if stored_fp8 else quantization
+    quant.check_quantization(quantization, device, batch_invariant)
     try:
         with torch.device("meta"):  # no memory, no random init: every value is written below
             model = MODEL_CLASSES[model_architecture(hf_config)](hf_config, tp=tp)
@@ -312,8 +325,14 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
     model = model.to(dtype).to_empty(device=device)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
+    elif stored_fp8:
+        scales: dict[str, torch.Tensor] = {}
+        load_weights(model, model_dir, scales)
+        quant.apply_checkpoint_scales(model, _checkpoint_targets(model), scales)
     else:
         load_weights(model, model_dir)
+    if quantization == "fp8":
+        quant.quantize_model(model)  # what the checkpoint did not quantize
     model.set_attention_backend(attention_backend or get_attention_backend(device))
     model.batch_invariant = batch_invariant
     return model.eval().requires_grad_(False)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.workers.kernels import linear
+from specserve.workers.kernels.fp8 import fp8_linear, quantize_rows
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
 
 
@@ -37,7 +38,30 @@ class Region(NamedTuple):
 WHOLE = (Region(0, (), None),)
 
 
-class ColumnParallelLinear(nn.Module):
+class ParallelLinear(nn.Module):
+    """What both kinds of parallel projection share: a 16-bit weight, or
+    (after ``quantize_fp8``) an FP8 one with a scale per output row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight_scale", None)  # set by quantize_fp8 / set_fp8
+
+    def quantize_fp8(self) -> None:
+        """Replace this rank's weight by its FP8 rows and their scales
+        (workers/kernels/fp8.py); ``set_fp8`` when they come quantized."""
+        self.set_fp8(*quantize_rows(self.weight.data))
+
+    def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale", scale.float().reshape(-1, 1).contiguous())
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is None:
+            return linear(x, self.weight, bias)
+        return fp8_linear(x, self.weight, self.weight_scale, bias)
+
+
+class ColumnParallelLinear(ParallelLinear):
     """One or several projections of the same input fused into one matmul,
     this rank's rows of each. ``shards[i] = (start, length)`` of projection i's
     full output (default: an even split); ``shard_slice(i)`` is where they sit."""
@@ -60,10 +84,10 @@ class ColumnParallelLinear(nn.Module):
                      for i, (start, length) in enumerate(self.shards))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.project(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ParallelLinear):
     """``y = x W^T + b`` over this rank's share of the input features; the
     partial products are summed over the ranks, then the bias is added once."""
 
@@ -83,8 +107,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(linear(x, self.weight))
+            return self.project(x, self.bias)
+        y = self.tp.all_reduce(self.project(x, None))
         return y if self.bias is None else y + self.bias
 
 

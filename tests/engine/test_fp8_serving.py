@@ -1,0 +1,38 @@
+"""FP8 weights through the engine on the CPU: speculation stays exact with
+respect to the model served (an FP8 target decodes the same greedy tokens
+with speculation on and off), and an FP8 draft never changes the target's
+tokens, only how many it accepts."""
+
+from __future__ import annotations
+
+import pytest
+
+from specserve import LLM, SamplingParams
+from tests.pair_factory import make_pair
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "for i in range(10):\n    "]
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+def tokens(pair, k: int, **kw) -> list[list[int]]:
+    target, draft = pair
+    llm = LLM(model=target, draft_model=draft, num_speculative_tokens=4, dtype="float32",
+              kv_cache_memory=1 << 24, block_size=4, **kw)
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, num_speculative_tokens=k)]
+
+
+def test_an_fp8_target_speculates_exactly(pair):
+    plain = tokens(pair, 0, quantization="fp8")
+    assert tokens(pair, 4, quantization="fp8") == plain
+    assert plain != tokens(pair, 0)  # FP8 is a different model, served as itself
+
+
+def test_an_fp8_draft_keeps_the_16_bit_targets_tokens(pair):
+    assert tokens(pair, 4, draft_quantization="fp8") == tokens(pair, 0)

@@ -1,0 +1,117 @@
+"""FP8 (E4M3) linear layers: weights per output channel, activations per token.
+
+A weight row n is stored as q[n] = W[n] / s_w[n] in float8_e4m3fn with
+s_w[n] = max|W[n]| / 448 (the format's largest finite value), so every row
+uses the whole range. Activations are quantized the same way per token at
+run time (dynamic scaling: no calibration). Then
+
+    y[t, n] = s_x[t] * s_w[n] * sum_k q_x[t, k] * q_w[n, k]
+
+computed by ``torch._scaled_mm`` (FP8 tensor cores on Ada and Hopper; torch's
+CPU build has it too, which is what the tests use), and for one row (batch-1
+decode, where the time is all in reading weights, now half the bytes) by a
+Triton GEMV over the FP8 weights. Each token's output depends on that token
+alone, as for 16-bit weights, so speculation stays exact with respect to the
+quantized model: the draft's proposals are verified against the same FP8
+target that decodes without speculation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.workers.kernels.gemv import gemv_config
+from specserve.workers.kernels.triton_support import triton_available, use_triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_MIN_SCALE = 1e-12  # an all-zero row or token keeps a finite scale
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fp8_gemv_kernel(xq_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, K, stride_w,
+                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EVEN_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(xq_ptr + k0 + k)
+                w = tl.load(rows + (k0 + k)[None, :])
+            else:
+                ok = k0 + k < K
+                x = tl.load(xq_ptr + k0 + k, mask=ok, other=0.0)
+                w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1) * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + n)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + n).to(tl.float32)
+        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
+
+
+def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
+    """Whether FP8 matmuls run on ``device``, and if not, why."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True, ""
+    if device.type != "cuda":
+        return False, f"FP8 is not supported on {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return False, (f"FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                       f"{name} is {major}.{minor}")
+    return True, ""
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 values, float32 scales [rows, 1]): each row of ``x`` scaled so
+    its largest magnitude maps to the format's largest value."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [T, K]`` times an FP8 ``weight [N, K]`` with ``weight_scale [N, 1]``
+    (from ``quantize_rows``), plus ``bias``; in ``x``'s dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, x_scale = quantize_rows(x2)
+    if _gemv_fits(x2, weight):
+        out = _fp8_gemv(xq, x_scale, weight, weight_scale, bias, x.dtype)
+    else:
+        out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
+                               bias=None, out_dtype=out_dtype)
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        out = out.to(x.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return (x.shape[0] == 1 and use_triton(x) and weight.stride(1) == 1
+            and n % gemv_config(n, k)[0] == 0)
+
+
+def _fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+              weight_scale: torch.Tensor, bias: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor:
+    n, k = weight.shape
+    # Half the bytes of a 16-bit row: twice the K per tile for the same load width.
+    block_n, block_k, num_warps, num_stages = gemv_config(n, k)
+    block_k = min(2 * block_k, triton.next_power_of_2(k))
+    out = torch.empty((1, n), dtype=dtype, device=xq.device)
+    _fp8_gemv_kernel[(n // block_n,)](
+        xq, x_scale, weight, weight_scale, bias if bias is not None else out, out, k,
+        weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+    return out
