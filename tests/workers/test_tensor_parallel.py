@@ -2,7 +2,8 @@
 (processes) gives the logits of the unsplit model, for the attention layouts
 that split differently (KV heads split, KV heads replicated), tied and untied
 LM heads, biases on column- and row-parallel projections, a vocabulary that
-does not divide evenly, and dummy weights; each rank holds only its shard."""
+does not divide evenly, checkpoints that store q/k/v and gate/up fused
+(Phi-3), and dummy weights; each rank holds only its shard."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ CASES = {
     "all-biases-head_dim32": dict(num_heads=4, num_kv_heads=2, head_dim=32, qkv_bias=True,
                                   mlp_bias=True),
     "odd-vocab": dict(num_heads=4, num_kv_heads=4, vocab_size=251),
+    # Phi-3 stores q/k/v and gate/up fused: each rank reads its rows of each part (at 4 ranks
+    # the replicated KV heads'); the steps' positions cross LongRoPE's original context (8).
+    "phi3-fused-longrope": dict(arch="phi3", num_heads=4, num_kv_heads=2,
+                                max_position_embeddings=64, original_max_position_embeddings=8,
+                                rope_scaling={"rope_type": "longrope",
+                                              "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                              "long_factor": [2.0 + 3.0 * i for i in range(8)]}),
+    # Each expert split by its intermediate dimension, from per-expert and stacked tensors.
+    "mixtral": dict(arch="mixtral", num_heads=4, num_kv_heads=2),
+    "mixtral-stacked": dict(arch="mixtral", num_heads=4, num_kv_heads=2, stacked_experts=True),
 }
 
 
@@ -39,7 +50,8 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("size,draft_size", [(2, 1), (4, 2)])
 def test_split_models_give_the_unsplit_logits(size, draft_size, checkpoints, tmp_path):
-    names = list(CASES) if size == 2 else ["gqa-kv-split", "kv-replicated-tied"]
+    names = list(CASES) if size == 2 else ["gqa-kv-split", "kv-replicated-tied",
+                                           "phi3-fused-longrope"]
     cases = [(n, checkpoints[n], "auto") for n in names]
     cases.append(("dummy", checkpoints["gqa-kv-split"], "dummy"))
     # A draft in groups of draft_size ranks: at 4 ranks, two groups of two.

@@ -94,7 +94,8 @@ if triton_available():
             if EVEN_K:
                 a_mask, w_mask = valid[:, None], n_ok[None, :]
             else:
-                a_mask, w_mask = valid[:, None] & (kk < K)[None, :], (kk < K)[:, None] & n_ok[None, :]
+                k_ok = kk < K
+                a_mask, w_mask = valid[:, None] & k_ok[None, :], k_ok[:, None] & n_ok[None, :]
             a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
             w = tl.load(w_cols + kk[:, None], mask=w_mask, other=0.0)
             if IEEE:
@@ -242,7 +243,8 @@ def _check_shapes(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if x.shape[1] != h or two_i % 2 or tuple(w2.shape) != (e, h, i):
         raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 "
                          f"{tuple(w2.shape)} do not agree (want [T, H], [E, 2I, H], [E, H, I])")
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0] or topk_weights.shape != topk_ids.shape:
+    tokens = x.shape[0]
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != tokens or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"fused_moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
                          f"{tuple(topk_ids.shape)} must both be [T, k] with T = {x.shape[0]}")
     if topk_weights.dtype != torch.float32:
