@@ -464,8 +464,9 @@ class HTTPServer:
         try:
             sock = socket.create_server((self.host, self.port))
         except OSError as exc:
-            raise OSError(f"cannot listen on {self.host}:{self.port} for HTTP: "
-                          f"{exc.strerror or exc} (is the port in use?)") from None
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(f"cannot listen on {self.host}:{self.port} for HTTP: {reason} "
+                          "(is the port in use?)") from None
         self.port = sock.getsockname()[1]
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

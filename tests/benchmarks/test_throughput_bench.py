@@ -34,7 +34,7 @@ def pair(tmp_path_factory):
 def server(pair):
     target, draft = pair
     config = EngineConfig.from_kwargs(model=target, draft_model=draft, **ENGINE_OPTIONS)
-    srv = BackgroundServer(config, port=0).start()
+    srv = BackgroundServer(config, port=0, http_port=0).start()
     yield srv
     srv.stop()
 
@@ -174,20 +174,57 @@ def test_dataset_prompts(server, tmp_path):
     assert requests[1]["prompt_tokens"] == 4
 
 
-def test_unreachable_server_is_reported_as_errors(tmp_path, capsys):
+@pytest.mark.parametrize("scheme", ["", "grpc://", "http://"])
+def test_no_server_stops_it_with_one_line_before_any_load(scheme, tmp_path, capsys):
     out = tmp_path / "bad.json"
-    address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    rc = run_main("--target-address", address, "--num-requests", "5", "--input-len", "4",
-                  "--output-len", "4", "--timeout", "5", "--warmup-requests", "0",
-                  "--json", str(out))
-    assert rc == 1
+    address = f"{scheme}127.0.0.1:{free_port()}"  # nothing listens there
+    rc = run_main("--endpoint", address, "--num-requests", "5", "--input-len", "4",
+                  "--output-len", "4", "--timeout", "5", "--json", str(out))
+    assert rc == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"throughput: no server ready at {address} (")
+    assert line.endswith("nothing was sent")
+    assert not out.exists()
+
+
+def test_failed_requests_are_counted_by_status(server, tmp_path, capsys):
+    out = tmp_path / "fail.json"
+    rc = run_main("--endpoint", server.address, "--num-requests", "3", "--input-len", "600",
+                  "--output-len", "4", "--warmup-requests", "0", "--json", str(out))
+    assert rc == 1  # prompts longer than the context: refused
     s = json.loads(out.read_text())["runs"][0]["summary"]
-    assert s["completed"] == 0 and s["failed"] == 5
-    assert set(s["errors"]) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
-    assert sum(s["errors"].values()) == 5
-    assert "failed: " in capsys.readouterr().out
-    assert run_main("--target-address", address, "--num-requests", "2", "--input-len", "4",
-                    "--output-len", "4", "--timeout", "5", "--allow-errors") == 0
+    assert (s["completed"], s["errors"]) == (0, {"INVALID_ARGUMENT": 3})
+    assert "failed: INVALID_ARGUMENT" in capsys.readouterr().out
+
+
+def test_the_http_api_under_the_same_load(server, tmp_path):
+    """--endpoint http://: streamed /v1/completions with the figures gRPC gives."""
+    url = f"http://127.0.0.1:{server.server.http_port}"
+    runs = {}
+    for name, endpoint in (("http", url), ("grpc", f"grpc://{server.address}")):
+        out = tmp_path / f"{name}.json"
+        assert run_main("--endpoint", endpoint, "--num-requests", "6", "--input-len", "8:16",
+                        "--output-len", "6:12", "--max-concurrency", "3", "--json",
+                        str(out)) == 0
+        runs[name] = json.loads(out.read_text())["runs"][0]
+    http, grpc_run = runs["http"], runs["grpc"]
+    assert http["summary"]["completed"] == 6 and http["summary"]["errors"] == {}
+    for r in http["requests"]:
+        assert r["output_tokens"] == r["completion_tokens"] == r["max_tokens"]
+        assert sum(r["message_tokens"]) == r["output_tokens"]  # per-chunk counts from usage
+        assert 0 < r["ttft"] <= r["e2e"] and r["finish_reason"] == "length"
+        assert 0 <= r["draft_tokens_accepted"] <= r["draft_tokens_proposed"]
+        assert 1 <= r["steps"] <= r["output_tokens"]
+    for run in (http, grpc_run):
+        assert run["summary"]["total_output_tokens"] == sum(r["max_tokens"]
+                                                            for r in run["requests"])
+    assert http["summary"]["draft_tokens_proposed"] > 0
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        check_stats(http["summary"][name])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--endpoint", "ftp://127.0.0.1:1"])
 
 
 def test_starts_its_own_server(pair, capsys):

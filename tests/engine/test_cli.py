@@ -156,3 +156,112 @@ def test_wait_ready_gives_up_with_a_clear_message(capsys):
     assert cli.main(["info", "--port", port, "--wait-ready", "0.5"]) == 1
     _, err = capsys.readouterr()
     assert "no server ready" in err
+
+
+# -- front-door checks: ports, argparse errors, extras, busy ports -----------------------------
+@pytest.mark.parametrize("argv, flag, lowest", [
+    (["serve", "--port", "99999"], "--port", 0),
+    (["serve", "--http-port", "70000"], "--http-port", 1),
+    (["serve", "--metrics-port", "-1"], "--metrics-port", 0),
+    (["generate", "x", "--port", "0"], "--port", 1),
+])
+def test_a_port_out_of_range_is_refused_in_one_line(argv, flag, lowest, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"specserve {argv[0]}: error: argument {flag}: a port must be an integer in "
+                   f"[{lowest}, 65535], got '{argv[argv.index(flag) + 1]}'",
+                   f"Try 'specserve {argv[0]} --help' for the options."]
+
+
+def test_argparse_errors_are_one_line_and_point_to_help(capsys):
+    for argv, prog in ((["serve", "--bogus"], "specserve serve"), ([], "specserve"),
+                       (["generate", "x", "--max-tokens", "many"], "specserve generate")):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 2 and err[0].startswith(f"{prog}: error: "), err
+        assert err[1] == f"Try '{prog} --help' for the options."
+
+
+def test_the_server_ports_must_differ():
+    with pytest.raises(SystemExit, match="--http-port 9000 is also --port"):
+        cli.check_ports(_serve_args("--port", "9000", "--http-port", "9000"))
+    with pytest.raises(SystemExit, match="--metrics-port 9100 is also --http-port"):
+        cli.check_ports(_serve_args("--http-port", "9100", "--metrics-port", "9100"))
+    cli.check_ports(_serve_args("--port", "0", "--http-port", "8000"))  # 0 and off never clash
+
+
+def test_executor_ray_without_ray_names_the_extra(tmp_path, monkeypatch):
+    find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        cli.engine_config_from_args(_serve_args("--model", str(tmp_path), "--executor", "ray"))
+    assert exc.value.code == ("specserve serve: --executor ray needs Ray, which is not "
+                              "installed: pip install 'specserve[ray]'")
+    assert cli.engine_config_from_args(_serve_args("--model", str(tmp_path)))  # local: no Ray
+
+
+@pytest.mark.parametrize("flag", ["--metrics-port", "--http-port"])
+def test_a_busy_port_is_named_and_nothing_is_left_listening(flag, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        grpc_port = free_port()
+        rc = cli.main(["serve", "--port", str(grpc_port), flag, str(busy_port),
+                       "--log-level", "error"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"127.0.0.1:{busy_port}" in err and "in use" in err and "Traceback" not in err
+    with socket.socket() as again:  # the gRPC server that did start was stopped
+        again.bind(("127.0.0.1", grpc_port))
+
+
+def test_a_busy_grpc_port_prints_one_line_and_no_grpc_log():
+    import socket
+    import subprocess
+    import sys
+
+    from tests.subprocess_env import ROOT, child_env
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "specserve.engine.cli", "serve", "--port",
+                              str(port), "--log-level", "error"], cwd=ROOT, env=child_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert (run.stdout + run.stderr).splitlines() == [
+        f"specserve serve: cannot listen on 127.0.0.1:{port} (is the port in use?)"]
+
+
+def test_generate_prints_logprobs(fake_server, capsys):
+    port = fake_server.address.rsplit(":", 1)[1]
+    rc = cli.main(["generate", "hello", "--port", port, "--max-tokens", "3", "--temperature",
+                   "0", "--logprobs", "2"])
+    _, err = capsys.readouterr()
+    assert rc == 0
+    lines = err.splitlines()
+    start = lines.index("-- logprobs (token, logprob | top alternatives)")
+    tokens = expected_tokens(FakeTokenizer().encode("hello"), 3)
+    for line, token in zip(lines[start + 1:start + 4], tokens):
+        # the fake server's target is no directory here: tokens show as their ids
+        assert line.split() == [f"#{token}", "-0.5000", "|", f"#{token}", "-0.5000,", "#0",
+                                "-2.0000"]
+    assert "completion_tokens=3" in lines[start + 4]
+
+
+def test_token_texts_come_from_the_targets_tokenizer():
+    target = f"{llm_engine.DEFAULT_MODELS_DIR}/target"
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(target)("def add").input_ids
+    texts = cli.token_texts(target, set(ids))
+    assert "".join(texts[i] for i in ids) == "def add"
+    assert cli.token_texts("/no/such/dir", {1}) == {}
