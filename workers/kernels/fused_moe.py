@@ -129,11 +129,14 @@ class MoeConfig(NamedTuple):
     num_stages: int
 
 
-# Few assignments per expert (decode, verification): small row blocks, so
-# little of each block is padding; the GEMMs only stream the weights.
-SMALL = MoeConfig(16, 64, 64, 4, 3)
+# Few assignments per expert (decode, verification): 16-row blocks waste
+# little on padding, and narrow column tiles give the weight-streaming GEMMs
+# enough programs (at 8x7B's shapes, 2 x 448 for gate/up, 2 x 128 for down
+# at one token). Untuned guesses until benchmarks/moe_kernels.py --sweep
+# has run on a GPU.
+SMALL = MoeConfig(16, 32, 64, 4, 4)
 # Many (prompt chunks): 64-row blocks reuse each weight tile for 64 rows.
-LARGE = MoeConfig(64, 128, 64, 8, 3)
+LARGE = MoeConfig(64, 64, 64, 4, 3)
 
 
 def moe_config(num_assignments: int, num_experts: int, dtype: torch.dtype) -> MoeConfig:
@@ -147,15 +150,17 @@ def moe_config(num_assignments: int, num_experts: int, dtype: torch.dtype) -> Mo
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-              topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              config: MoeConfig | None = None) -> torch.Tensor:
     """``x [T, H]`` through experts ``w13 [E, 2I, H]`` (gate rows, then up)
     and ``w2 [E, H, I]``: ``[T, H]``, the sum over each token's k experts of
     its weight times the expert's output. ``topk_weights [T, k]`` (float32)
-    and ``topk_ids [T, k]`` (each id in [0, E)) are the router's choice."""
+    and ``topk_ids [T, k]`` (each id in [0, E)) are the router's choice.
+    ``config`` overrides ``moe_config``'s tiles (benchmarks/moe_kernels.py)."""
     _check_shapes(x, w13, w2, topk_weights, topk_ids)
     if not use_triton(x):
         return moe_reference(x, w13, w2, topk_weights, topk_ids)
-    return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+    return _fused_moe_triton(x, w13, w2, topk_weights, topk_ids, config)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -199,7 +204,8 @@ def max_padded_rows(num_assignments: int, num_experts: int, block_m: int) -> int
 
 
 def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                      topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      config: MoeConfig | None) -> torch.Tensor:
     tokens, hidden = x.shape
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
@@ -207,7 +213,7 @@ def _fused_moe_triton(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     if num_assignments == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
-    config = moe_config(num_assignments, num_experts, x.dtype)
+    config = config or moe_config(num_assignments, num_experts, x.dtype)
     sorted_ids, block_expert, total = align_assignments(topk_ids.contiguous(), num_experts,
                                                         config.block_m)
     blocks = (sorted_ids, block_expert, total, num_assignments)
