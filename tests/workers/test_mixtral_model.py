@@ -89,6 +89,13 @@ def test_bad_expert_counts_are_refused():
         MixtralForCausalLM(make_hf_config("mixtral", num_experts_per_tok=5))
 
 
+def test_a_quantized_checkpoint_is_refused():
+    config = make_hf_config("mixtral")
+    config.quantization_config = {"quant_method": "fbgemm_fp8"}
+    with pytest.raises(ValueError, match="quantized Mixtral checkpoints are not supported"):
+        MixtralForCausalLM(config)
+
+
 def test_real_config_has_mixtral_8x7b_parameter_count():
     shapes = checkpoint_shapes(load_hf_config(REAL_CONFIG))
     assert sum(math.prod(s) for s in shapes.values()) == 46_702_792_704

@@ -120,3 +120,9 @@ def _check_experts(config: Any) -> None:
     if not isinstance(top_k, int) or not 1 <= top_k <= experts:
         raise ValueError(f"num_experts_per_tok must be in [1, num_local_experts={experts}], "
                          f"got {top_k!r}")
+    if getattr(config, "quantization_config", None):
+        # The experts are plain 16-bit parameters: quantized values would be
+        # read without their scales.
+        raise ValueError("quantized Mixtral checkpoints are not supported (the experts are "
+                         "read in 16 bits only); use a 16-bit checkpoint (--quantization fp8 "
+                         "still quantizes its attention projections)")
