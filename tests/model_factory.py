@@ -1,7 +1,7 @@
 """Small random Hugging Face checkpoints for tests.
 
-``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 / Mixtral model with
-transformers, perturbs the parts a fresh init leaves trivial (norm weights are
+``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 / Mixtral / Phi-3
+model with transformers, perturbs the parts a fresh init leaves trivial (norm weights are
 all one, biases all zero) so that a test notices if they are mishandled, and
 saves it as safetensors the way a real checkpoint is saved.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "mixtral")
+ARCHS = ("llama", "mistral", "qwen2", "mixtral", "phi3")
 
 
 def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
@@ -23,7 +23,7 @@ def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: in
                    max_position_embeddings: int = 512, intermediate_size: int | None = None,
                    initializer_range: float = 0.15, **extra: Any):
     """A transformers config for a tiny model of ``arch``."""
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config
 
     common: dict[str, Any] = dict(
         hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -51,6 +51,10 @@ def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: in
         extra.setdefault("num_local_experts", 4)
         extra.setdefault("num_experts_per_tok", 2)
         return MixtralConfig(**common, **extra)
+    if arch == "phi3":  # saved with q/k/v and gate/up fused, as Phi-3 checkpoints are
+        if qkv_bias:
+            raise ValueError("Phi-3 has no q/k/v bias")
+        return Phi3Config(**common, **extra)
     if arch == "qwen2":  # Qwen2 always has q/k/v biases
         extra.setdefault("use_sliding_window", False)
         return Qwen2Config(**common, **extra)

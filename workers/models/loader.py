@@ -3,7 +3,8 @@
 A model directory holds ``config.json`` and safetensors weights: one
 ``model.safetensors``, or shards listed by ``model.safetensors.index.json``.
 Checkpoint tensors keep Hugging Face names; separate q/k/v and gate/up
-tensors are written into their slice of the fused parameters. Under tensor
+tensors are written into their slice of the fused parameters, and
+checkpoints that store them fused (Phi-3) are read as those parts. Under tensor
 parallelism a rank reads only its region of each tensor (safetensors slices
 are read lazily from the memory-mapped file). Every error names the file it
 is about.
@@ -34,10 +35,12 @@ logger = logging.getLogger(__name__)
 # Architecture (config.json's ``architectures``) -> the class that runs it.
 MODEL_CLASSES = {"LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM,
                  "Qwen2ForCausalLM": LlamaForCausalLM,
-                 "MixtralForCausalLM": MixtralForCausalLM}
+                 "MixtralForCausalLM": MixtralForCausalLM,
+                 "Phi3ForCausalLM": LlamaForCausalLM}
 SUPPORTED_ARCHITECTURES = tuple(MODEL_CLASSES)
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM"}
+                               "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                               "phi3": "Phi3ForCausalLM"}
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16}
 # Checkpoint tensors that carry nothing we need (old checkpoints saved RoPE tables).
@@ -213,11 +216,49 @@ def _compose(index: tuple, source: tuple[slice, ...]) -> tuple:
     return (*out, *inner)
 
 
-def _pieces(model: torch.nn.Module, stored: str) -> list[tuple[str, tuple]]:
+def _pieces(model: torch.nn.Module, stored: str,
+            shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple]]:
     """The checkpoint tensors a stored tensor holds, with their index in it:
-    itself, unless the model reads stacked tensors (Mixtral's experts)."""
+    itself, unless the model reads stacked tensors (Mixtral's experts) or the
+    checkpoint stores a fused projection (Phi-3's ``qkv_proj``)."""
     split = getattr(model, "checkpoint_pieces", None)
-    return split(stored) if split else [(stored, ())]
+    pieces = split(stored) if split else [(stored, ())]
+    out: list[tuple[str, tuple]] = []
+    for name, index in pieces:
+        fused = None if index or name in shapes else _fused_parts(model, name, shapes)
+        out.extend(fused or [(name, index)])
+    return out
+
+
+def _fused_parts(model: torch.nn.Module, name: str,
+                 shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, tuple]] | None:
+    """A stored tensor named as a fused parameter (``...qkv_proj.weight``,
+    ``...gate_up_proj.weight``) as its parts (``q_proj``, ``k_proj``,
+    ``v_proj``), each with its rows in it: the parts are read as if stored
+    apart, so every rank reads only its rows of each (None: not fused)."""
+    module_name, _, leaf = name.rpartition(".")
+    parent, _, own = module_name.rpartition(".")
+    packed = getattr(model, "packed_modules", {}).get(own)
+    parts = [f"{parent}.{part}.{leaf}" for part in packed or ()]
+    if not parts or any(part not in shapes for part in parts):
+        return None
+    pieces, start = [], 0
+    for i, part in enumerate(parts):
+        rows = shapes[part][0]
+        # The last part runs to the end, so a fused tensor of the wrong size fails its shape check.
+        pieces.append((part, (slice(start, None if i == len(parts) - 1 else start + rows),)))
+        start += rows
+    return pieces
+
+
+def _fused_name(model: torch.nn.Module, name: str) -> str | None:
+    """The fused tensor a checkpoint may hold part ``name`` in (``q_proj`` -> ``qkv_proj``)."""
+    module_name, _, leaf = name.rpartition(".")
+    parent, _, own = module_name.rpartition(".")
+    for fused, parts in getattr(model, "packed_modules", {}).items():
+        if own in parts:
+            return f"{parent}.{fused}.{leaf}"
+    return None
 
 
 @torch.no_grad()
@@ -236,7 +277,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str,
     for path in files:
         with _open(path) as f:
             for stored in f.keys():
-                for name, index in _pieces(model, stored):
+                for name, index in _pieces(model, stored, shapes):
                     if scales is not None and name.endswith(quant.SCALE_SUFFIX):
                         scales[name] = f.get_tensor(stored)
                         continue
@@ -263,7 +304,9 @@ def load_weights(model: LlamaForCausalLM, model_dir: str,
         else:
             where = os.path.join(model_dir, INDEX_FILE)
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"{where}: missing tensor {first!r}{more}")
+        fused = _fused_name(model, first)
+        nor = f" (nor {fused!r}, which would hold it fused)" if fused else ""
+        raise ValueError(f"{where}: missing tensor {first!r}{nor}{more}")
 
 
 @torch.no_grad()
