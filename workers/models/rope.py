@@ -12,11 +12,17 @@ of its position alone (the same in any batch, at any k, across preemption):
 
 - ``longrope`` (Phi-3 long context): positions below
   ``original_max_position_embeddings`` use the short factors, later ones the
-  long factors. Hugging Face picks per forward: short while the sequence is
-  within that window, long from then on (earlier keys keep the rotation
-  they were cached with). Both agree for every prompt within the window, at
-  any generation length. For a longer prompt Hugging Face rotates the whole
-  prompt with the long factors; here its first positions keep the short ones.
+  long factors. While a sequence is within that original context this is
+  exactly Hugging Face's. Past it, Hugging Face's rotary module picks one set
+  per forward (long once the sequence is longer), which is this rule for a
+  cached token-by-token decode; but Phi-3's ``generate`` also drops its cache
+  when a sequence first grows past the original context and recomputes every
+  position with the long factors (and a longer prompt is rotated long
+  throughout). Here the positions before it keep the short rotation, so a
+  query past it sees those keys with a phase error that grows with their
+  position (the factors differ). Matching that would take a sequence's
+  prompt length in the worker and one recompute of its KV cache at the
+  crossing: scheduler work, not this module's.
 - ``dynamic`` (NTK): Hugging Face recomputes the base only once a sequence
   grows past ``max_position_embeddings``; within it the table is fixed, and
   the engine never serves a context past it (``kv_cache.max_model_len``), so
