@@ -512,8 +512,8 @@ async def probe_http(url: str, timeout: float) -> tuple[pb.ModelInfo | None, str
             models = (await client.models.list()).data
         except openai.APIStatusError as exc:
             return None, f"HTTP {exc.status_code}: {exc.message}"
-        except openai.APIError as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+        except openai.APIError as exc:  # the cause says why ("Connection refused")
+            return None, f"{type(exc).__name__}: {exc.__cause__ or exc}"
     if not models:
         return None, "/v1/models lists no model"
     card = models[0]

@@ -162,7 +162,8 @@ class Run:
     """One HTTP request's engine requests (a choice each): merged outputs, and
     every request aborted on close unless it finished."""
 
-    def __init__(self, server: Any, streams: list[RequestStream], choices: list[ChoiceState]) -> None:
+    def __init__(self, server: Any, streams: list[RequestStream],
+                 choices: list[ChoiceState]) -> None:
         self.server = server
         self.streams = streams
         self.choices = choices
@@ -238,7 +239,8 @@ class OpenAIFrontEnd:
     @property
     def tokenizer(self) -> FrontTokenizer:
         if self._tokenizer is None:  # the engine's is there once it has loaded
-            self._tokenizer = FrontTokenizer(copy.deepcopy(self.server.engine.replicas[0].tokenizer))
+            engine_tokenizer = self.server.engine.replicas[0].tokenizer
+            self._tokenizer = FrontTokenizer(copy.deepcopy(engine_tokenizer))
         return self._tokenizer
 
     def close(self) -> None:
@@ -266,7 +268,10 @@ class OpenAIFrontEnd:
         if not self.server.accepting:
             raise OpenAIError(503, self.server.unavailable_reason())
         chat = isinstance(body, ChatCompletionRequest)
-        prompts, max_tokens = await (self._chat_prompt(body) if chat else self._prompts(body))
+        if chat:
+            prompts, max_tokens = await self._chat_prompt(body)
+        else:
+            prompts, max_tokens = body.prompts(), COMPLETION_MAX_TOKENS
         run = self._submit(body, prompts, max_tokens)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         try:
@@ -286,9 +291,6 @@ class OpenAIFrontEnd:
             run.close()
             raise
         return EventStream(self._events(run, first, body, rid, created), run.close)
-
-    async def _prompts(self, body: CompletionRequest) -> tuple[list, int]:
-        return body.prompts(), COMPLETION_MAX_TOKENS
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> tuple[list, int]:
         if not self.tokenizer.has_chat_template:

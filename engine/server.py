@@ -3,7 +3,8 @@
 Requests are checked and converted here (`engine.grpc_convert`), run by the
 engine replicas behind `engine.async_engine.AsyncEngine`, and streamed back as
 deltas. The standard health service reports SERVING once the models are
-loaded; server reflection is on.
+loaded; server reflection is on. With ``http_port`` the OpenAI-compatible
+HTTP API (`engine.http_server`) runs beside it, on the same engines and loop.
 
 Status codes: INVALID_ARGUMENT for a bad prompt or parameter (with the
 engine's reason), RESOURCE_EXHAUSTED when the waiting queue is full,
