@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) over the paged KV cache.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Phi-3) over the paged KV cache.
 
 The batch is flat: T new tokens of any number of sequences, with their
 positions and an ``AttentionMetadata`` that says which rows belong to which
