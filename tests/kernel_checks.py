@@ -103,6 +103,51 @@ def check_rotary_store(device: str, dtype: torch.dtype, tokens: int, heads: int,
     assert torch.equal(cache, want_cache), "fused store: cache differs from rotate_qk + store"
 
 
+def check_fp8_kv_store(device: str, dtype: torch.dtype) -> None:
+    """The fused store into an FP8 cache writes what ``to_cache`` makes of
+    ``rotate_qk``'s keys and values (power-of-two scales: exact either way)."""
+    from specserve.workers.kv_cache import indexable, to_cache
+
+    g = torch.Generator().manual_seed(7)
+    tokens, heads, kv_heads, head_dim, scales = 5, 4, 2, 64, (2.0, 0.5)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 40).to(device, dtype)
+    angles = torch.rand(tokens, head_dim // 2, generator=g) * 300
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(device, dtype) for f in (torch.cos, torch.sin))
+    cache = torch.zeros(2, 4, 4, kv_heads, head_dim, device=device).to(fp8.FP8)
+    slots = torch.randperm(16, generator=g)[:tokens].to(device)
+    _, k, v = rotary.rotate_qk(qkv.clone(), cos, sin, heads, kv_heads, head_dim)
+    want = indexable(torch.zeros_like(cache)).view(2, 16, kv_heads, head_dim)
+    want[0, slots] = indexable(to_cache(k, fp8.FP8, scales[0]))
+    want[1, slots] = indexable(to_cache(v, fp8.FP8, scales[1]))
+    assert rotary.store_fits(qkv, cache, kv_heads, head_dim)
+    rotary.rotate_q_store_kv(qkv, cos, sin, heads, kv_heads, head_dim, cache, slots, scales)
+    assert torch.equal(indexable(cache).view(2, 16, kv_heads, head_dim), want), \
+        f"fused FP8 store differs from to_cache ({dtype})"
+
+
+def check_fp8_attention(device: str, dtype: torch.dtype = torch.float32) -> None:
+    """The Triton kernel over an FP8 cache (its store included) against the
+    torch reference over the same FP8 cache (float32 activations in the
+    interpreter, whose bfloat16 dot is not to be trusted)."""
+    from specserve.workers.attention.torch_ref import TorchReferenceBackend
+    from specserve.workers.attention.triton_paged import TritonPagedBackend
+    from specserve.workers.kv_cache import indexable
+    from tests.workers.test_triton_attention import make_inputs, relative_errors
+
+    query_lens, seq_lens, scales = [1, 5, 40], [300, 53, 40], (2.0, 0.25)
+    q, k, v, cache, meta = make_inputs(query_lens, seq_lens, 16, 4, 2, 64, dtype, device, 11)
+    cache = cache.to(fp8.FP8)
+    ref_cache = cache.clone()
+    ref = TorchReferenceBackend().forward(q, k, v, ref_cache, meta, 0.125, kv_scale=scales)
+    for splits in (None, 3):
+        got_cache = cache.clone()
+        out = TritonPagedBackend(num_splits=splits).forward(q, k, v, got_cache, meta, 0.125,
+                                                            kv_scale=scales)
+        assert torch.equal(indexable(got_cache), indexable(ref_cache)), "FP8 KV store differs"
+        worst = max(relative_errors(out, ref, query_lens))
+        assert worst < 2e-2, f"FP8-cache attention: relative error {worst:.2e}"
+
+
 def check_attention(device: str) -> None:
     """The paged-attention kernel and its KV store, one small mixed batch
     (decode, verification, prefill chunk) with context splits forced."""
@@ -167,6 +212,9 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
 if __name__ == "__main__":
     check_all(sys.argv[1], [getattr(torch, name) for name in sys.argv[2:]])
     check_attention(sys.argv[1])
+    check_fp8_attention(sys.argv[1])
+    for dtype_name in sys.argv[2:]:
+        check_fp8_kv_store(sys.argv[1], getattr(torch, dtype_name))
     if sys.argv[1] == "cpu":
         check_engine()
     print("ok")

@@ -3,6 +3,12 @@
 One tensor per layer, ``[2, num_blocks, block_size, num_kv_heads, head_dim]``:
 index 0 holds keys, 1 values. Block b's slots are
 ``b * block_size ... b * block_size + block_size - 1``.
+
+The cache is in the model's dtype, or in FP8 (``kv_cache_dtype="fp8"``): E4M3
+holding k / k_scale and v / v_scale, with one scale per layer for keys and
+one for values (1.0 unless a checkpoint gives them), saturated to the
+format's range, and read back times the scale inside attention. Half the
+bytes per block: twice the tokens in the same memory.
 """
 
 from __future__ import annotations
@@ -11,6 +17,34 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from specserve.workers.kernels.fp8 import FP8, FP8_MAX
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type for ``--kv-cache-dtype`` (auto or fp8)."""
+    if name not in ("auto", "fp8"):
+        raise ValueError(f"kv_cache_dtype must be auto or fp8, got {name!r}")
+    return FP8 if name == "fp8" else model_dtype
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Keys or values as the cache stores them."""
+    if cache_dtype != FP8:
+        return x.to(cache_dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def from_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Keys or values read from the cache, in ``dtype``."""
+    if x.dtype != FP8:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype)
+
+
+def indexable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a tensor torch can gather and scatter on every device: FP8 as
+    its bytes (the CPU has no FP8 ``index_copy_`` or advanced indexing)."""
+    return x.view(torch.uint8) if x.dtype == FP8 else x
 
 
 def head_dim_of(hf_config: Any) -> int:

@@ -19,7 +19,8 @@ import torch
 from specserve.config import EngineConfig
 from specserve.step import ModelRunnerOutput, SchedulerOutput
 from specserve.workers.kv_cache import (ModelShape, allocate_kv_caches, kv_cache_bytes_per_block,
-                                        max_model_len)
+                                       kv_cache_dtype, max_model_len)
+from specserve.workers.kernels.fp8 import fp8_supported
 from specserve.workers.model_runner import ModelRunner
 from specserve.workers.models.loader import load_hf_config, load_model, resolve_dtype
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
@@ -71,8 +72,13 @@ class Worker:
         shapes = [ModelShape.from_hf_config(c, tp.size)
                   for c, tp in ((target_cfg, self.target_tp), (draft_cfg, self.draft_tp))
                   if c is not None]
+        cache_dtype = kv_cache_dtype(cc.kv_cache_dtype, dtype)
+        if cc.kv_cache_dtype == "fp8":
+            ok, why = fp8_supported(self.device)
+            if not ok:
+                raise ValueError(f"kv_cache_dtype 'fp8': {why}")
         per_block = sum(kv_cache_bytes_per_block(s.num_layers, cc.block_size, s.num_kv_heads,
-                                                 s.head_dim, dtype) for s in shapes)
+                                                 s.head_dim, cache_dtype) for s in shapes)
         num_blocks = cc.num_kv_blocks or self._blocks_that_fit(per_block)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget fits no block of {per_block} bytes; "
@@ -80,7 +86,7 @@ class Worker:
         graphs = self._use_cuda_graphs(target)
         # With CUDA graphs one more block is allocated: the padding rows' block.
         caches = [allocate_kv_caches(s.num_layers, num_blocks + graphs, cc.block_size,
-                                     s.num_kv_heads, s.head_dim, dtype, self.device)
+                                     s.num_kv_heads, s.head_dim, cache_dtype, self.device)
                   for s in shapes]
         self.runner = ModelRunner(target, caches[0], draft, caches[1] if draft else None,
                                   cc.block_size, target_cfg.vocab_size, self.device, mc.seed)

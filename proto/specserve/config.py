@@ -15,6 +15,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 EXECUTORS = ("local", "ray")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("fp8",)
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -79,6 +80,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     kv_cache_memory: int = 1 << 30  # bytes, used on CPU
     num_kv_blocks: int | None = None  # fixed count, overrides both budgets
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": KV_CACHE_DTYPES, "help": (
+        "Element type of the paged KV cache (target and draft): auto (the model's dtype) or "
+        "fp8 (E4M3 with a scale per layer: twice the tokens in the same memory; needs an Ada "
+        "or Hopper GPU, or the CPU).")})
     enable_prefix_caching: bool = field(default=True, metadata={"help": (
         "Reuse the KV blocks of earlier requests' identical prefixes (a shared system prompt, "
         "the previous turns of a chat) for both the target and the draft: full blocks are "
@@ -92,6 +97,8 @@ class CacheConfig:
         _check(self.kv_cache_memory > 0, f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
         _check(self.num_kv_blocks is None or self.num_kv_blocks > 0,
                f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+               f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
 
 
 @dataclass

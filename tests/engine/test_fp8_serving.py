@@ -36,3 +36,17 @@ def test_an_fp8_target_speculates_exactly(pair):
 
 def test_an_fp8_draft_keeps_the_16_bit_targets_tokens(pair):
     assert tokens(pair, 4, draft_quantization="fp8") == tokens(pair, 0)
+
+
+def test_an_fp8_kv_cache_holds_twice_the_blocks_and_speculates_exactly(pair):
+    target, draft = pair
+    plain = tokens(pair, 0, kv_cache_dtype="fp8")
+    assert tokens(pair, 4, kv_cache_dtype="fp8") == plain
+    chunked = tokens(pair, 4, kv_cache_dtype="fp8", max_num_batched_tokens=8)
+    assert chunked == plain
+    blocks = {}
+    for dtype in ("auto", "fp8"):
+        llm = LLM(model=target, draft_model=draft, dtype="float32", kv_cache_memory=1 << 22,
+                  block_size=4, kv_cache_dtype=dtype)
+        blocks[dtype] = llm.engine.scheduler.allocator.num_blocks
+    assert blocks["fp8"] // 4 == blocks["auto"]  # one byte where float32 takes four

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from tests.kernel_checks import check_all, check_attention
+from tests.kernel_checks import (check_all, check_attention, check_fp8_attention,
+                                 check_fp8_kv_store)
 from specserve.workers.kernels import add_rms_norm, rms_norm, rotate_qk, silu_and_mul
 from tests.subprocess_env import ROOT, child_env
 
@@ -31,6 +32,9 @@ def test_triton_kernels_match_torch_in_the_interpreter():
 def test_triton_kernels_match_torch_on_cuda():
     check_all("cuda", [torch.float32, torch.float16, torch.bfloat16])
     check_attention("cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        check_fp8_attention("cuda", dtype)
+        check_fp8_kv_store("cuda", dtype)
 
 
 def test_torch_paths_are_the_hugging_face_formulas():

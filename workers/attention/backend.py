@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from specserve.workers.attention.metadata import AttentionMetadata
+from specserve.workers.kv_cache import indexable, to_cache
 
 
 class AttentionBackend(ABC):
@@ -34,7 +35,8 @@ class AttentionBackend(ABC):
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
                 scale: float, kv_stored: bool = False, window: int | None = None,
-                soft_cap: float | None = None) -> torch.Tensor:
+                soft_cap: float | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """Attend ``q [T, Hq, D]`` over each sequence's context; returns ``[T, Hq, D]``.
 
         ``k, v [T, Hkv, D]`` are the new tokens' keys and values; they are
@@ -48,17 +50,18 @@ class AttentionBackend(ABC):
         itself included, as Hugging Face's ``sliding_window`` does: the query
         at position p sees keys ``p - window + 1 .. p``. ``soft_cap`` bounds
         each scaled score s to ``soft_cap * tanh(s / soft_cap)`` before the
-        softmax (Gemma 2's attention soft-capping).
+        softmax (Gemma 2's attention soft-capping). ``kv_scale``: the layer's
+        (key, value) scales of an FP8 cache (workers/kv_cache.py).
         """
 
     @staticmethod
     def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
         """Store the new tokens' keys and values in their slots."""
         _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-        flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-        flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-        flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+        flat = indexable(kv_cache).view(2, num_blocks * block_size, num_kv_heads, head_dim)
+        flat[0].index_copy_(0, slot_mapping, indexable(to_cache(k, kv_cache.dtype, kv_scale[0])))
+        flat[1].index_copy_(0, slot_mapping, indexable(to_cache(v, kv_cache.dtype, kv_scale[1])))
 
 
 def check_window_and_cap(window: int | None, soft_cap: float | None) -> None:

@@ -19,6 +19,7 @@ from specserve.workers.attention.backend import (AttentionBackend, check_window_
 from specserve.workers.attention.invariant_ref import KEY_CHUNK, invariant_attend
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.kernels.batch_invariant import batch_invariant
+from specserve.workers.kv_cache import from_cache, indexable
 
 
 def _visible(q_len: int, num_keys: int, window: int | None,
@@ -67,7 +68,8 @@ class TorchReferenceBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
                 scale: float, kv_stored: bool = False, window: int | None = None,
-                soft_cap: float | None = None) -> torch.Tensor:
+                soft_cap: float | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """See ``AttentionBackend.forward``. With ``kv_cache=None`` (a forward
         with no cache, e.g. a memory profile), every sequence must be a whole
         prompt (query_len == seq_len) and attends over its own new tokens."""
@@ -76,7 +78,7 @@ class TorchReferenceBackend(AttentionBackend):
         invariant = batch_invariant()
         if kv_cache is not None:
             if not kv_stored:
-                self.write_kv(k, v, kv_cache, meta.slot_mapping)
+                self.write_kv(k, v, kv_cache, meta.slot_mapping, kv_scale)
             block_size = kv_cache.shape[2]
         starts = meta.query_start_loc_cpu
         for b, seq_len in enumerate(meta.seq_lens_cpu):
@@ -95,9 +97,10 @@ class TorchReferenceBackend(AttentionBackend):
                 first_block = first // block_size
                 blocks = meta.block_tables[b, first_block:-(-seq_len // block_size)].long()
                 # [2, blocks, block_size, Hkv, D] -> [2, blocks * block_size, Hkv, D]
-                context = kv_cache[:, blocks].flatten(1, 2)
+                context = indexable(kv_cache)[:, blocks].flatten(1, 2).view(kv_cache.dtype)
                 context = context[:, first - first_block * block_size:seq_len - first_block * block_size]
-                keys, values = context[0], context[1]
+                keys = from_cache(context[0], q.dtype, kv_scale[0])
+                values = from_cache(context[1], q.dtype, kv_scale[1])
             keys, values = keys.to(q.dtype), values.to(q.dtype)
             if invariant:
                 out[start:end] = invariant_attend(q[start:end], keys, values, scale, window,

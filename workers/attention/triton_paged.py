@@ -72,6 +72,7 @@ import triton.language as tl
 from specserve.workers.attention.backend import AttentionBackend, check_window_and_cap
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.kernels.batch_invariant import batch_invariant
+from specserve.workers.kernels.fp8 import FP8, e4m3_round
 
 _LOG2E = 1.4426950408889634
 _MAX_ROWS_SMALL = 64  # largest M tile for one-tile-per-sequence (decode / verify)
@@ -87,19 +88,20 @@ _MAX_SPLITS = 32
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    qk_scale, cap_log2, window, num_splits,
+    qk_scale, cap_log2, window, num_splits, k_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_bt,
     stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Scores are ``dot * qk_scale`` in base 2 (``qk_scale`` = scale * log2 e);
     with SOFT_CAP, ``cap_log2 * tanh(dot * qk_scale)`` (``qk_scale`` =
     scale / cap, ``cap_log2`` = cap * log2 e). With HAS_WINDOW a query sees
-    the ``window`` keys up to its own."""
+    the ``window`` keys up to its own. With KV_FP8 the cache holds keys and
+    values over ``k_scale`` and ``v_scale``, in FP8."""
     pid = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -163,6 +165,8 @@ def _paged_attention_kernel(
         kv_off = block * stride_kb + (j % BLOCK_SIZE) * stride_ks + head_off
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -181,6 +185,8 @@ def _paged_attention_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -204,33 +210,40 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+                     k_scale, v_scale, ROW: tl.constexpr, BLOCK: tl.constexpr,
+                     KV_FP8: tl.constexpr):
     """Token t's keys and values (``ROW = Hkv * D`` each) into cache slot
-    ``slot_mapping[t]`` of a contiguous ``[slots, Hkv, D]`` cache."""
+    ``slot_mapping[t]`` of a contiguous ``[slots, Hkv, D]`` cache (an FP8 one
+    holds them over their scales, saturated)."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < ROW
     k = tl.load(k_ptr + t * stride_k + cols, mask=ok)
     v = tl.load(v_ptr + t * stride_v + cols, mask=ok)
+    if KV_FP8:
+        k = e4m3_round(tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0))
+        v = e4m3_round(tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0))
     tl.store(k_cache_ptr + slot * ROW + cols, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(v_cache_ptr + slot * ROW + cols, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
 
 def write_kv_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
+                    slot_mapping: torch.Tensor,
+                    kv_scale: tuple[float, float] = (1.0, 1.0)) -> None:
     """``AttentionBackend.write_kv`` in one launch; k and v may be row-strided
     views (of a fused QKV output) as long as each token's heads are packed."""
     num_tokens, num_kv_heads, head_dim = k.shape
     row = num_kv_heads * head_dim
     packed = all(x.stride(-1) == 1 and x.stride(-2) == head_dim for x in (k, v))
     if not packed or not kv_cache.is_contiguous():
-        AttentionBackend.write_kv(k, v, kv_cache, slot_mapping)
+        AttentionBackend.write_kv(k, v, kv_cache, slot_mapping, kv_scale)
         return
     if num_tokens:
         _write_kv_kernel[(num_tokens,)](
-            k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0),
-            ROW=row, BLOCK=_next_pow2(row), num_warps=4 if row >= 1024 else 1)
+            k, v, kv_cache[0], kv_cache[1], slot_mapping, k.stride(0), v.stride(0), *kv_scale,
+            ROW=row, BLOCK=_next_pow2(row), KV_FP8=kv_cache.dtype == FP8,
+            num_warps=4 if row >= 1024 else 1)
 
 
 @triton.jit(do_not_specialize=["num_splits", "stride_ls"])
@@ -317,7 +330,8 @@ class TritonPagedBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata,
                 scale: float, kv_stored: bool = False, window: int | None = None,
-                soft_cap: float | None = None) -> torch.Tensor:
+                soft_cap: float | None = None,
+                kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
         """See ``AttentionBackend.forward``. Without a cache (a memory-profile
         forward over whole prompts) this defers to the torch reference."""
         check_window_and_cap(window, soft_cap)
@@ -326,10 +340,11 @@ class TritonPagedBackend(AttentionBackend):
             return TorchReferenceBackend().forward(q, k, v, None, meta, scale,
                                                    window=window, soft_cap=soft_cap)
         if not kv_stored:
-            write_kv_triton(k, v, kv_cache, meta.slot_mapping)
+            write_kv_triton(k, v, kv_cache, meta.slot_mapping, kv_scale)
         num_tokens, num_heads, head_dim = q.shape
         _, _, block_size, num_kv_heads, _ = kv_cache.shape
-        if q.dtype != kv_cache.dtype:
+        kv_fp8 = kv_cache.dtype == FP8
+        if q.dtype != kv_cache.dtype and not kv_fp8:
             q = q.to(kv_cache.dtype)
         if q.stride(-1) != 1:
             q = q.contiguous()
@@ -369,7 +384,7 @@ class TritonPagedBackend(AttentionBackend):
             q, k_cache, v_cache, out, part_out, part_lse,
             meta.query_start_loc, meta.seq_lens, meta.block_tables,
             scale * _LOG2E if soft_cap is None else scale / soft_cap,
-            0.0 if soft_cap is None else soft_cap * _LOG2E, window or 0, splits,
+            0.0 if soft_cap is None else soft_cap * _LOG2E, window or 0, splits, *kv_scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2),
@@ -377,7 +392,7 @@ class TritonPagedBackend(AttentionBackend):
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_SIZE=block_size, SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
-            HAS_WINDOW=window is not None, SOFT_CAP=soft_cap is not None,
+            HAS_WINDOW=window is not None, SOFT_CAP=soft_cap is not None, KV_FP8=kv_fp8,
             num_warps=num_warps, num_stages=num_stages,
         )
         if splits > 1:

@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import torch
 
+from specserve.workers.kernels.fp8 import FP8
 from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 if triton_available():
     import triton
     import triton.language as tl
 
+    from specserve.workers.kernels.fp8 import e4m3_round
+
     @triton.jit
     def _rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                       stride_t, stride_c, num_heads, num_kv_heads,
+                       stride_t, stride_c, num_heads, num_kv_heads, k_scale, v_scale,
                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, STORE: tl.constexpr,
+                       FP8_CACHE: tl.constexpr):
         """Heads [0, Hq) are q, [Hq, Hq + Hkv) k, the rest v. q is rotated in
         place. With STORE, k is rotated into the key cache and v copied into
         the value cache; without, k is rotated in place and v left alone (the
-        cache pointers are then unused)."""
+        cache pointers are then unused). An FP8 cache holds k / k_scale and
+        v / v_scale, saturated to the format's range."""
         tok = tl.program_id(0)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         dims = tl.arange(0, BLOCK_HALF)
@@ -58,12 +63,18 @@ if triton_available():
             slot = tl.load(slot_ptr + tok).to(tl.int64)
             kv_head = tl.where(is_v, heads - num_heads - num_kv_heads, heads - num_heads)
             row = slot * (num_kv_heads * HEAD_DIM) + kv_head[:, None] * HEAD_DIM + dims[None, :]
+            if FP8_CACHE:
+                inv = 1.0 / tl.where(is_v, v_scale, k_scale)[:, None]
+                z1 = e4m3_round(tl.clamp(y1.to(tl.float32) * inv, -448.0, 448.0))
+                z2 = e4m3_round(tl.clamp(y2.to(tl.float32) * inv, -448.0, 448.0))
+            else:
+                z1, z2 = y1, y2
             k_ok = is_k[:, None] & dmask[None, :]
-            tl.store(k_cache_ptr + row, y1.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
-            tl.store(k_cache_ptr + row + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(k_cache_ptr + row, z1.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
+            tl.store(k_cache_ptr + row + HALF, z2.to(k_cache_ptr.dtype.element_ty), mask=k_ok)
             v_ok = is_v[:, None] & dmask[None, :]
-            tl.store(v_cache_ptr + row, y1.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
-            tl.store(v_cache_ptr + row + HALF, y2.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+            tl.store(v_cache_ptr + row, z1.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+            tl.store(v_cache_ptr + row + HALF, z2.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
 
 
 def _torch_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -89,7 +100,8 @@ def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads
         cos, sin = cos.contiguous(), sin.contiguous()
         grid, meta = _launch_sizes(T, num_heads + num_kv_heads, head_dim)
         _rotate_kernel[grid](qkv, cos, sin, qkv, qkv, qkv, qkv.stride(0), cos.stride(0),
-                             num_heads, num_kv_heads, STORE=False, **meta)
+                             num_heads, num_kv_heads, 1.0, 1.0, STORE=False, FP8_CACHE=False,
+                             **meta)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     return (q.view(T, num_heads, head_dim), k.view(T, num_kv_heads, head_dim),
             v.view(T, num_kv_heads, head_dim))
@@ -114,15 +126,16 @@ def store_fits(qkv: torch.Tensor, kv_cache: torch.Tensor, num_kv_heads: int,
 
 def rotate_q_store_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       num_heads: int, num_kv_heads: int, head_dim: int,
-                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                      kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      kv_scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     """``rotate_qk``, with k and v written to cache slots ``slot_mapping [T]``
     instead of returned: q ``[T, Hq, D]`` (rotated in place in ``qkv``).
-    Only where ``store_fits``."""
+    Only where ``store_fits``. ``kv_scale``: (k, v) scales of an FP8 cache."""
     T = qkv.shape[0]
     if T:
         cos, sin = cos.contiguous(), sin.contiguous()
         grid, meta = _launch_sizes(T, num_heads + 2 * num_kv_heads, head_dim)
         _rotate_kernel[grid](qkv, cos, sin, kv_cache[0], kv_cache[1], slot_mapping,
                              qkv.stride(0), cos.stride(0), num_heads, num_kv_heads,
-                             STORE=True, **meta)
+                             *kv_scale, STORE=True, FP8_CACHE=kv_cache.dtype == FP8, **meta)
     return qkv[:, :num_heads * head_dim].view(T, num_heads, head_dim)
