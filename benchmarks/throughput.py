@@ -72,6 +72,14 @@ are sent and not measured: a fresh server's first steps are several times
 slower (lazy initialisation, allocator growth, graph capture), which would
 otherwise weigh on whichever run comes first.
 
+``--chat-conversations N`` replaces the independent requests by N
+concurrent conversations that share a ``--chat-system-len``-token system
+prompt, ``--chat-turns`` turns each, every turn's prompt being the whole
+conversation so far (benchmarks/chat_workload.py); the table adds the prompt
+tokens the server found in its prefix cache. ``--compare-prefix-caching``
+starts a server with prefix caching and one without and runs the workload
+against each (the on/off column is their ratio).
+
 ``--compare-speculation`` sends the same workload twice: with speculation on
 (the request leaves ``num_speculative_tokens`` unset, so the server's k
 applies) and off (``num_speculative_tokens=0``), and adds the ratio on/off of
@@ -107,6 +115,7 @@ for _path in (ROOT, os.path.join(ROOT, "proto")):
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.chat_workload import ChatShape, plan_chat, run_chat  # noqa: E402
 from specserve.engine import cli  # noqa: E402
 from specserve.v1 import generation_pb2 as pb  # noqa: E402
 from specserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -218,6 +227,8 @@ class RequestRecord:
     steps: int = 0  # usage.num_steps where the wire has it, else token-carrying messages
     message_times: list[float] = field(default_factory=list)  # token-carrying messages
     message_tokens: list[int] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # usage: found in the server's prefix cache
+    output_token_ids: list[int] | None = None  # kept only when a list (the chat workload)
 
     @property
     def ok(self) -> bool:
@@ -253,11 +264,14 @@ async def send_one(stub: pb_grpc.GenerationStub, req: pb.GenerateRequest,
     start = clock()
     record.start = start - t0
     try:
+        keep = record.output_token_ids
         async for resp in stub.Generate(req, timeout=timeout):
             n = len(resp.token_ids)
             if n:
                 times.append(clock())
                 counts.append(n)
+                if keep is not None:
+                    keep.extend(resp.token_ids)
             last = resp
     except grpc.aio.AioRpcError as exc:
         record.error, record.error_details = exc.code().name, exc.details() or ""
@@ -277,6 +291,7 @@ async def send_one(stub: pb_grpc.GenerationStub, req: pb.GenerateRequest,
         record.completion_tokens = u.completion_tokens
         record.draft_tokens_proposed = u.draft_tokens_proposed
         record.draft_tokens_accepted = u.draft_tokens_accepted
+        record.cached_prompt_tokens = getattr(u, "cached_prompt_tokens", 0)
     record.steps = last.usage.num_steps if USAGE_HAS_STEPS and last is not None else len(counts)
     if record.error is None:
         if last is None or last.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
@@ -563,6 +578,7 @@ class Summary:
     draft_tokens_proposed: int
     draft_tokens_accepted: int
     outputs_short_of_max_tokens: int  # ignore_eos requests that got fewer tokens than asked
+    total_cached_prompt_tokens: int = 0  # of the prompt tokens, found in the prefix cache
 
 
 def summarize(label: str, records: list[RequestRecord], duration: float) -> Summary:
@@ -593,7 +609,8 @@ def summarize(label: str, records: list[RequestRecord], duration: float) -> Summ
         tokens_per_step=output / steps if steps else None,
         draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
         outputs_short_of_max_tokens=sum(r.ignore_eos and r.output_tokens < r.max_tokens
-                                        for r in good))
+                                        for r in good),
+        total_cached_prompt_tokens=sum(r.cached_prompt_tokens for r in good))
 
 
 def figures(s: Summary) -> dict[str, float | None]:
@@ -603,6 +620,7 @@ def figures(s: Summary) -> dict[str, float | None]:
         "Failed requests": s.failed,
         "Duration (s)": s.duration_s,
         "Prompt tokens": s.total_prompt_tokens,
+        "Cached prompt tokens": s.total_cached_prompt_tokens,
         "Output tokens": s.total_output_tokens,
         "Request throughput (req/s)": s.request_throughput,
         "Output token throughput (tok/s)": s.output_throughput,
@@ -617,11 +635,13 @@ def figures(s: Summary) -> dict[str, float | None]:
     return rows
 
 
-_COUNTS = {"Successful requests", "Failed requests", "Prompt tokens", "Output tokens"}
+_COUNTS = {"Successful requests", "Failed requests", "Prompt tokens", "Cached prompt tokens",
+           "Output tokens"}
 
 
 def ratios(on: Summary, off: Summary) -> dict[str, float | None]:
-    """Speculation on / off, figure by figure (None where either is missing or 0)."""
+    """Speculation (or prefix caching) on / off, figure by figure (None where
+    either is missing or 0)."""
     a, b = figures(on), figures(off)
     return {k: (a[k] / b[k] if a[k] is not None and b[k] else None) for k in a}
 
@@ -844,6 +864,8 @@ async def benchmark(address: str, args: argparse.Namespace) -> BenchmarkResult:
     if not vocab and not args.dataset:
         vocab = FALLBACK_VOCAB
     rng = random.Random(args.workload_seed)
+    if args.chat_conversations:
+        return await benchmark_chat(address, args, info, vocab, rng)
     requests = build_requests(args, vocab, rng)
     arrivals = arrival_times(len(requests), args.request_rate, rng)
     if info.max_model_len and not args.dataset:
@@ -857,7 +879,7 @@ async def benchmark(address: str, args: argparse.Namespace) -> BenchmarkResult:
               file=sys.stderr)
 
     variants = [("speculation on", None), ("speculation off", 0)] \
-        if args.compare_speculation else [("run", None)]
+        if args.compare_speculation else [(args.run_label or "run", None)]
     kwargs = dict(max_concurrency=args.max_concurrency, timeout=args.timeout,
                   num_channels=args.num_channels, progress=not args.no_progress,
                   model=info.target if http else "")
@@ -876,6 +898,58 @@ async def benchmark(address: str, args: argparse.Namespace) -> BenchmarkResult:
         runs.append((summarize(label, records, duration), records))
     ratio = ratios(runs[0][0], runs[1][0]) if args.compare_speculation else None
     return BenchmarkResult(info, runs, ratio)
+
+
+def chat_request(token_ids: list[int], max_tokens: int, temperature: float) -> pb.GenerateRequest:
+    req = pb.GenerateRequest()
+    req.token_ids.ids.extend(token_ids)
+    req.sampling_params.max_tokens = max_tokens
+    req.sampling_params.temperature = temperature
+    req.sampling_params.ignore_eos = True
+    return req
+
+
+async def benchmark_chat(address: str, args: argparse.Namespace, info: pb.ModelInfo,
+                         vocab: int, rng: random.Random) -> BenchmarkResult:
+    """The chat workload (benchmarks/chat_workload.py), after warm-up requests
+    whose tokens share nothing with it (the cache starts cold)."""
+    shape = ChatShape(args.chat_conversations, args.chat_turns, args.chat_system_len,
+                      args.chat_user_len, args.output_len)
+    plan = plan_chat(shape, vocab, rng)
+    warm = random.Random(args.workload_seed + 1)
+    kwargs = dict(max_concurrency=None, timeout=args.timeout, num_channels=args.num_channels,
+                  progress=not args.no_progress)
+    if args.warmup_requests:
+        reqs = [chat_request([warm.randrange(FIRST_TOKEN_ID, vocab)
+                              for _ in range(args.chat_system_len)], args.output_len[0],
+                             args.temperature) for _ in range(args.warmup_requests)]
+        await run_load(address, reqs, [0.0] * len(reqs), label="warmup", **kwargs)
+    label = args.run_label or "chat"
+    bar = Progress(plan.num_requests, label, not args.no_progress)
+    ticker = asyncio.ensure_future(bar.run(0.1 if bar.tty else 0.5))
+    try:
+        async with senders(address, args.num_channels) as sends:
+            records, duration = await run_chat(
+                plan, sends, lambda ids, n: chat_request(ids, n, args.temperature),
+                lambda i, n: RequestRecord(i, n, True, output_token_ids=[]), args.timeout, bar)
+    finally:
+        ticker.cancel()
+        bar.draw(final=True)
+    return BenchmarkResult(info, [(summarize(label, records, duration), records)])
+
+
+def compare_prefix_caching(args: argparse.Namespace) -> BenchmarkResult:
+    """The workload against a server with prefix caching, then one without."""
+    runs = []
+    info = None
+    for on in (True, False):
+        args.enable_prefix_caching = on
+        args.run_label = "caching on" if on else "caching off"
+        with own_server(args) as address:
+            result = asyncio.run(benchmark(address, args))
+        info = info or result.info
+        runs.append(result.runs[0])
+    return BenchmarkResult(info, runs, ratios(runs[0][0], runs[1][0]))
 
 
 def report(result: BenchmarkResult, args: argparse.Namespace) -> None:
@@ -945,8 +1019,21 @@ def build_parser() -> argparse.ArgumentParser:
                            "--max-concurrency) and not measured before each run; 0: none")
     load.add_argument("--compare-speculation", action="store_true",
                       help="run the workload with speculation on and off and print the ratios")
+    chat = p.add_argument_group(
+        "chat workload (benchmarks/chat_workload.py): conversations sharing a system prompt")
+    chat.add_argument("--chat-conversations", type=int, default=0, metavar="N",
+                      help="run N concurrent conversations instead of independent requests")
+    chat.add_argument("--chat-turns", type=int, default=4, help="turns per conversation")
+    chat.add_argument("--chat-system-len", type=int, default=1000,
+                      help="tokens of the system prompt every conversation starts with")
+    chat.add_argument("--chat-user-len", type=parse_length, default=(32, 96), metavar="N|LO:HI",
+                      help="tokens of each user message (answers take --output-len)")
+    chat.add_argument("--compare-prefix-caching", action="store_true",
+                      help="start a server with prefix caching and one without (engine flags "
+                           "as given otherwise) and run the workload against each")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="FILE", help="write every figure and per-request records")
+    out.add_argument("--run-label", default=None, help=argparse.SUPPRESS)
     out.add_argument("--plot", metavar="FILE.png",
                      help="latency distributions and throughput over time (needs matplotlib)")
     out.add_argument("--allow-errors", action="store_true",
@@ -988,6 +1075,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup_requests < 0:
         parser.error("--warmup-requests must be >= 0")
+    if args.chat_conversations < 0 or args.chat_turns < 1 or args.chat_system_len < 0:
+        parser.error("--chat-conversations must be >= 0, --chat-turns >= 1 and "
+                     "--chat-system-len >= 0")
+    if args.compare_prefix_caching and args.endpoint:
+        parser.error("--compare-prefix-caching starts its own servers; drop --endpoint")
+    if args.chat_conversations and (args.compare_speculation or args.dataset
+                                    or parse_endpoint(args.endpoint or "x")[0] == "http"):
+        parser.error("the chat workload runs over gRPC, without --compare-speculation or "
+                     "--dataset")
     if args.plot:
         try:
             import matplotlib  # noqa: F401, PLC0415
@@ -999,9 +1095,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        with contextlib.ExitStack() as stack:
-            address = args.endpoint or stack.enter_context(own_server(args))
-            result = asyncio.run(benchmark(address, args))
+        if args.compare_prefix_caching:
+            result = compare_prefix_caching(args)
+        else:
+            with contextlib.ExitStack() as stack:
+                address = args.endpoint or stack.enter_context(own_server(args))
+                result = asyncio.run(benchmark(address, args))
     except (ValueError, OSError) as exc:
         print(f"throughput: {exc}", file=sys.stderr)
         return 2

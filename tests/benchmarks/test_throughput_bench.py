@@ -253,3 +253,26 @@ def test_grpc_ab_serves_a_tree_and_reads_its_step_counters(pair):
     assert run.steps >= 6  # six tokens each, the warm-up requests' steps besides
     assert run.mean_step_ms > 0
     assert run.preemptions == 0  # a few short requests in a roomy cache
+
+
+def test_chat_conversations_resend_their_history_and_hit_the_prefix_cache(server, tmp_path):
+    """Each turn's prompt is the conversation so far: the system prompt, the
+    earlier user messages and the answers the server streamed; a server with
+    prefix caching (on by default) finds all of it but the newest part."""
+    out = tmp_path / "chat.json"
+    rc = run_main("--target-address", server.address, "--chat-conversations", "3",
+                  "--chat-turns", "3", "--chat-system-len", "40", "--chat-user-len", "5:9",
+                  "--output-len", "6", "--warmup-requests", "1", "--json", str(out))
+    assert rc == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    requests = run["requests"]
+    assert len(requests) == 9 and all(r["error"] is None for r in requests)
+    for conv in range(3):
+        turns = requests[3 * conv:3 * conv + 3]
+        assert turns[0]["prompt_tokens"] >= 45
+        for before, after in zip(turns, turns[1:]):  # history + answer + a new user message
+            grown = after["prompt_tokens"] - before["prompt_tokens"] - before["output_tokens"]
+            assert 5 <= grown <= 9
+            assert after["cached_prompt_tokens"] >= before["prompt_tokens"] - 16
+        assert all(len(t["output_token_ids"]) == t["output_tokens"] == 6 for t in turns)
+    assert run["summary"]["total_cached_prompt_tokens"] > 0
