@@ -32,7 +32,7 @@ class Region(NamedTuple):
 
     part: int
     source: tuple[slice, ...]
-    dest: slice | None
+    dest: slice | tuple | None  # rows, or an index (an expert and its rows)
 
 
 WHOLE = (Region(0, (), None),)
