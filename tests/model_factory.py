@@ -1,7 +1,7 @@
 """Small random Hugging Face checkpoints for tests.
 
-``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 / Mixtral / Phi-3
-model with transformers, perturbs the parts a fresh init leaves trivial (norm weights are
+``make_checkpoint`` builds a tiny Llama / Mistral / Qwen2 / Qwen3 / Mixtral /
+Phi-3 / Gemma / Gemma 2 / Gemma 3 (text) model with transformers, perturbs the parts a fresh init leaves trivial (norm weights are
 all one, biases all zero) so that a test notices if they are mishandled, and
 saves it as safetensors the way a real checkpoint is saved.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "mixtral", "phi3")
+GEMMAS = ("gemma", "gemma2", "gemma3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "phi3", *GEMMAS)
 
 
 def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
@@ -58,7 +59,33 @@ def make_hf_config(arch: str = "llama", *, hidden_size: int = 64, num_layers: in
     if arch == "qwen2":  # Qwen2 always has q/k/v biases
         extra.setdefault("use_sliding_window", False)
         return Qwen2Config(**common, **extra)
+    if arch == "qwen3":  # Qwen2 without q/k/v biases, with q/k norms
+        from transformers import Qwen3Config
+
+        if qkv_bias:
+            raise ValueError("Qwen3 has no q/k/v bias")
+        extra.setdefault("use_sliding_window", False)
+        return Qwen3Config(**common, **extra)
+    if arch in GEMMAS:
+        if qkv_bias:
+            raise ValueError("Gemma has no q/k/v bias")
+        return _gemma_config(arch, common, extra)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+
+
+def _gemma_config(arch: str, common: dict[str, Any], extra: dict[str, Any]):
+    """Gemma 1/2/3 (text): the embedding tied to the LM head, as every Gemma
+    checkpoint has it; head_dim hidden / heads unless given (transformers'
+    default is 256). Gemma 2's soft caps, query_pre_attn_scalar and window,
+    Gemma 3's layer pattern and rope bases keep transformers' defaults unless
+    given in ``extra``."""
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
+
+    common = dict(common, tie_word_embeddings=True)
+    common.setdefault("head_dim", common["hidden_size"] // common["num_attention_heads"])
+    config_class = {"gemma": GemmaConfig, "gemma2": Gemma2Config,
+                    "gemma3": Gemma3TextConfig}[arch]
+    return config_class(**common, **extra)
 
 
 def make_hf_model(arch: str = "llama", *, seed: int = 0, **config_kwargs: Any):
@@ -75,6 +102,11 @@ def make_hf_model(arch: str = "llama", *, seed: int = 0, **config_kwargs: Any):
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        if arch in GEMMAS:
+            # Gemma scales its embedding by sqrt(hidden_size); undone here, or
+            # the residual stream is the (tied) embedding of the last token
+            # and greedy decoding repeats it.
+            model.get_input_embeddings().weight.div_(config.hidden_size ** 0.5)
     return model.eval()
 
 

@@ -1,4 +1,4 @@
-"""Our Llama-family model against Hugging Face transformers, in float32.
+"""Our Llama-family and Gemma models against Hugging Face transformers, in float32.
 
 Each config is checked three ways: a whole prompt in one prefill; the same
 prompt in chunks through a paged cache with a shuffled block table, then
@@ -35,6 +35,17 @@ CONFIGS = {
     "llama3-rope": dict(arch="llama", rope_scaling=LLAMA3_ROPE),
     "linear-rope": dict(arch="llama", rope_scaling={"rope_type": "linear", "factor": 4.0}),
     "mistral": dict(arch="mistral", num_heads=8, num_kv_heads=2),
+    # Sliding windows (shorter than the 26-token prompts), q/k norms, Gemma's
+    # decoders with soft caps and local/global rope bases (workers/models/gemma.py).
+    "mistral-window7": dict(arch="mistral", num_heads=8, num_kv_heads=2, sliding_window=7),
+    "qwen3-window5": dict(arch="qwen3", num_heads=4, num_kv_heads=2, head_dim=32,
+                          use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "gemma-mqa": dict(arch="gemma", num_heads=4, num_kv_heads=1),
+    "gemma2-window5-caps": dict(arch="gemma2", sliding_window=5, attn_logit_softcapping=2.0,
+                                final_logit_softcapping=0.5),
+    "gemma3-window5": dict(arch="gemma3", num_layers=3, sliding_window=5,
+                           sliding_window_pattern=2, final_logit_softcapping=1.0,
+                           rope_scaling={"rope_type": "linear", "factor": 8.0}),
 }
 
 BLOCK_SIZE = 4
@@ -171,15 +182,17 @@ def test_rope_settings_transformers4_style():
     assert params["rope_type"] == "linear" and params["rope_theta"] == 500000.0
 
 
-def test_sliding_window_is_refused():
-    config = make_hf_config("mistral", sliding_window=16, max_position_embeddings=512)
-    with pytest.raises(ValueError, match="sliding_window"):
-        LlamaForCausalLM(config)
+def test_layer_windows_follow_the_config():
+    from specserve.workers.models.llama import layer_windows
+
+    assert layer_windows(make_hf_config("mistral", sliding_window=16)) == [16, 16]
     # A window as long as the model's context is plain full attention.
-    LlamaForCausalLM(make_hf_config("mistral", sliding_window=512, max_position_embeddings=512))
-
-
-def test_qwen2_sliding_layers_are_refused():
-    config = make_hf_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=0)
-    with pytest.raises(ValueError, match="sliding"):
+    assert layer_windows(make_hf_config("mistral", sliding_window=512,
+                                        max_position_embeddings=512)) == [None, None]
+    qwen2 = make_hf_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    assert layer_windows(qwen2) == [None, 16]  # windows from max_window_layers on, as HF
+    assert layer_windows(make_hf_config("qwen2", sliding_window=16)) == [None, None]
+    config = make_hf_config("llama")
+    config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match="chunked_attention"):
         LlamaForCausalLM(config)

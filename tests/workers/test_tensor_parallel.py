@@ -3,7 +3,8 @@
 that split differently (KV heads split, KV heads replicated), tied and untied
 LM heads, biases on column- and row-parallel projections, a vocabulary that
 does not divide evenly, checkpoints that store q/k/v and gate/up fused
-(Phi-3), and dummy weights; each rank holds only its shard."""
+(Phi-3), Qwen3 and Gemma 2/3 (q/k norms, sliding windows, soft caps), and
+dummy weights; each rank holds only its shard."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ CASES = {
     # Each expert split by its intermediate dimension, from per-expert and stacked tensors.
     "mixtral": dict(arch="mixtral", num_heads=4, num_kv_heads=2),
     "mixtral-stacked": dict(arch="mixtral", num_heads=4, num_kv_heads=2, stacked_experts=True),
+    # Per-head q/k norms, sliding windows, soft caps, Gemma's decoder (MQA: one KV head).
+    "qwen3-window": dict(arch="qwen3", num_heads=4, num_kv_heads=2, use_sliding_window=True,
+                         sliding_window=5, max_window_layers=1),
+    "gemma2-window-caps": dict(arch="gemma2", num_heads=4, num_kv_heads=2, sliding_window=5,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=0.5),
+    "gemma3-mqa": dict(arch="gemma3", num_heads=4, num_kv_heads=1, sliding_window=5,
+                       sliding_window_pattern=2, final_logit_softcapping=1.0),
 }
 
 
@@ -51,7 +59,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("size,draft_size", [(2, 1), (4, 2)])
 def test_split_models_give_the_unsplit_logits(size, draft_size, checkpoints, tmp_path):
     names = list(CASES) if size == 2 else ["gqa-kv-split", "kv-replicated-tied",
-                                           "phi3-fused-longrope"]
+                                           "phi3-fused-longrope", "gemma3-mqa"]
     cases = [(n, checkpoints[n], "auto") for n in names]
     cases.append(("dummy", checkpoints["gqa-kv-split"], "dummy"))
     # A draft in groups of draft_size ranks: at 4 ranks, two groups of two.

@@ -5,7 +5,12 @@ positions and an ``AttentionMetadata`` that says which rows belong to which
 sequence. Projections are fused: one ``qkv_proj`` and one ``gate_up_proj``
 per layer. Under tensor parallelism (``tp``) each rank holds its share of
 the heads, of the MLP and of the vocabulary (``workers.parallel.layers``
-knows which part of each checkpoint tensor that is).
+knows which part of each checkpoint tensor that is). Qwen3 is Qwen2 without
+q/k/v biases and with an RMSNorm over each query and key head before RoPE.
+Sliding-window layers (Mistral's, Qwen2/Qwen3's above ``max_window_layers``)
+pass their window to the attention backend; every KV block is kept, since
+full-attention layers and a full-attention draft sharing the block table
+still read the old ones.
 """
 
 from __future__ import annotations
@@ -47,26 +52,44 @@ class RMSNorm(nn.Module):
 
 class PagedAttention(nn.Module):
     """RoPE on a fused QKV output, then the attention backend with this
-    layer's KV cache. Where the rotary kernel can store the keys and values
-    itself, the backend is told they are stored."""
+    layer's KV cache, scale, sliding window and soft cap. Where the rotary
+    kernel can store the keys and values itself, the backend is told they
+    are stored."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 scale: float | None = None, window: int | None = None,
+                 soft_cap: float | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
+        self.window, self.soft_cap = window, soft_cap
         self.backend: AttentionBackend | None = None
 
     def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         """``qkv [T, (Hq + 2 Hkv) D]`` -> attention output ``[T, Hq, D]``."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        options = dict(window=self.window, soft_cap=self.soft_cap)
         if kv_cache is not None and store_fits(qkv, kv_cache, kv_heads, head_dim):
             q = rotate_q_store_kv(qkv, cos, sin, heads, kv_heads, head_dim, kv_cache,
                                   meta.slot_mapping)
             return self.backend.forward(q, None, None, kv_cache, meta, self.scale,
-                                        kv_stored=True)
+                                        kv_stored=True, **options)
         q, k, v = rotate_qk(qkv, cos, sin, heads, kv_heads, head_dim)
-        return self.backend.forward(q, k, v, kv_cache, meta, self.scale)
+        return self.backend.forward(q, k, v, kv_cache, meta, self.scale, **options)
+
+
+def norm_heads(qkv: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module, num_heads: int,
+               num_kv_heads: int, head_dim: int) -> None:
+    """Normalise every query head with ``q_norm`` and every key head with
+    ``k_norm``, in place in the fused QKV output (Qwen3's and Gemma 3's q/k
+    norm, applied before RoPE)."""
+    tokens = qkv.shape[0]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    for norm, cols, heads in ((q_norm, slice(0, q_size), num_heads),
+                              (k_norm, slice(q_size, q_size + kv_size), num_kv_heads)):
+        part = qkv[:, cols]
+        part.copy_(norm(part.reshape(tokens * heads, head_dim)).view(tokens, heads * head_dim))
 
 
 # ------------------------------------------------------------------ layers --
@@ -75,7 +98,8 @@ class LlamaAttention(nn.Module):
     """Self-attention: fused QKV projection, RoPE, paged attention, output
     projection; this rank's query heads and the KV heads they read."""
 
-    def __init__(self, config: Any, head_dim: int, tp: TensorParallel) -> None:
+    def __init__(self, config: Any, head_dim: int, tp: TensorParallel,
+                 window: int | None = None) -> None:
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -89,11 +113,19 @@ class LlamaAttention(nn.Module):
             bias=qkv_bias, shards=[q_shard, kv_shard, kv_shard])
         self.o_proj = RowParallelLinear(num_heads * head_dim, config.hidden_size, bias=o_bias,
                                         tp=tp)
-        self.attn = PagedAttention(q_heads, kv_heads, head_dim)
+        self.attn = PagedAttention(q_heads, kv_heads, head_dim, window=window)
+        self.has_qk_norm = getattr(config, "model_type", None) == "qwen3"
+        if self.has_qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
-        out = self.attn(self.qkv_proj(hidden), cos, sin, kv_cache, meta)
+        qkv = self.qkv_proj(hidden)
+        if self.has_qk_norm:
+            norm_heads(qkv, self.q_norm, self.k_norm, self.attn.num_heads,
+                       self.attn.num_kv_heads, self.attn.head_dim)
+        out = self.attn(qkv, cos, sin, kv_cache, meta)
         return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
 
 
@@ -114,10 +146,11 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then MLP."""
 
-    def __init__(self, config: Any, head_dim: int, tp: TensorParallel) -> None:
+    def __init__(self, config: Any, head_dim: int, tp: TensorParallel,
+                 window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, head_dim, tp)
+        self.self_attn = LlamaAttention(config, head_dim, tp, window)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, tp)
 
@@ -142,8 +175,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         head_dim = head_dim_of(config)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim, tp)
-                                    for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, head_dim, tp, window)
+                                    for window in layer_windows(config))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(head_dim, rope_parameters(config))
 
@@ -177,10 +210,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: Any, attention_backend: AttentionBackend | None = None,
                  tp: TensorParallel = SINGLE_RANK) -> None:
         super().__init__()
-        _check_supported(config)
         self.config = config
         self.tp = tp
-        self.model = LlamaModel(config, tp)
+        self.model = self.build_decoder(config, tp)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = (None if self.tie_word_embeddings
                         else ParallelLMHead(config.vocab_size, config.hidden_size, tp))
@@ -188,6 +220,13 @@ class LlamaForCausalLM(nn.Module):
         self.batch_invariant = False
         if attention_backend is not None:
             self.set_attention_backend(attention_backend)
+
+    @staticmethod
+    def build_decoder(config: Any, tp: TensorParallel) -> nn.Module:
+        """This family's decoder (embedding, layers, final norm), after checking
+        the config: a family over the same interface (Gemma) builds its own."""
+        _check_supported(config)
+        return LlamaModel(config, tp)
 
     def set_attention_backend(self, backend: AttentionBackend) -> None:
         self.attention_backend = backend
@@ -227,15 +266,34 @@ def _check_supported(config: Any) -> None:
     if act not in ("silu", "swish"):
         raise ValueError(f"unsupported hidden_act {act!r}: only silu (SwiGLU) is implemented")
     rope_inv_freq(head_dim_of(config), rope_parameters(config))  # raises on an unsupported rope type
+    layer_windows(config)  # raises on layer types it does not know
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as Hugging Face
+    reads the config: by ``layer_types`` where the config has them (Qwen2 and
+    Qwen3 above ``max_window_layers``, Gemma 2/3's alternation), else
+    ``sliding_window`` on every layer (Mistral). A window as long as the
+    model's context is full attention."""
+    num_layers = config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for "
+                             f"num_hidden_layers={num_layers}")
+        unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise ValueError(f"unsupported layer_types {unknown}; supported: "
+                             f"sliding_attention, full_attention")
     window = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", True) is False:
         window = None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        window = None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                               or window < 1):
+        raise ValueError(f"sliding_window must be a positive integer or null, got {window!r}")
     max_pos = getattr(config, "max_position_embeddings", None)
-    if window is not None and (max_pos is None or window < max_pos):
-        raise ValueError(
-            f"sliding-window attention is not supported: sliding_window={window} is smaller "
-            f"than max_position_embeddings={max_pos} (set sliding_window to null or >= "
-            f"max_position_embeddings to run this model with full attention)")
+    if window is None or (max_pos is not None and window >= max_pos):
+        return [None] * num_layers
+    if layer_types is None:
+        return [window] * num_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]

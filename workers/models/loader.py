@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from specserve.workers.attention.backend import AttentionBackend, get_attention_backend
 from specserve.workers.models import quantization as quant
+from specserve.workers.models.gemma import GemmaForCausalLM
 from specserve.workers.models.llama import LlamaForCausalLM
 from specserve.workers.models.mixtral import MixtralForCausalLM
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
@@ -36,11 +37,16 @@ logger = logging.getLogger(__name__)
 MODEL_CLASSES = {"LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM,
                  "Qwen2ForCausalLM": LlamaForCausalLM,
                  "MixtralForCausalLM": MixtralForCausalLM,
-                 "Phi3ForCausalLM": LlamaForCausalLM}
+                 "Phi3ForCausalLM": LlamaForCausalLM,
+                 "Qwen3ForCausalLM": LlamaForCausalLM,
+                 "GemmaForCausalLM": GemmaForCausalLM, "Gemma2ForCausalLM": GemmaForCausalLM,
+                 "Gemma3ForCausalLM": GemmaForCausalLM}
 SUPPORTED_ARCHITECTURES = tuple(MODEL_CLASSES)
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM",
-                               "phi3": "Phi3ForCausalLM"}
+                               "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                               "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                               "gemma3_text": "Gemma3ForCausalLM"}
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16}
 # Checkpoint tensors that carry nothing we need (old checkpoints saved RoPE tables).
