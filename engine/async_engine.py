@@ -9,8 +9,15 @@ step's outputs go back to the event loop as one batch (one
 asyncio queues that the gRPC handlers read.
 
 With ``num_replicas`` > 1 (data parallelism) every replica is its own engine
-built from the same configuration, and each new request goes to the replica
-with the fewest unfinished requests.
+built from the same configuration, and each new request goes to the serving
+replica with the fewest unfinished requests.
+
+A replica is starting, serving, failed or rebuilding (`ReplicaState`). A step
+that raises (a worker died, a device error) fails the replica at once: it
+leaves the routing, its requests end with `EngineFailureError`, its engine is
+shut down, and its thread builds a new one after a back-off (`RestartPolicy`),
+which serves once it has run a request through a whole step. While no replica
+serves, new requests get `EngineUnavailableError` at once.
 
 No gRPC in here: failures are exceptions (`InvalidRequestError`,
 `QueueFullError`, `EngineFailureError`, `EngineUnavailableError`) that the
@@ -27,6 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Iterable
 
 from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
@@ -51,9 +59,67 @@ class EngineUnavailableError(RuntimeError):
     """The engine is not running (still loading, or stopped)."""
 
 
+class ReplicaState(str, Enum):
+    """Where an engine replica is; only serving replicas get new requests."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    FAILED = "failed"
+    REBUILDING = "rebuilding"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a failed replica is rebuilt: ``backoff`` seconds after it failed,
+    twice as long after each failed attempt (at most ``max_backoff``), at most
+    ``max_attempts`` attempts in a row (0: never). A rebuild that serves again
+    starts the count afresh."""
+
+    max_attempts: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 0:
+            raise ValueError(f"replica restart attempts must be an integer >= 0, "
+                             f"got {self.max_attempts!r}")
+        if not self.backoff > 0:
+            raise ValueError(f"replica restart back-off must be > 0 seconds, got {self.backoff!r}")
+        if not self.max_backoff >= self.backoff:
+            raise ValueError(f"replica restart back-off cap ({self.max_backoff!r} s) is below "
+                             f"the first back-off ({self.backoff!r} s)")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt`` (counted from 0)."""
+        return min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 62))
+
+
+@dataclass
+class ReplicaStats:
+    """One replica for the metrics; its gauges are 0 while it does not serve."""
+
+    index: int
+    state: str
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    failures_total: int = 0
+    restarts_total: int = 0
+
+
+# Engine statistics that only grow (kept across a replica's rebuilds), and those
+# that describe the present (counted for serving replicas only).
+_COUNTERS = ("draft_tokens_proposed_total", "draft_tokens_accepted_total",
+             "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total")
+_GAUGES = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
+_PROBE_REQUEST_ID = "specserve-replica-probe"
+_PROBE_STEPS = 16
+
+
 @dataclass
 class EngineStatsSnapshot:
-    """Counters summed over all replicas."""
+    """Counters summed over all replicas; gauges over the serving ones."""
 
     num_running: int = 0
     num_waiting: int = 0
@@ -65,8 +131,8 @@ class EngineStatsSnapshot:
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
     num_unfinished: int = 0  # requests the front end has in flight
-    num_speculative_tokens: float = 0.0  # mean over replicas of the last step's k
-    per_replica: list[Any] = field(default_factory=list)
+    num_speculative_tokens: float = 0.0  # mean over serving replicas of the last step's k
+    replicas: list[ReplicaStats] = field(default_factory=list)
 
 
 @dataclass
@@ -83,32 +149,56 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Reroute:
+    """Handed back by a replica that failed before it took the request."""
+
+    add: _Add
+
+
 _ABORTED = object()  # queued to a stream that the front end aborted itself
 
 
 class EngineReplica:
-    """One engine and the thread that drives it."""
+    """One engine, the thread that drives it, and its rebuilds after a failure.
+
+    The thread builds the engine, serves until a step raises, then fails the
+    replica (`_fail`) and builds a new engine (`_rebuild`); ``state`` says
+    where it is, and is what the front end routes by.
+    """
 
     def __init__(self, index: int, make_engine: Callable[[], Any],
                  deliver: Callable[[int, list[tuple[str, Any]]], None],
-                 on_step: Callable[[float], None] | None = None) -> None:
+                 on_step: Callable[[float], None] | None = None, *,
+                 restart: RestartPolicy | None = None,
+                 on_state: Callable[[int, ReplicaState], None] | None = None) -> None:
         self.index = index
         self._make_engine = make_engine
         self._deliver = deliver
         self._on_step = on_step
+        self._on_state = on_state
+        self._restart = restart or RestartPolicy()
         self._cond = threading.Condition()
         self._inbox: deque[_Add | _Abort] = deque()
         self._stopping = False
+        self._rebuilds_held = False
+        self._closed = False  # the thread has ended: nothing reads the inbox any more
         self._thread = threading.Thread(target=self._run, name=f"specserve-engine-{index}",
                                         daemon=True)
+        self.state = ReplicaState.STARTING
         self.loaded = threading.Event()
         self.load_error: BaseException | None = None
         self.engine: Any = None
         self.tokenizer: Any = None
         self.model_info: dict = {}
-        self.stats: Any = None  # the engine's latest get_stats(), refreshed every loop
+        # (the engine's latest get_stats() or None, counters of the engines it replaced),
+        # replaced whole: a reader on another thread never counts a counter twice.
+        self._published: tuple[Any, dict[str, int]] = (None, {})
         self.num_unfinished = 0  # front end's count; touched on the event loop only
         self.num_steps = 0
+        self.num_failures = 0
+        self.num_restarts = 0
+        self.gave_up = False  # every rebuild attempt after the last failure failed
 
     # -- called from the event loop ------------------------------------------------
     def start(self) -> None:
@@ -128,43 +218,70 @@ class EngineReplica:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def hold_rebuilds(self) -> None:
+        """Build no new engine from now on (the server is draining)."""
+        with self._cond:
+            self._rebuilds_held = True
+            self._cond.notify()
+
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def stats(self) -> Any:
+        """The engine's latest get_stats() (None while no engine serves)."""
+        return self._published[0]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Every engine's counters (the current one's and the replaced ones') summed."""
+        stats, retired = self._published
+        return {name: retired.get(name, 0) + _stat(stats, name) for name in _COUNTERS}
 
     def _post(self, cmd: _Add | _Abort) -> None:
         with self._cond:
-            self._inbox.append(cmd)
-            self._cond.notify()
+            if not self._closed:
+                self._inbox.append(cmd)
+                self._cond.notify()
+                return
+        if isinstance(cmd, _Add):  # the thread is gone: the front end routes it elsewhere
+            self._deliver(self.index, [(cmd.request_id, _Reroute(cmd))])
 
     # -- the engine thread -----------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.engine = self._make_engine()
-            self.model_info = dict(self.engine.model_info())
-            self.stats = self.engine.get_stats()
-            # The front end tokenizes (Tokenize RPC) with a copy of its own: a Hugging
-            # Face fast tokenizer refuses concurrent use ("Already borrowed").
-            self.tokenizer = copy.deepcopy(self.engine.tokenizer)
+            self._install(self._make_engine())
         except BaseException as exc:  # reported by AsyncEngine.start
             self.load_error = exc
             self.loaded.set()
+            self._close()
             return
         self.loaded.set()
-        live: set[str] = set()
-        try:
-            self._loop(live)
-        except BaseException as exc:  # a bug in the loop itself: fail what is in flight
-            logger.exception("engine replica %d stopped", self.index)
-            self._deliver(self.index, [(rid, EngineFailureError(f"the engine stopped: {exc}"))
-                                       for rid in live])
-        finally:
+        while True:
+            live: set[str] = set()
             try:
-                self.engine.shutdown()
-            except Exception:
-                logger.exception("engine replica %d: shutdown failed", self.index)
+                failure = self._loop(live)
+            except BaseException as exc:  # a bug in the loop itself: a failure as well
+                failure = exc
+            if failure is None:  # stopping
+                self._retire(live)
+                break
+            self._fail(live, failure)
+            if not self._rebuild():
+                break
+        self._close()
 
-    def _loop(self, live: set[str]) -> None:
+    def _install(self, engine: Any) -> None:
+        """Serve with ``engine``; the first one also gives the front end the model's
+        information and a tokenizer."""
+        if self.tokenizer is None:
+            self.model_info = dict(engine.model_info())
+            # The front end tokenizes (Tokenize RPC) with a copy of its own: a Hugging
+            # Face fast tokenizer refuses concurrent use ("Already borrowed").
+            self.tokenizer = copy.deepcopy(engine.tokenizer)
+        self._published = (engine.get_stats(), self._published[1])
+        self.engine = engine
+        self._set_state(ReplicaState.SERVING)
+
+    def _loop(self, live: set[str]) -> BaseException | None:
+        """Serve until stopped (None) or until a step fails (its exception)."""
         engine = self.engine
         while True:
             with self._cond:
@@ -177,26 +294,23 @@ class EngineReplica:
             if rejected:  # tell those clients now, not after the step
                 self._deliver(self.index, rejected)
             if stopping:
-                for rid in list(live):
-                    engine.abort_request(rid)
-                return
+                return None
             events: list[tuple[str, Any]] = []
             if engine.has_unfinished_requests():
                 start = time.perf_counter()
                 try:
                     outputs = engine.step()
                 except Exception as exc:
-                    events = self._fail_all(live, exc)
-                else:
-                    for out in outputs:
-                        events.append((out.request_id, out))
-                        if out.finished:
-                            live.discard(out.request_id)
+                    return exc
+                for out in outputs:
+                    events.append((out.request_id, out))
+                    if out.finished:
+                        live.discard(out.request_id)
                 self.num_steps += 1
                 if self._on_step is not None:
                     self._on_step(time.perf_counter() - start)
             try:
-                self.stats = engine.get_stats()
+                self._published = (engine.get_stats(), self._published[1])
             except Exception:
                 logger.exception("engine replica %d: get_stats failed", self.index)
             if events:
@@ -223,21 +337,138 @@ class EngineReplica:
         live.add(cmd.request_id)
         return None
 
-    def _fail_all(self, live: set[str], exc: Exception) -> list[tuple[str, Any]]:
+    # -- failure and rebuild ---------------------------------------------------------
+    def _fail(self, live: set[str], exc: BaseException) -> None:
         """A step failed: every request of this replica is affected (the step ran
-        them together); abort them so their blocks are freed, and go on serving."""
-        logger.error("engine replica %d: step failed, failing its %d requests",
-                     self.index, len(live), exc_info=exc)
-        error = EngineFailureError(f"the model worker failed: {type(exc).__name__}: {exc}")
-        events = []
-        for rid in list(live):
-            try:
-                self.engine.abort_request(rid)
-            except Exception:
-                logger.exception("abort of %s after a failed step failed", rid)
-            events.append((rid, error))
+        them together). Leave the routing at once, end the requests, and let go
+        of the engine (its actors, its KV cache, its scheduler)."""
+        self.num_failures += 1
+        self._set_state(ReplicaState.FAILED)
+        logger.error("engine replica %d failed; ending its %d request(s)", self.index,
+                     len(live), exc_info=exc)
+        error = EngineFailureError(f"engine replica {self.index} failed ({_reason(exc)}); "
+                                   "the request was ended, retry it")
+        self._deliver(self.index, [(rid, error) for rid in live] + self._take_adds())
+        self._retire(live)
         live.clear()
-        return events
+
+    def _retire(self, live: Iterable[str]) -> None:
+        """Abort what the engine holds, keep its counters, and shut it down."""
+        engine, self.engine = self.engine, None
+        for rid in live:
+            try:
+                engine.abort_request(rid)
+            except Exception:
+                logger.exception("engine replica %d: abort of %s failed", self.index, rid)
+        self._published = (None, self.counters)
+        try:
+            engine.shutdown()
+        except Exception:
+            logger.exception("engine replica %d: shutdown failed", self.index)
+
+    def _rebuild(self) -> bool:
+        """Build a new engine after a back-off, attempt after attempt; True once it
+        serves, False when stopping or out of attempts."""
+        policy = self._restart
+        for attempt in range(policy.max_attempts):
+            if not self._back_off(policy.delay(attempt)):
+                return False
+            self._set_state(ReplicaState.REBUILDING)
+            logger.info("engine replica %d: rebuilding (attempt %d of %d)", self.index,
+                        attempt + 1, policy.max_attempts)
+            engine = None
+            try:
+                engine = self._make_engine()
+                _probe(engine)
+                if self._halted():
+                    engine.shutdown()
+                    return False
+                self._install(engine)
+            except Exception:
+                logger.exception("engine replica %d: rebuild attempt %d failed", self.index,
+                                 attempt + 1)
+                if engine is not None:
+                    _shut_down_quietly(engine)
+                self._set_state(ReplicaState.FAILED)
+                continue
+            self.num_restarts += 1
+            logger.info("engine replica %d is serving again", self.index)
+            return True
+        self.gave_up = True
+        logger.error("engine replica %d: %d rebuild attempt(s) failed; it stays out of service",
+                     self.index, policy.max_attempts)
+        return False
+
+    def _back_off(self, seconds: float) -> bool:
+        """Wait ``seconds`` (handing on any request that still reaches this replica);
+        False when stopping or rebuilds are held."""
+        deadline = time.monotonic() + seconds
+        while not self._halted():
+            adds = self._take_adds()
+            if adds:
+                self._deliver(self.index, adds)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            with self._cond:
+                if not (self._inbox or self._stopping or self._rebuilds_held):
+                    self._cond.wait(left)
+        return False
+
+    def _halted(self) -> bool:
+        with self._cond:
+            return self._stopping or self._rebuilds_held
+
+    def _take_adds(self) -> list[tuple[str, Any]]:
+        """Empty the inbox: requests go back to the front end to be routed elsewhere
+        (they reached this replica as it failed); aborts are moot."""
+        with self._cond:
+            commands = list(self._inbox)
+            self._inbox.clear()
+        return [(cmd.request_id, _Reroute(cmd)) for cmd in commands if isinstance(cmd, _Add)]
+
+    def _close(self) -> None:
+        """The thread ends: what is posted from now on is handed back at once."""
+        with self._cond:
+            self._closed = True
+        adds = self._take_adds()
+        if adds:
+            self._deliver(self.index, adds)
+
+    def _set_state(self, state: ReplicaState) -> None:
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(self.index, state)
+
+
+def _probe(engine: Any) -> None:
+    """Run a one-token request through whole steps: a rebuilt engine serves only
+    once it has loaded and computed a step."""
+    engine.add_request(_PROBE_REQUEST_ID, [0],
+                       SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    for _ in range(_PROBE_STEPS):
+        if any(out.request_id == _PROBE_REQUEST_ID and out.finished for out in engine.step()):
+            return
+    raise EngineFailureError(f"the rebuilt engine did not finish a one-token request in "
+                             f"{_PROBE_STEPS} steps")
+
+
+def _shut_down_quietly(engine: Any) -> None:
+    try:
+        engine.shutdown()
+    except Exception:
+        logger.exception("shutting down a failed engine failed")
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, for the client: the exception's type and first line (Ray's
+    reports name processes and actors on the lines after; those stay in the log)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _stat(stats: Any, name: str) -> int:
+    return int(getattr(stats, name, 0) or 0) if stats is not None else 0
 
 
 class RequestStream:
@@ -248,9 +479,11 @@ class RequestStream:
     failure raises the error instead.
     """
 
-    def __init__(self, request_id: str, replica: EngineReplica) -> None:
+    def __init__(self, request_id: str, replica: EngineReplica,
+                 prompt_length: Callable[[], int]) -> None:
         self.request_id = request_id
-        self.replica = replica
+        self.replica = replica  # the replica serving it (another one if it is re-routed)
+        self._prompt_length = prompt_length
         self.finished = False
         self.num_tokens = 0
         self.last_metrics: RequestMetrics | None = None
@@ -290,8 +523,10 @@ class RequestStream:
         return out
 
     def _aborted_output(self) -> RequestOutput:
-        metrics = RequestMetrics()
-        if self.last_metrics is not None:
+        if self.last_metrics is None:  # aborted before its first output: count the prompt
+            metrics = RequestMetrics(prompt_tokens=self._prompt_length(),
+                                     finished_time=time.monotonic())
+        else:
             m = self.last_metrics
             metrics = RequestMetrics(
                 prompt_tokens=m.prompt_tokens, completion_tokens=self.num_tokens,
@@ -300,7 +535,7 @@ class RequestStream:
                 arrival_time=m.arrival_time, first_token_time=m.first_token_time,
                 finished_time=time.monotonic())
         return RequestOutput(request_id=self.request_id, new_token_ids=[], new_text="",
-                             finished=True, finish_reason=FinishReason.ABORTED, metrics=metrics)
+                            finished=True, finish_reason=FinishReason.ABORTED, metrics=metrics)
 
 
 def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
@@ -323,16 +558,24 @@ def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
 
 
 class AsyncEngine:
-    """N engine replicas behind one asyncio front end."""
+    """N engine replicas behind one asyncio front end.
+
+    ``on_replica_state(index, state)`` is called on the event loop whenever a
+    replica changes state (the server's health follows it).
+    """
 
     def __init__(self, make_engine: Callable[[int], Any], num_replicas: int = 1, *,
                  max_num_seqs: int = 128, max_queue: int = 1024,
-                 on_step: Callable[[float], None] | None = None) -> None:
+                 on_step: Callable[[float], None] | None = None,
+                 restart: RestartPolicy | None = None,
+                 on_replica_state: Callable[[int, ReplicaState], None] | None = None) -> None:
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         self._make_engine = make_engine
         self._num_replicas = num_replicas
         self._on_step = on_step
+        self.restart = restart or RestartPolicy()
+        self.on_replica_state = on_replica_state
         self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
         self.replicas: list[EngineReplica] = []
@@ -347,7 +590,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self.replicas = [
             EngineReplica(i, (lambda i=i: self._make_engine(i)), self._deliver_threadsafe,
-                          self._on_step)
+                          self._on_step, restart=self.restart, on_state=self._state_threadsafe)
             for i in range(self._num_replicas)
         ]
         for replica in self.replicas:
@@ -365,6 +608,11 @@ class AsyncEngine:
         gc.freeze()
         self.running = True
 
+    def hold_rebuilds(self) -> None:
+        """Rebuild no failed replica from now on (the server is draining)."""
+        for replica in self.replicas:
+            replica.hold_rebuilds()
+
     async def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the replicas' threads (aborting what they hold) and shut the engines down."""
         self.running = False
@@ -374,25 +622,25 @@ class AsyncEngine:
     # -- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     num_speculative_tokens: int | None = None, priority: int = 0) -> RequestStream:
-        """Queue a request on the least-loaded replica; call on the event loop.
+        """Queue a request on the least-loaded serving replica; call on the event loop.
 
-        Raises `EngineUnavailableError`, `InvalidRequestError` (a request id in
-        use) or `QueueFullError` right away; errors found by the engine (empty
-        or over-long prompt, ...) come out of the stream.
+        Raises `EngineUnavailableError` (not running, or no replica serves),
+        `InvalidRequestError` (a request id in use) or `QueueFullError` right
+        away; errors found by the engine (empty or over-long prompt, ...) come
+        out of the stream.
         """
         if not self.running:
             raise EngineUnavailableError("the engine is not running")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        replica = min((r for r in self.replicas if r.alive), key=lambda r: r.num_unfinished,
-                      default=None)
+        replica = self._least_loaded()
         if replica is None:
-            raise EngineUnavailableError("no engine replica is running")
+            raise EngineUnavailableError(self.unavailable_reason())
         if replica.num_unfinished >= self.max_num_seqs + self.max_queue:
             raise QueueFullError(
                 f"the request queue is full ({self.max_queue} requests waiting, "
                 f"{self.max_num_seqs} running per replica); retry later")
-        stream = RequestStream(request_id, replica)
+        stream = RequestStream(request_id, replica, lambda: self._prompt_length(prompt))
         self._streams[request_id] = stream
         replica.num_unfinished += 1
         replica.add(_Add(request_id, prompt, params, num_speculative_tokens, priority))
@@ -418,6 +666,34 @@ class AsyncEngine:
     def num_unfinished_requests(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_serving(self) -> int:
+        """Replicas that take new requests now."""
+        return sum(r.state is ReplicaState.SERVING for r in self.replicas)
+
+    def unavailable_reason(self) -> str:
+        """Why no request can be taken, for the client."""
+        if not self.running:
+            return "the engine is not running"
+        states = [r.state.value for r in self.replicas]
+        if all(r.gave_up for r in self.replicas):
+            return "no engine replica is serving: every one failed and could not be rebuilt"
+        return (f"no engine replica is serving ({', '.join(states)}); failed replicas are "
+                "being rebuilt, retry later")
+
+    def _least_loaded(self, exclude: EngineReplica | None = None) -> EngineReplica | None:
+        serving = (r for r in self.replicas
+                   if r.state is ReplicaState.SERVING and r is not exclude)
+        return min(serving, key=lambda r: r.num_unfinished, default=None)
+
+    def _prompt_length(self, prompt: str | list[int]) -> int:
+        """A prompt's token count, as the engine counts it (for a stream aborted
+        before the engine reported it)."""
+        if not isinstance(prompt, str):
+            return len(prompt)
+        with self._tokenizer_lock:
+            return len(self.replicas[0].tokenizer.encode(prompt))
+
     # -- information ---------------------------------------------------------------
     def model_info(self) -> dict:
         if not self.replicas or not self.replicas[0].loaded.is_set():
@@ -437,19 +713,23 @@ class AsyncEngine:
         return await asyncio.to_thread(encode)
 
     def get_stats(self) -> EngineStatsSnapshot:
-        """Latest statistics of every replica, summed (safe from any thread)."""
+        """Latest statistics of every replica: counters summed over all of them
+        (and over the engines a rebuild replaced), gauges over the serving ones
+        (safe from any thread)."""
         snap = EngineStatsSnapshot(num_unfinished=len(self._streams))
+        ks = []
         for replica in self.replicas:
-            s = replica.stats
-            snap.per_replica.append(s)
-            if s is None:
-                continue
-            for name in ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total",
-                         "draft_tokens_proposed_total", "draft_tokens_accepted_total",
-                         "num_preemptions_total", "prefix_cache_queries_total",
-                         "prefix_cache_hits_total"):
-                setattr(snap, name, getattr(snap, name) + int(getattr(s, name, 0) or 0))
-        ks = [getattr(s, "num_speculative_tokens", 0) for s in snap.per_replica if s is not None]
+            state, stats, counters = replica.state, replica.stats, replica.counters
+            for name, value in counters.items():
+                setattr(snap, name, getattr(snap, name) + value)
+            view = ReplicaStats(replica.index, state.value, failures_total=replica.num_failures,
+                                restarts_total=replica.num_restarts)
+            if state is ReplicaState.SERVING and stats is not None:
+                for name in _GAUGES:
+                    setattr(view, name, _stat(stats, name))
+                    setattr(snap, name, getattr(snap, name) + _stat(stats, name))
+                ks.append(getattr(stats, "num_speculative_tokens", 0))
+            snap.replicas.append(view)
         snap.num_speculative_tokens = sum(ks) / len(ks) if ks else 0.0
         return snap
 
@@ -460,13 +740,37 @@ class AsyncEngine:
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
+    def _state_threadsafe(self, index: int, state: ReplicaState) -> None:
+        if self.on_replica_state is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self.on_replica_state, index, state)
+        except RuntimeError:  # the event loop is closed
+            pass
+
     def _dispatch(self, events: Iterable[tuple[str, Any]]) -> None:
         """On the event loop: fan one step's outputs out to their streams."""
         for request_id, item in events:
             stream = self._streams.get(request_id)
             if stream is None:  # aborted by the front end meanwhile
                 continue
+            if isinstance(item, _Reroute):
+                self._reroute(stream, item.add)
+                continue
             stream._put(item)
             if not isinstance(item, RequestOutput) or item.finished:
                 del self._streams[request_id]
                 stream.replica.num_unfinished -= 1
+
+    def _reroute(self, stream: RequestStream, cmd: _Add) -> None:
+        """A request that reached a replica as it failed goes to another one."""
+        failed = stream.replica
+        failed.num_unfinished -= 1
+        replica = self._least_loaded(exclude=failed)
+        if replica is None:
+            del self._streams[stream.request_id]
+            stream._put(EngineUnavailableError(self.unavailable_reason()))
+            return
+        stream.replica = replica
+        replica.num_unfinished += 1
+        replica.add(cmd)

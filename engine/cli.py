@@ -32,6 +32,8 @@ DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grp
 DEFAULT_PORT = 50051
 DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
+DEFAULT_REPLICA_RESTART_MAX = 5  # engine.async_engine.RestartPolicy's, without importing it here
+DEFAULT_REPLICA_RESTART_BACKOFF = 1.0
 EMBEDDED_MODEL_NAME = "specserve-default"  # engine.http_server's, without importing it here
 
 # Help for each engine option, unless its dataclass field carries
@@ -215,6 +217,28 @@ def port_type(lowest: int) -> Callable[[str], int]:
     return port
 
 
+def count_type(text: str) -> int:
+    """An argparse type for an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def seconds_type(text: str) -> float:
+    """An argparse type for a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="specserve",
@@ -242,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace-period", type=float, default=DEFAULT_GRACE_PERIOD,
                        help="seconds streams in flight get to finish after SIGINT/SIGTERM "
                             "before they are aborted")
+    serve.add_argument("--replica-restart-max", type=count_type,
+                       default=DEFAULT_REPLICA_RESTART_MAX, metavar="N",
+                       help="rebuild attempts in a row for an engine replica that failed (a "
+                            "worker died, a device error) before it is left out of service; "
+                            "0 never rebuilds")
+    serve.add_argument("--replica-restart-backoff", type=seconds_type,
+                       default=DEFAULT_REPLICA_RESTART_BACKOFF, metavar="SECONDS",
+                       help="wait before the first rebuild of a failed replica, doubled after "
+                            "each failed attempt (up to 30 s)")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"), help="logging level")
     engine_group = serve.add_argument_group("engine options")
@@ -344,11 +377,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_ports(args)
     config = engine_config_from_args(args)
+    from specserve.engine.async_engine import RestartPolicy  # noqa: PLC0415
     from specserve.engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
 
+    restart = RestartPolicy(max_attempts=args.replica_restart_max,
+                            backoff=args.replica_restart_backoff,
+                            max_backoff=max(30.0, args.replica_restart_backoff))
     server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         grace_period=args.grace_period, http_port=args.http_port,
-                        served_model_name=args.served_model_name)
+                        served_model_name=args.served_model_name, replica_restart=restart)
     try:
         asyncio.run(serve_until_signal(server))
     except (ValueError, OSError) as exc:

@@ -1,7 +1,10 @@
 """Prometheus metrics of the server, in a registry of its own.
 
 Gauges and counters of the engine are read from its latest statistics when
-scraped; the latency histograms are observed as requests and steps happen.
+scraped, summed and per replica (a ``replica`` label: its state, load, KV
+blocks, failures and rebuilds); the latency histograms and the counters of
+requests that end early (cancelled, past their deadline, refused by reason,
+failed with their replica) are observed as they happen.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from specserve.engine.async_engine import ReplicaState
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0,
                       2.5)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                  5.0, 10.0)
+REJECTION_REASONS = ("invalid_argument", "queue_full", "unavailable")
+REPLICA_STATES = tuple(state.value for state in ReplicaState)
 
 
 class _EngineStatsCollector(Collector):
@@ -52,6 +59,37 @@ class _EngineStatsCollector(Collector):
         yield CounterMetricFamily("specserve_prefix_cache_hits_total",
                                   "Of them, tokens whose KV blocks were found cached (not "
                                   "computed again).", value=s.prefix_cache_hits_total)
+        yield from _replica_metrics(s.replicas)
+
+
+def _replica_metrics(replicas: list[Any]):
+    """Each replica's state and load (its gauges are 0 while it does not serve)."""
+    state = GaugeMetricFamily("specserve_replica_state",
+                              "1 for the state each replica is in (starting, serving, failed, "
+                              "rebuilding), 0 for the others.", labels=["replica", "state"])
+    families = [(GaugeMetricFamily, "specserve_replica_requests_running",
+                 "Requests being computed on the replica.", "num_running"),
+                (GaugeMetricFamily, "specserve_replica_requests_waiting",
+                 "Requests waiting on the replica.", "num_waiting"),
+                (GaugeMetricFamily, "specserve_replica_kv_blocks_used",
+                 "KV cache blocks in use on the replica.", "kv_blocks_used"),
+                (GaugeMetricFamily, "specserve_replica_kv_blocks_total",
+                 "KV cache blocks of the replica (0 while it does not serve).", "kv_blocks_total"),
+                (CounterMetricFamily, "specserve_replica_failures_total",
+                 "Times the replica failed (a step raised: a worker died, a device error).",
+                 "failures_total"),
+                (CounterMetricFamily, "specserve_replica_restarts_total",
+                 "Times the replica was rebuilt and served again.", "restarts_total")]
+    built = [(kind(name, doc, labels=["replica"]), field) for kind, name, doc, field in families]
+    for r in replicas:
+        label = str(r.index)
+        for name in REPLICA_STATES:
+            state.add_metric([label, name], 1.0 if r.state == name else 0.0)
+        for family, field in built:
+            family.add_metric([label], getattr(r, field))
+    yield state
+    for family, _field in built:
+        yield family
 
 
 class ServerMetrics:
@@ -75,6 +113,24 @@ class ServerMetrics:
         self.requests_finished = Counter(
             "specserve_requests_finished", "Requests that ended, by finish reason.",
             ["finish_reason"], registry=self.registry)
+        self.requests_cancelled = Counter(
+            "specserve_requests_cancelled",
+            "Streams whose client cancelled (or went away) before their last message.",
+            registry=self.registry)
+        self.requests_deadline_exceeded = Counter(
+            "specserve_requests_deadline_exceeded",
+            "Streams whose client's deadline passed before their last message.",
+            registry=self.registry)
+        self.requests_rejected = Counter(
+            "specserve_requests_rejected",
+            "Requests refused with a status, by reason (invalid_argument, queue_full, "
+            "unavailable).", ["reason"], registry=self.registry)
+        for reason in REJECTION_REASONS:
+            self.requests_rejected.labels(reason=reason)
+        self.requests_failed = Counter(
+            "specserve_requests_failed",
+            "Requests ended with INTERNAL because the replica serving them failed.",
+            registry=self.registry)
         self._http = None
 
     def observe_request(self, arrival: float, first_token: float | None, finished: float,

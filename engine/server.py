@@ -2,20 +2,24 @@
 
 Requests are checked and converted here (`engine.grpc_convert`), run by the
 engine replicas behind `engine.async_engine.AsyncEngine`, and streamed back as
-deltas. The standard health service reports SERVING once the models are
-loaded; server reflection is on. With ``http_port`` the OpenAI-compatible
+deltas. The standard health service reports SERVING while at least one
+engine replica serves (once the models are loaded; a failed replica leaves
+the routing and is rebuilt, see `engine.async_engine`), NOT_SERVING while none
+does; server reflection is on. With ``http_port`` the OpenAI-compatible
 HTTP API (`engine.http_server`) runs beside it, on the same engines and loop.
 
 Status codes: INVALID_ARGUMENT for a bad prompt or parameter (with the
 engine's reason), RESOURCE_EXHAUSTED when the waiting queue is full,
-UNAVAILABLE while loading or shutting down, INTERNAL when the replica serving
-a request fails. A client that cancels or passes its deadline gets its request
-aborted, and its KV blocks are freed at the next engine step.
+UNAVAILABLE while loading, shutting down or while no replica serves, INTERNAL
+when the replica serving a request fails. A client that cancels or passes its
+deadline gets its request aborted, and its KV blocks are freed at the next
+engine step. Each of these is counted in the metrics.
 
 Shutdown (`SpecServer.shutdown`, run on SIGINT/SIGTERM by `serve`): health
-goes NOT_SERVING and new requests are refused, streams in flight get
-``grace_period`` seconds to finish, the rest end with FINISH_REASON_ABORTED,
-then the engines shut down.
+goes NOT_SERVING and new requests are refused, failed replicas are no longer
+rebuilt, streams in flight get ``grace_period`` seconds to finish, the rest
+end with FINISH_REASON_ABORTED, then the engines shut down (under Ray: the
+compiled graphs, the actors, then Ray itself where the server started it).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from grpc_reflection.v1alpha import reflection
 
 from specserve.engine.async_engine import (AsyncEngine, EngineFailureError, EngineStatsSnapshot,
                                            EngineUnavailableError, InvalidRequestError,
-                                           QueueFullError)
+                                           QueueFullError, ReplicaState, RestartPolicy)
 from specserve.config import EngineConfig
 from specserve.engine.grpc_convert import (SERVICE_NAME, model_info_to_proto, output_to_response,
                                            parse_generate_request, pb, pb_grpc)
@@ -46,6 +50,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_GRACE_PERIOD = 30.0
+
+# A refused request's status and its reason in the rejection counter (an
+# InvalidRequestError is a ValueError).
+_REJECTIONS = (
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"),
+    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE, "unavailable"),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+)
 
 
 def replica_config(config: EngineConfig) -> EngineConfig:
@@ -71,19 +83,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         srv = self._server
         arrival = time.monotonic()
-        if not srv.accepting:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, srv.unavailable_reason())
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
         try:
+            if not srv.accepting:
+                raise EngineUnavailableError(srv.unavailable_reason())
             parsed = parse_generate_request(request, request_id)
             stream = srv.engine.add_request(parsed.request_id, parsed.prompt, parsed.params,
                                             parsed.num_speculative_tokens, parsed.priority)
-        except (ValueError, InvalidRequestError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (ValueError, QueueFullError, EngineUnavailableError) as exc:
+            await self._reject(context, exc)
 
         srv._call_started()
         first_token = None
@@ -95,14 +103,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if out.finished and srv.metrics is not None:
                     srv.metrics.observe_request(arrival, first_token, time.monotonic(),
                                                 stream.num_tokens, out.finish_reason.value)
-        except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (InvalidRequestError, EngineUnavailableError) as exc:
+            await self._reject(context, exc)
         except EngineFailureError as exc:
+            if srv.metrics is not None:
+                srv.metrics.requests_failed.inc()
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
             if not stream.finished:  # cancelled, deadline passed, or the write failed
                 srv.engine.abort(request_id)
+                srv._count_unfinished(context)
             srv._call_ended()
+
+    async def _reject(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        """End the call with the status for ``exc``, counted by reason."""
+        code, reason = next((code, reason) for kind, code, reason in _REJECTIONS
+                            if isinstance(exc, kind))
+        if self._server.metrics is not None:
+            self._server.metrics.requests_rejected.labels(reason=reason).inc()
+        await context.abort(code, str(exc))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
@@ -136,7 +155,8 @@ class SpecServer:
                  port: int = DEFAULT_PORT, metrics_port: int | None = None,
                  grace_period: float = DEFAULT_GRACE_PERIOD,
                  engine_factory: Callable[[int], Any] | None = None,
-                 http_port: int | None = None, served_model_name: str | None = None) -> None:
+                 http_port: int | None = None, served_model_name: str | None = None,
+                 replica_restart: RestartPolicy | None = None) -> None:
         self.config = config
         self.host = host
         self.port = port
@@ -146,7 +166,8 @@ class SpecServer:
         self.engine = AsyncEngine(engine_factory or _default_engine_factory(config),
                                   config.parallel_config.data_parallel_size,
                                   max_num_seqs=sc.max_num_seqs, max_queue=sc.max_queue,
-                                  on_step=self._on_step)
+                                  on_step=self._on_step, restart=replica_restart,
+                                  on_replica_state=self._replica_state_changed)
         # The OpenAI-compatible HTTP API (engine.http_server) on http_port (None:
         # off, 0: any free port); it serves /metrics too.
         self.http_port = http_port
@@ -155,8 +176,13 @@ class SpecServer:
         self.metrics = (ServerMetrics(self.engine.get_stats)
                         if self.metrics_port or http_port is not None else None)
         self.health = health.aio.HealthServicer()
-        self.accepting = False
+        self._open = False  # taking requests (the replicas may still all be down)
         self._state = "starting"
+        # Called on the event loop once the replicas have loaded, and after each
+        # rebuild (serve_until_signal takes the signals back from Ray there).
+        self.on_replicas_loaded: Callable[[], None] | None = None
+        self._health_tasks: set[asyncio.Task] = set()
+        self._health_status = health_pb2.HealthCheckResponse.NOT_SERVING
         self._grpc: grpc.aio.Server | None = None
         self._active_calls = 0
         self._idle: asyncio.Event | None = None
@@ -164,6 +190,12 @@ class SpecServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a new request can be taken now: the server is open and at
+        least one replica serves."""
+        return self._open and self.engine.num_serving > 0
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
@@ -201,9 +233,10 @@ class SpecServer:
             await self._close()
             raise
         self._state = "serving"
-        self.accepting = True
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._open = True
+        await self._sync_health()
+        if self.on_replicas_loaded is not None:
+            self.on_replicas_loaded()
         logger.info("serving on %s", self.address)
 
     async def _start_http_endpoints(self) -> None:
@@ -229,8 +262,9 @@ class SpecServer:
         if self._state == "stopped":
             return
         grace = self.grace_period if grace_period is None else grace_period
-        self.accepting = False
+        self._open = False
         self._state = "stopping"
+        self.engine.hold_rebuilds()
         await self.health.enter_graceful_shutdown()
         if self._active_calls:
             logger.info("waiting up to %.1fs for %d stream(s) to finish", grace,
@@ -267,9 +301,34 @@ class SpecServer:
         return self.engine.get_stats()
 
     def unavailable_reason(self) -> str:
+        if self._state == "serving":
+            return self.engine.unavailable_reason()
         return {"starting": "the server is loading its models",
                 "failed": "the server failed to start"}.get(self._state,
                                                             "the server is shutting down")
+
+    # -- replicas and health -------------------------------------------------------
+    def _replica_state_changed(self, index: int, state: ReplicaState) -> None:
+        """On the event loop: health follows whether any replica serves."""
+        if self._state != "serving":
+            return
+        if state is ReplicaState.SERVING and self.on_replicas_loaded is not None:
+            self.on_replicas_loaded()
+        task = asyncio.ensure_future(self._sync_health())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _sync_health(self) -> None:
+        serving = self.engine.num_serving > 0
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != self._health_status:
+            self._health_status = status
+            logger.log(logging.INFO if serving else logging.WARNING, "health: %s (%d of %d "
+                       "replicas serve)", health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                       self.engine.num_serving, len(self.engine.replicas))
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     # -- bookkeeping ---------------------------------------------------------------
     def _call_started(self) -> None:
@@ -281,6 +340,17 @@ class SpecServer:
         if self._active_calls == 0:
             self._idle.set()
 
+    def _count_unfinished(self, context: grpc.aio.ServicerContext) -> None:
+        """A stream that ended without its last message: its deadline passed, or
+        its client cancelled (or went away)."""
+        if self.metrics is None:
+            return
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self.metrics.requests_deadline_exceeded.inc()
+        else:
+            self.metrics.requests_cancelled.inc()
+
     def _on_step(self, seconds: float) -> None:  # from an engine thread
         if self.metrics is not None:
             self.metrics.step_time.observe(seconds)
@@ -288,12 +358,27 @@ class SpecServer:
 
 async def serve_until_signal(server: SpecServer) -> None:
     """Start ``server`` and run until SIGINT/SIGTERM, then shut down gracefully.
-    A second signal cuts the grace period short."""
+    A second signal cuts the grace period short.
+
+    Ray's core worker, when the process connects to Ray, installs a handler of
+    its own on SIGTERM that prints a stack trace and arms a 3 s alarm that
+    aborts the process (SIGABRT) before any drain could finish. So the
+    handlers are installed again after the replicas load and after each
+    rebuild, and a signal that still reached Ray's handler (during loading)
+    has its alarm cancelled.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     abort_now = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def claim_signals() -> None:
+        for signum in signals:
+            loop.add_signal_handler(signum, on_signal, signum)
 
     def on_signal(signum: int) -> None:
+        signal.alarm(0)  # the abort that Ray's handler may have armed
+        claim_signals()
         if stop.is_set():
             logger.warning("second %s: aborting streams in flight now",
                            signal.Signals(signum).name)
@@ -303,8 +388,8 @@ async def serve_until_signal(server: SpecServer) -> None:
                            signal.Signals(signum).name, server.grace_period)
             stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+    claim_signals()
+    server.on_replicas_loaded = claim_signals
     try:
         start = asyncio.ensure_future(server.start())
         stopped = asyncio.ensure_future(stop.wait())
@@ -320,7 +405,8 @@ async def serve_until_signal(server: SpecServer) -> None:
                 pass
         await server.shutdown(abort_now=abort_now)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        server.on_replicas_loaded = None
+        for signum in signals:
             loop.remove_signal_handler(signum)
 
 

@@ -287,21 +287,21 @@ class RayExecutor(Executor):
         return outputs[0]
 
     def shutdown(self) -> None:
+        """Tear the compiled graph down (its shared-memory channels with it), then
+        end the actors. After a rank died the others are ended first: a rank
+        waiting in a collective for the dead one would hold the teardown up."""
         if self._closed:
             return
         self._closed = True
+        if self._failure is not None:
+            self._kill_actors()
         compiled, self._compiled = self._compiled, None
         if compiled is not None:
             try:
                 compiled.teardown()
             except Exception as e:  # noqa: BLE001 (an actor may be dead already)
                 logger.debug("compiled graph teardown: %s", e)
-        for w in self.workers:
-            try:
-                ray.kill(w, no_restart=True)
-            except Exception as e:  # noqa: BLE001
-                logger.debug("ray.kill: %s", e)
-        self.workers = []
+        self._kill_actors()
         if self._placement_group is not None:
             try:
                 remove_placement_group(self._placement_group)
@@ -311,6 +311,14 @@ class RayExecutor(Executor):
         if self._holds_ray:
             self._holds_ray = False
             _release_ray()
+
+    def _kill_actors(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception as e:  # noqa: BLE001
+                logger.debug("ray.kill: %s", e)
+        self.workers = []
 
     # -- errors ----------------------------------------------------------
     def _get(self, refs: list, what: str) -> list:
@@ -337,7 +345,9 @@ class RayExecutor(Executor):
 
         An exception raised in the actor comes back as its own message (a
         ValueError stays a ValueError: a bad model directory is a bad argument
-        either way); a dead actor makes the replica unusable from then on.
+        either way); a dead actor makes the replica unusable from then on. Ray's
+        report of a death (pids, actor ids, addresses) goes to the log, not into
+        the message, which reaches clients.
         """
         if isinstance(err, RayTaskError):
             cause = err.cause if err.cause is not None else err
@@ -345,6 +355,7 @@ class RayExecutor(Executor):
             raise (ValueError(msg) if isinstance(cause, ValueError) else WorkerError(msg)) from err
         if isinstance(err, (RayActorError, RayChannelError)):
             rank = self._rank_of(err, rank)
-            self._failure = f"Ray worker rank {rank} died while {what}: {err}"
+            self._failure = f"Ray worker rank {rank} died while {what}"
+            logger.error("%s; Ray reports: %s", self._failure, err)
             raise WorkerError(self._failure) from err
         raise err
