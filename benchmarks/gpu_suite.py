@@ -113,7 +113,7 @@ def batch1_decode(llm: LLM, bw: float) -> dict:
     prompt = random_prompts(1, 128, 32000)
     timed_generate(llm, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     secs, outs = timed_generate(llm, prompt, params)
-    tps = len(outs[0].token_ids) / secs
+    tps = len(outs[0].outputs[0].token_ids) / secs
     # Decode alone (the floor's own measure): tokens after the first over the
     # time after it, without the prompt's prefill.
     m = outs[0].metrics
@@ -227,7 +227,7 @@ def speculation(pair_dir: str, batch_sizes: list[int], k: int, max_tokens: int,
             runs = sorted((timed_generate(llm, prompts, params, kk) for _ in range(3)),
                           key=lambda run: run[0])
             secs, outs = runs[1]
-            tokens = sum(len(o.token_ids) for o in outs)
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             row[name] = tokens / secs
             if controller:  # how often adaptive speculation chose each k, timed runs only
                 row["adaptive_k_counts"] = [a - b for a, b in zip(controller.choices, before)]

@@ -104,7 +104,7 @@ def speculation(target: str, draft: str, tp: int, batch_sizes: list[int]) -> lis
                     timed(llm, prompts, params, k)
                     secs, outs = sorted((timed(llm, prompts, params, k) for _ in range(3)),
                                         key=lambda r: r[0])[1]
-                    row[name] = sum(len(o.token_ids) for o in outs) / secs
+                    row[name] = sum(len(o.outputs[0].token_ids) for o in outs) / secs
                 prop = sum(o.metrics.draft_tokens_proposed for o in outs)
                 row["acceptance"] = sum(o.metrics.draft_tokens_accepted for o in outs) / max(1, prop)
                 row["speedup"] = row["speculative"] / row["target_only"]

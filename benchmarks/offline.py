@@ -58,7 +58,7 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams, k: int, batch: int
     for i in range(0, len(prompts), batch):
         outs += llm.generate(prompts[i:i + batch], params, num_speculative_tokens=k)
     elapsed = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = sum(o.metrics.num_steps for o in outs)
     proposed = sum(o.metrics.draft_tokens_proposed for o in outs)
     accepted = sum(o.metrics.draft_tokens_accepted for o in outs)

@@ -59,8 +59,9 @@ def run(llm: LLM, prompts: list[list[int]], runs: list[list[SamplingParams]], k:
     proposed, accepted = sum(props), sum(accs)
     rate = accepted / proposed if proposed else float("nan")
     steps = sum(o.metrics.num_steps for o in outs)
-    tokens = sum(len(o.token_ids) for o in outs)
-    return {"tokens": [o.token_ids for o in outs], "proposed": proposed, "accepted": accepted,
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"tokens": [o.outputs[0].token_ids for o in outs], "proposed": proposed,
+            "accepted": accepted,
             "rate": rate, "ci95": 1.96 * _ratio_stderr(accs, props, rate),
             "per_step": tokens / max(steps, 1), "seconds": time.perf_counter() - start}
 

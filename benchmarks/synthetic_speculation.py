@@ -51,7 +51,7 @@ def rate(llm: LLM, prompts, params, k: int) -> tuple[float, float]:
         torch.cuda.synchronize()
     secs = time.perf_counter() - start
     steps = max(o.metrics.num_steps for o in outs)
-    return sum(len(o.token_ids) for o in outs) / secs, steps / secs
+    return sum(len(o.outputs[0].token_ids) for o in outs) / secs, steps / secs
 
 
 def _engine(target: str, draft: str, batch: int, k: int, device: str, adaptive: bool) -> LLM:

@@ -16,6 +16,7 @@ _EXPORTS = {
     "SamplingParams": "specserve.sampling_params",
     "CompletionOutput": "specserve.engine.outputs",
     "RequestOutput": "specserve.engine.outputs",
+    "RequestDelta": "specserve.engine.outputs",
     "FinishReason": "specserve.engine.outputs",
 }
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable
 
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -474,7 +474,7 @@ def _stat(stats: Any, name: str) -> int:
 class RequestStream:
     """What a caller reads one request's outputs from (on the event loop).
 
-    Iterating yields `RequestOutput` deltas; deltas that queued up while the
+    Iterating yields `RequestDelta`s; deltas that queued up while the
     reader was busy come merged into one. The last one has ``finished`` set. A
     failure raises the error instead.
     """
@@ -496,17 +496,17 @@ class RequestStream:
     def __aiter__(self) -> "RequestStream":
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> RequestDelta:
         if self.finished:
             raise StopAsyncIteration
         if self._error is not None:
             self.finished = True
             raise self._error
         items = [await self._queue.get()]
-        while (isinstance(items[-1], RequestOutput) and not items[-1].finished
+        while (isinstance(items[-1], RequestDelta) and not items[-1].finished
                and not self._queue.empty()):
             items.append(self._queue.get_nowait())
-        marker = None if isinstance(items[-1], RequestOutput) else items.pop()
+        marker = None if isinstance(items[-1], RequestDelta) else items.pop()
         for out in items:
             self.num_tokens += len(out.new_token_ids)
             self.last_metrics = out.metrics
@@ -522,7 +522,7 @@ class RequestStream:
             self.finished = True
         return out
 
-    def _aborted_output(self) -> RequestOutput:
+    def _aborted_output(self) -> RequestDelta:
         if self.last_metrics is None:  # aborted before its first output: count the prompt
             metrics = RequestMetrics(prompt_tokens=self._prompt_length(),
                                      finished_time=time.monotonic())
@@ -534,11 +534,11 @@ class RequestStream:
                 draft_tokens_accepted=m.draft_tokens_accepted, num_steps=m.num_steps,
                 arrival_time=m.arrival_time, first_token_time=m.first_token_time,
                 finished_time=time.monotonic())
-        return RequestOutput(request_id=self.request_id, new_token_ids=[], new_text="",
+        return RequestDelta(request_id=self.request_id, new_token_ids=[], new_text="",
                             finished=True, finish_reason=FinishReason.ABORTED, metrics=metrics)
 
 
-def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
+def merge_outputs(outs: list[RequestDelta]) -> RequestDelta:
     """Consecutive deltas of one request as one delta."""
     if len(outs) == 1:
         return outs[0]
@@ -546,7 +546,7 @@ def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
     logprobs = None
     if any(o.new_logprobs is not None for o in outs):
         logprobs = [lp for o in outs for lp in (o.new_logprobs or [])]
-    return RequestOutput(
+    return RequestDelta(
         request_id=last.request_id,
         new_token_ids=[t for o in outs for t in o.new_token_ids],
         new_text="".join(o.new_text for o in outs),
@@ -554,6 +554,9 @@ def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
         finish_reason=last.finish_reason,
         new_logprobs=logprobs,
         metrics=last.metrics,
+        prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None),
+                             None),
+        stop_reason=last.stop_reason,
     )
 
 
@@ -758,7 +761,7 @@ class AsyncEngine:
                 self._reroute(stream, item.add)
                 continue
             stream._put(item)
-            if not isinstance(item, RequestOutput) or item.finished:
+            if not isinstance(item, RequestDelta) or item.finished:
                 del self._streams[request_id]
                 stream.replica.num_unfinished -= 1
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -113,7 +114,15 @@ SAMPLING_HELP = {
     "presence_penalty": "Penalty in [-2, 2] on tokens already generated.",
     "frequency_penalty": "Penalty in [-2, 2] per occurrence of a generated token.",
     "logprobs": "Return log-probabilities with this many top alternatives per token.",
+    "min_tokens": "Sample no stop token (EOS included) and match no stop string before this "
+                  "many tokens.",
+    "include_stop_str_in_output": "Keep a matched stop string at the end of the text.",
+    "skip_special_tokens": "Leave special tokens out of the text.",
+    "prompt_logprobs": "Print each prompt token's log-probability with this many top "
+                       "alternatives.",
 }
+# Sampling parameters `generate` has no flag for: gRPC serves one sample per request.
+NOT_GENERATE_FLAGS = ("n",)
 
 
 # -- flags from dataclass fields --------------------------------------------------------
@@ -187,6 +196,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, dc_fields: list[Field],
         parser.add_argument(flag, **kwargs)
 
 
+def generate_fields() -> list[Field]:
+    return [f for f in fields(SamplingParams) if f.name not in NOT_GENERATE_FLAGS]
+
+
 def _given(args: argparse.Namespace, dc_fields: list[Field]) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dc_fields if hasattr(args, f.name)}
 
@@ -199,6 +212,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\nTry '{self.prog} --help' for the "
                      "options.\n")
+
+
+def json_object(text: str) -> dict:
+    """An argparse type for a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
 
 
 def port_type(lowest: int) -> Callable[[str], int]:
@@ -279,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("debug", "info", "warning", "error"), help="logging level")
     engine_group = serve.add_argument_group("engine options")
     add_dataclass_flags(engine_group, engine_fields(), ENGINE_OPTION_HELP, ENGINE_OPTION_CHOICES)
+    engine_group.add_argument(
+        "--speculative-config", type=json_object, default=None, metavar="JSON",
+        help="vLLM's form of the draft flags, e.g. '{\"model\": DIR, "
+             "\"num_speculative_tokens\": 4}' (keys: model, num_speculative_tokens, "
+             "quantization, draft_tensor_parallel_size, adaptive_speculation, method "
+             "\"draft_model\"); a flag also given must agree with it")
     serve.set_defaults(func=cmd_serve, parser=serve)
 
     gen = sub.add_parser(
@@ -294,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--request-id", default="", help="request id (default: server-made)")
     gen.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     sampling = gen.add_argument_group("sampling parameters")
-    add_dataclass_flags(sampling, list(fields(SamplingParams)), SAMPLING_HELP)
+    add_dataclass_flags(sampling, generate_fields(), SAMPLING_HELP)
     gen.set_defaults(func=cmd_generate, parser=gen)
 
     info = sub.add_parser("info", help="show the models a running server serves")
@@ -349,7 +379,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     from specserve.engine.llm_engine import resolve_default_models  # noqa: PLC0415 (torch)
 
     try:
-        config = EngineConfig.from_kwargs(**_given(args, engine_fields()))
+        spec = getattr(args, "speculative_config", None)  # (a serve flag, not an engine field)
+        config = EngineConfig.from_kwargs(**_given(args, engine_fields()), speculative_config=spec)
         resolve_default_models(config)
     except ValueError as exc:
         raise SystemExit(f"specserve serve: {exc}") from None
@@ -407,12 +438,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     request = pb.GenerateRequest(
         request_id=args.request_id, text=prompt, priority=args.priority,
-        sampling_params=sampling_params_to_proto(**_given(args, list(fields(SamplingParams)))))
+        sampling_params=sampling_params_to_proto(**_given(args, generate_fields())))
     if args.num_speculative_tokens is not None:
         request.num_speculative_tokens = args.num_speculative_tokens
     first = None
     last = None
     logprobs: list[Any] = []
+    prompt_logprobs: list[Any] = []
     address = f"{args.host}:{args.port}"
     with grpc.insecure_channel(address) as channel:
         if args.wait_ready > 0:
@@ -430,6 +462,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 sys.stdout.write(resp.text)
                 sys.stdout.flush()
                 logprobs.extend(resp.logprobs)
+                prompt_logprobs.extend(resp.prompt_logprobs)
                 last = resp
         except KeyboardInterrupt:
             call.cancel()
@@ -439,13 +472,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"\nspecserve generate: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
         elapsed = time.perf_counter() - start
-        if logprobs:
+        if logprobs or prompt_logprobs:
             target = pb_grpc.GenerationStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
                                                                   timeout=10).target
     sys.stdout.write("\n")
-    if logprobs:
-        ids = {i for lp in logprobs for i in (lp.token_id, *(t.token_id for t in lp.top_logprobs))}
-        print(format_logprobs(logprobs, token_texts(target, ids)), file=sys.stderr)
+    for title, lps in (("prompt logprobs", prompt_logprobs), ("logprobs", logprobs)):
+        if lps:
+            ids = {i for lp in lps for i in (lp.token_id, *(t.token_id for t in lp.top_logprobs))}
+            print(format_logprobs(lps, token_texts(target, ids), title), file=sys.stderr)
     if last is not None:
         print(format_usage(last, elapsed, None if first is None else first - start),
               file=sys.stderr)
@@ -467,13 +501,13 @@ def token_texts(target_dir: str, token_ids: set[int]) -> dict[int, str]:
     return {t: tokenizer.decode([t], skip_special_tokens=False) for t in token_ids}
 
 
-def format_logprobs(logprobs: list[Any], texts: dict[int, str]) -> str:
-    """One line per output token: the token, its logprob, and the top alternatives
+def format_logprobs(logprobs: list[Any], texts: dict[int, str], title: str = "logprobs") -> str:
+    """One line per token: the token, its logprob, and the top alternatives
     (a token's text where known, else #id)."""
     def name(token_id: int) -> str:
         return repr(texts[token_id]) if token_id in texts else f"#{token_id}"
 
-    lines = ["-- logprobs (token, logprob | top alternatives)"]
+    lines = [f"-- {title} (token, logprob | top alternatives)"]
     for lp in logprobs:
         line = f"{name(lp.token_id):>16} {lp.logprob:9.4f}"
         if lp.top_logprobs:

@@ -10,8 +10,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.sampling_params import SamplingParams
+from specserve.step import TokenLogprobs
 
 try:
     from specserve.v1 import generation_pb2 as pb
@@ -92,6 +93,10 @@ def parse_generate_request(req: "pb.GenerateRequest", request_id: str) -> Parsed
     else:
         raise ValueError("the prompt is missing: set either text or token_ids")
     params = sampling_params_from_proto(req.sampling_params)
+    if params.n != 1:
+        raise ValueError(f"invalid sampling parameter: n={params.n}: gRPC serves one sample per "
+                         "request; send n requests (sample j with seed + j) or use the HTTP "
+                         "API's n")
     k = req.num_speculative_tokens if req.HasField("num_speculative_tokens") else None
     if k is not None and k < 0:
         raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {k}")
@@ -110,24 +115,27 @@ def usage_from_metrics(metrics: RequestMetrics | None, completion_tokens: int | 
     )
 
 
-def output_to_response(out: RequestOutput) -> "pb.GenerateResponse":
+def output_to_response(out: RequestDelta) -> "pb.GenerateResponse":
     """One delta as a stream message; the last one carries finish reason and usage."""
     resp = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids,
                                text=out.new_text)
     if out.new_logprobs:
-        resp.logprobs.extend(
-            pb.TokenLogprob(
-                token_id=lp.token_id, logprob=lp.logprob,
-                top_logprobs=[pb.TopLogprob(token_id=t, logprob=p)
-                              for t, p in zip(lp.top_token_ids, lp.top_logprobs)],
-            )
-            for lp in out.new_logprobs
-        )
+        resp.logprobs.extend(map(_logprob_to_proto, out.new_logprobs))
+    if out.prompt_logprobs:
+        resp.prompt_logprobs.extend(map(_logprob_to_proto, out.prompt_logprobs[1:]))
     if out.finished:
         resp.finish_reason = FINISH_REASON_TO_PROTO.get(out.finish_reason,
                                                         pb.FINISH_REASON_UNSPECIFIED)
         resp.usage.CopyFrom(usage_from_metrics(out.metrics))
     return resp
+
+
+def _logprob_to_proto(lp: TokenLogprobs) -> "pb.TokenLogprob":
+    texts = lp.top_decoded_tokens or [""] * len(lp.top_token_ids)
+    return pb.TokenLogprob(
+        token_id=lp.token_id, logprob=lp.logprob, token=lp.decoded_token or "",
+        top_logprobs=[pb.TopLogprob(token_id=t, logprob=p, token=text)
+                      for t, p, text in zip(lp.top_token_ids, lp.top_logprobs, texts)])
 
 
 def model_info_to_proto(info: dict, data_parallel_size: int = 1, tensor_parallel_size: int = 1,

@@ -41,8 +41,8 @@ from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletio
                                               ModelCard, ModelList, OpenAIError, bad_request,
                                               chat_chunk, chat_logprobs, chat_response,
                                               completion_chunk, completion_logprobs,
-                                              completion_response, logprob_token_ids, new_id,
-                                              now, param_of, sampling_params, total_usage)
+                                              completion_response, new_id, now, param_of,
+                                              sampling_params, total_usage)
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 def default_served_model_name(model_dir: str | None) -> str:
-    """The target's directory name; "specserve-default" for the embedded pair."""
+    """The target's directory name, or its hub id as given ("org/name");
+    "specserve-default" for the embedded pair."""
     from specserve.engine.llm_engine import DEFAULT_MODELS_DIR  # noqa: PLC0415
 
     if not model_dir or os.path.abspath(model_dir) == os.path.abspath(
             os.path.join(DEFAULT_MODELS_DIR, "target")):
         return EMBEDDED_MODEL_NAME
+    if not os.path.isdir(model_dir):  # a hub id (the engine serves its cached snapshot)
+        return model_dir
     return os.path.basename(os.path.normpath(model_dir))
 
 
@@ -76,7 +79,7 @@ def engine_error(exc: Exception) -> OpenAIError:
 class FrontTokenizer:
     """The HTTP front end's own copy of the model's tokenizer, used from one
     thread of its own (a Hugging Face fast tokenizer refuses concurrent use):
-    chat templates, and the text of the tokens that logprobs show."""
+    chat templates."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
@@ -92,24 +95,16 @@ class FrontTokenizer:
     async def chat_prompt(self, messages: list[dict[str, str]],
                           add_generation_prompt: bool) -> list[int]:
         """The token ids of ``messages`` rendered by the model's chat template."""
-        hf = self._tokenizer.hf
+        tokenizer = self._tokenizer
 
         def render() -> list[int]:
-            text = hf.apply_chat_template(messages, tokenize=False,
-                                          add_generation_prompt=add_generation_prompt)
-            return list(hf(text, add_special_tokens=False).input_ids)  # the template has them
+            text = tokenizer.render_chat(messages, add_generation_prompt)
+            return tokenizer.encode(text, add_special_tokens=False)  # the template has them
 
         try:
             return await self._run(render)
-        except Exception as exc:  # the template refused the conversation (jinja raise)
-            raise bad_request(f"the chat template cannot render these messages: {exc}",
-                              "messages") from None
-
-    async def token_texts(self, token_ids: set[int]) -> dict[int, str]:
-        """Each token's text, special tokens included (an EOS shows as itself)."""
-        hf = getattr(self._tokenizer, "hf", None)
-        decode = hf.decode if hf is not None else self._tokenizer.decode
-        return await self._run(lambda: {t: decode([t]) for t in token_ids})
+        except ValueError as exc:  # the template refused the conversation (jinja raise)
+            raise bad_request(str(exc), "messages") from None
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
@@ -305,8 +300,7 @@ class OpenAIFrontEnd:
     def _submit(self, body: CompletionRequest | ChatCompletionRequest, prompts: list,
                 default_max_tokens: int) -> Run:
         """Check every choice's parameters, then queue one engine request per choice."""
-        params = [sampling_params(body, default_max_tokens=default_max_tokens, choice=j)
-                  for j in range(body.n)]
+        params = sampling_params(body, default_max_tokens=default_max_tokens).samples()
         engine, base = self.server.engine, new_id("http")
         streams: list[RequestStream] = []
         try:
@@ -322,19 +316,17 @@ class OpenAIFrontEnd:
                    for i in range(len(streams))]
         return Run(self.server, streams, choices)
 
-    async def _logprobs(self, run: Run, index: int, out: Any, chat: bool) -> Any:
+    @staticmethod
+    def _logprobs(run: Run, index: int, out: Any, chat: bool) -> Any:
         """The delta's logprobs in the request's format (None without)."""
-        if not out.new_logprobs:
-            return None
-        texts = await self.tokenizer.token_texts(logprob_token_ids(out))
         if chat:
-            return chat_logprobs(out, texts)
-        return completion_logprobs(out, texts, run.choices[index].text_length)
+            return chat_logprobs(out)
+        return completion_logprobs(out, run.choices[index].text_length)
 
     async def _collect(self, run: Run, chat: bool) -> None:
         try:
             async for index, out in run.outputs:
-                logprobs = await self._logprobs(run, index, out, chat)
+                logprobs = self._logprobs(run, index, out, chat)
                 choice = run.choices[index]
                 choice.add(out)
                 if logprobs is not None:
@@ -351,7 +343,7 @@ class OpenAIFrontEnd:
         started: set[int] = set()
 
         async def chunk(index: int, out: Any) -> str:
-            logprobs = await self._logprobs(run, index, out, chat)
+            logprobs = self._logprobs(run, index, out, chat)
             run.choices[index].add(out)
             if chat:
                 made = chat_chunk(rid, created, self.model_name, index, out, logprobs,

@@ -7,11 +7,12 @@ import itertools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specserve.config import EngineConfig
 from specserve.engine.eos import eos_token_ids
-from specserve.engine.outputs import RequestOutput
+from specserve.engine.hub import resolve_hub_ids
+from specserve.engine.outputs import RequestDelta
 from specserve.engine.request import Request
 from specserve.sampling_params import SamplingParams
 from specserve.engine.tokenizer import Tokenizer
@@ -58,6 +59,9 @@ class EngineStats:
     # Prefix caching: prompt tokens of admitted requests looked up, and found cached.
     prefix_cache_queries_total: int = 0
     prefix_cache_hits_total: int = 0
+    # Accepted draft tokens (those output) by speculative position: entry i
+    # counts the proposals at position i + 1 of a step that were accepted.
+    spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
 def resolve_default_models(config: EngineConfig) -> None:
@@ -92,6 +96,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         resolve_default_models(config)
+        resolve_hub_ids(config)
         self.config = config
         mc, sc = config.model_config, config.speculative_config
         try:
@@ -120,6 +125,14 @@ class LLMEngine:
         self._ids = itertools.count()
         self._proposed_total = 0
         self._accepted_total = 0
+        self._accepted_per_pos = [0] * self.num_speculative_tokens
+        self.max_logprobs = mc.max_logprobs
+        # Requests whose prompt another one is computing right now wait for
+        # it (prefix caching then serves them its blocks): the prompt of n
+        # samples is computed once. Prompt -> the request computing it, and
+        # that request's id -> (its prompt, the sequences waiting).
+        self._prefilling: dict[tuple[int, ...], str] = {}
+        self._waiting_on: dict[str, tuple[tuple[int, ...], list[Sequence]]] = {}
         self._last_step_time = 0.0
         self._last_step_shape = (0, 0)  # (sequences, target tokens) of the last step read back
         self._last_finish = 0.0
@@ -137,27 +150,65 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt_ids = self._prompt_token_ids(prompt)
+        self._check_logprobs(params)
         stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        if params.min_tokens:  # the workers mask these until min_tokens are out
+            params = params.with_stop_ids(stop_ids)
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             max_tokens=params.max_tokens,
             num_speculative_tokens=self._speculation_for(num_speculative_tokens),
             sampling_params=params,
-            stop_token_ids=stop_ids if params.ignore_eos else stop_ids | self.eos_token_ids,
+            stop_token_ids=stop_ids,
             priority=priority,
         )
         self.requests[request_id] = Request(seq, params, self.tokenizer)
-        self.scheduler.add(seq)
+        if not self._wait_for_same_prompt(seq):
+            self.scheduler.add(seq)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
-        if request is not None:
-            request.abort()
-            self.scheduler.finish(request.seq, FinishReason.ABORTED)
+        if request is None:
+            return
+        request.abort()
+        self._release_waiting(request_id)
+        for _, waiting in self._waiting_on.values():
+            if request.seq in waiting:  # never given to the scheduler
+                waiting.remove(request.seq)
+                return
+        self.scheduler.finish(request.seq, FinishReason.ABORTED)
+
+    def _wait_for_same_prompt(self, seq: Sequence) -> bool:
+        """Whether ``seq`` waits for another request computing the same
+        prompt (with prefix caching, for a prompt of at least one full block
+        besides its last token), rather than computing it alongside."""
+        cache = self.config.cache_config
+        if (not cache.enable_prefix_caching or seq.num_prompt_tokens <= cache.block_size
+                or seq.sampling_params.prompt_logprobs is not None):
+            return False
+        key = tuple(seq.prompt_token_ids)
+        leader = self._prefilling.get(key)
+        if leader is None:
+            self._prefilling[key] = seq.request_id
+            self._waiting_on[seq.request_id] = (key, [])
+            return False
+        self._waiting_on[leader][1].append(seq)
+        return True
+
+    def _release_waiting(self, leader: str) -> None:
+        """``leader`` has computed its prompt (or ended): the requests waiting
+        for it go to the scheduler, to find its blocks cached."""
+        key, waiting = self._waiting_on.pop(leader, (None, ()))
+        if key is not None:
+            del self._prefilling[key]
+        for seq in waiting:
+            self.scheduler.add(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -167,7 +218,7 @@ class LLMEngine:
         return len(self.requests)
 
     # -- one step --------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestDelta]:
         """One engine step: the outputs of the newest step that finished."""
         try:
             return self._step()
@@ -178,7 +229,7 @@ class LLMEngine:
             self.scheduler.forget_launched()
             raise
 
-    def _step_sync(self) -> list[RequestOutput]:
+    def _step_sync(self) -> list[RequestDelta]:
         """Schedule, run and apply one step; nothing overlaps."""
         launched = self._launch_next(self._choose_k())
         if launched is None:
@@ -186,7 +237,7 @@ class LLMEngine:
         runner_output = self.executor.finish(launched.handle)
         return self._emit(self._apply(launched, runner_output, next_ahead=False))
 
-    def _step_pipelined(self) -> list[RequestOutput]:
+    def _step_pipelined(self) -> list[RequestDelta]:
         """While step N runs on the device, step N + 1 is scheduled and
         launched, and N's outputs are worked out only then:
 
@@ -248,19 +299,37 @@ class LLMEngine:
         step's tokens (finishing requests at a stop token or a limit), and
         the step's cost and acceptance go to the records."""
         self._record_step(step, next_ahead)
+        if runner_output.prompt_logprobs is not None:
+            self._add_prompt_logprobs(step.scheduler_output, runner_output.prompt_logprobs)
         applied = []
         for update in self.scheduler.update_from_output(step.scheduler_output, runner_output):
             request = self.requests[update.request_id]
             if update.num_proposed:
                 self._proposed_total += update.counted_proposed
                 self._accepted_total += update.counted_accepted
+                self._count_accepted_positions(0, update.counted_accepted, 1)
                 if self.adaptive is not None:  # the draft's record, whatever is kept
                     self.adaptive.observe_acceptance(update.num_proposed, update.num_accepted)
             request.apply(update)
             applied.append((request, update))
+            if self._waiting_on:
+                self._release_waiting(request.request_id)  # its prompt is computed
             if request.finished:
                 del self.requests[request.request_id]
         return applied
+
+    def _add_prompt_logprobs(self, scheduler_output: SchedulerOutput,
+                             prompt_logprobs: list) -> None:
+        for work, lps in zip(scheduler_output.sequences, prompt_logprobs):
+            request = self.requests.get(work.request_id)
+            if lps is not None and request is not None:
+                request.add_prompt_logprobs(work.num_computed_tokens + 1, lps)
+
+    def _count_accepted_positions(self, start: int, stop: int, sign: int) -> None:
+        """Add ``sign`` to the accepted counts of speculative positions
+        ``start + 1`` to ``stop``."""
+        for i in range(start, stop):
+            self._accepted_per_pos[i] += sign
 
     def _record_step(self, step: _InFlight, next_ahead: bool) -> None:
         """A step's cost runs from its scheduling, or (pipelined: scheduled
@@ -277,7 +346,7 @@ class LLMEngine:
             self.adaptive.observe_step(scheduler_output, self._last_step_time,
                                        launched_ahead=step.launched_ahead, next_ahead=next_ahead)
 
-    def _emit(self, applied: list[tuple[Request, SequenceUpdate]]) -> list[RequestOutput]:
+    def _emit(self, applied: list[tuple[Request, SequenceUpdate]]) -> list[RequestDelta]:
         """The text work: detokenize, check stop strings, build the outputs."""
         outputs = []
         for request, update in applied:
@@ -287,6 +356,8 @@ class LLMEngine:
             if request.finished and not was_finished:  # a stop string, which may take
                 # back accepted tokens past its match
                 self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
+                self._count_accepted_positions(request.accepted_in_last_step,
+                                               update.counted_accepted, -1)
                 self.scheduler.finish(request.seq, FinishReason.STOP,
                                       num_output_tokens=request.metrics.completion_tokens)
                 self.requests.pop(request.request_id, None)
@@ -309,6 +380,7 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions,
             prefix_cache_queries_total=self.scheduler.prefix_cache_queries,
             prefix_cache_hits_total=self.scheduler.prefix_cache_hits,
+            spec_decode_num_accepted_tokens_per_pos=list(self._accepted_per_pos),
         )
 
     def reset_prefix_cache(self) -> None:
@@ -346,6 +418,17 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; this model serves at most "
                              f"{self.max_model_len - 1} prompt tokens (context {self.max_model_len})")
         return ids
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        if params.n != 1:
+            raise ValueError(f"invalid sampling parameter: n={params.n}: the engine takes one "
+                             "sample per request (SamplingParams.samples() splits a request "
+                             "into its n)")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise ValueError(f"invalid sampling parameter: {name}={value} exceeds this "
+                                 f"engine's limit of {self.max_logprobs} (--max-logprobs)")
 
     def _speculation_for(self, requested: int | None) -> int:
         if requested is None:

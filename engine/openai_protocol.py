@@ -1,12 +1,14 @@
 """The OpenAI-compatible wire format: request and response models, and the
-mapping between them and the engine's `SamplingParams` and `RequestOutput`s.
+mapping between them and the engine's `SamplingParams` and `RequestDelta`s.
 
 No HTTP in here (engine/http_server.py routes requests through it), so the
 mapping is tested without a server. What OpenAI's API has and the engine
 does not (``echo``, ``suffix``, ``logit_bias``, tools) is refused with a
 clear message rather than ignored; what the engine has and OpenAI's API does
 not (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``stop_token_ids``, ``num_speculative_tokens``) is accepted as extra fields.
+``stop_token_ids``, ``num_speculative_tokens``, and vLLM's ``min_tokens``,
+``include_stop_str_in_output``, ``skip_special_tokens``, ``prompt_logprobs``)
+is accepted as extra fields.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.sampling_params import SamplingParams
-
-_MAX_SEED = (1 << 63) - 1
+from specserve.step import TokenLogprobs
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop",
                   FinishReason.ABORTED: "abort"}
 
@@ -95,6 +96,10 @@ class _GenerationRequest(BaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     num_speculative_tokens: int | None = Field(default=None, ge=0)
+    min_tokens: int | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -105,8 +110,6 @@ class _GenerationRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     def check_supported(self) -> None:
-        if self.n < 1:
-            raise bad_request(f"n must be >= 1, got {self.n}", "n")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -181,13 +184,15 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, *,
-                    default_max_tokens: int, choice: int = 0) -> SamplingParams:
-    """The engine's parameters for choice ``choice`` of ``req`` (of n): with a
-    seed, choice j samples with seed + j, so the n choices differ and each is
-    reproducible. Raises `OpenAIError` (400) naming the bad parameter."""
-    kwargs: dict[str, Any] = {}
+                    default_max_tokens: int) -> SamplingParams:
+    """The engine's parameters for ``req``, its ``n`` included (`SamplingParams.samples`
+    gives each choice's: with a seed, choice j samples with seed + j). Raises
+    `OpenAIError` (400) naming the bad parameter."""
+    kwargs: dict[str, Any] = {"n": req.n}
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids"):
+                 "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
+                 "seed", "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
+                 "prompt_logprobs"):
         value = getattr(req, name)
         if value is not None:
             kwargs[name] = value
@@ -202,9 +207,6 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, *,
     kwargs["max_tokens"] = default_max_tokens if max_tokens is None else max_tokens
     if req.stop is not None:
         kwargs["stop"] = req.stop
-    if req.seed is not None:
-        kwargs["seed"] = req.seed if choice == 0 or not 0 <= req.seed <= _MAX_SEED \
-            else (req.seed + choice) % (_MAX_SEED + 1)
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
@@ -230,11 +232,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's entry of a prompt token or an alternative to it."""
+
+    logprob: float
+    decoded_token: str | None = None
+
+
+# Per prompt token, by token id: the token's logprob and its top alternatives'
+# (vLLM's shape); None for the first token, which nothing predicts.
+PromptLogprobs = list[dict[int, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -272,6 +287,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -293,6 +309,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -340,36 +357,58 @@ def usage_of(metrics: list[RequestMetrics], completion_tokens: list[int],
     return u
 
 
-def completion_logprobs(out: RequestOutput, texts: dict[int, str],
-                        offset: int) -> CompletionLogprobs:
-    """The legacy completions format for one delta; ``offset``: the text length so far."""
+def _texts(token: TokenLogprobs) -> tuple[str, list[str]]:
+    """A logprob entry's token text and its alternatives' (the engine decodes them)."""
+    return token.decoded_token or "", token.top_decoded_tokens or [""] * len(token.top_token_ids)
+
+
+def completion_logprobs(out: RequestDelta, offset: int) -> CompletionLogprobs | None:
+    """The legacy completions format for one delta (None without logprobs);
+    ``offset``: the text length so far."""
+    if not out.new_logprobs:
+        return None
     lp = CompletionLogprobs()
-    for token in out.new_logprobs or []:
-        text = texts[token.token_id]
+    for token in out.new_logprobs:
+        text, top_texts = _texts(token)
         lp.tokens.append(text)
         lp.token_logprobs.append(token.logprob)
-        lp.top_logprobs.append({texts[t]: p for t, p in zip(token.top_token_ids,
-                                                             token.top_logprobs)})
+        lp.top_logprobs.append(dict(zip(top_texts, token.top_logprobs)))
         lp.text_offset.append(offset)
         offset += len(text)
     return lp
 
 
-def chat_logprobs(out: RequestOutput, texts: dict[int, str]) -> ChatLogprobs:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = texts[token_id]
+def chat_logprobs(out: RequestDelta) -> ChatLogprobs | None:
+    """The chat format for one delta (None without logprobs)."""
+    if not out.new_logprobs:
+        return None
+
+    def entry(text: str, logprob: float) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return ChatLogprobs(content=[
-        ChatTokenLogprob(**entry(t.token_id, t.logprob),
-                         top_logprobs=[TopLogprob(**entry(i, p))
-                                       for i, p in zip(t.top_token_ids, t.top_logprobs)])
-        for t in out.new_logprobs or []])
+    content = []
+    for t in out.new_logprobs:
+        text, top_texts = _texts(t)
+        content.append(ChatTokenLogprob(**entry(text, t.logprob), top_logprobs=[
+            TopLogprob(**entry(x, p)) for x, p in zip(top_texts, t.top_logprobs)]))
+    return ChatLogprobs(content=content)
 
 
-def logprob_token_ids(out: RequestOutput) -> set[int]:
-    """Every token id whose text the logprobs of ``out`` show."""
-    return {i for t in out.new_logprobs or [] for i in (t.token_id, *t.top_token_ids)}
+def prompt_logprobs_of(out: RequestDelta) -> PromptLogprobs | None:
+    """The delta's prompt logprobs in vLLM's shape (None when it has none)."""
+    if out.prompt_logprobs is None:
+        return None
+    whole: PromptLogprobs = []
+    for lp in out.prompt_logprobs:
+        if lp is None:
+            whole.append(None)
+            continue
+        text, top_texts = _texts(lp)
+        entry = {t: PromptTokenLogprob(logprob=p, decoded_token=x)
+                 for t, p, x in zip(lp.top_token_ids, lp.top_logprobs, top_texts)}
+        entry[lp.token_id] = PromptTokenLogprob(logprob=lp.logprob, decoded_token=text)
+        whole.append(entry)
+    return whole
 
 
 @dataclass
@@ -385,8 +424,11 @@ class ChoiceState:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     completion_logprobs: CompletionLogprobs | None = None
     chat_logprobs: ChatLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
-    def add(self, out: RequestOutput) -> None:
+    def add(self, out: RequestDelta) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = prompt_logprobs_of(out)
         self.text.append(out.new_text)
         self.text_length += len(out.new_text)
         self.num_tokens += len(out.new_token_ids)
@@ -406,24 +448,26 @@ class ChoiceState:
         self.chat_logprobs = whole
 
 
-def finish_reason_of(out: RequestOutput) -> str | None:
+def finish_reason_of(out: RequestDelta) -> str | None:
     return FINISH_REASONS.get(out.finish_reason, "stop") if out.finished else None
 
 
-def completion_chunk(rid: str, created: int, model: str, index: int, out: RequestOutput,
+def completion_chunk(rid: str, created: int, model: str, index: int, out: RequestDelta,
                      logprobs: CompletionLogprobs | None) -> CompletionResponse:
     return CompletionResponse(id=rid, created=created, model=model, choices=[
         CompletionChoice(index=index, text=out.new_text, logprobs=logprobs,
-                         finish_reason=finish_reason_of(out))])
+                         finish_reason=finish_reason_of(out),
+                         prompt_logprobs=prompt_logprobs_of(out))])
 
 
-def chat_chunk(rid: str, created: int, model: str, index: int, out: RequestOutput,
+def chat_chunk(rid: str, created: int, model: str, index: int, out: RequestDelta,
                logprobs: ChatLogprobs | None, first: bool) -> ChatCompletionChunk:
     """A choice's first chunk names the role, as OpenAI's do."""
     delta = ChatDelta(role="assistant" if first else None, content=out.new_text)
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[
         ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
-                        finish_reason=finish_reason_of(out))])
+                        finish_reason=finish_reason_of(out),
+                        prompt_logprobs=prompt_logprobs_of(out))])
 
 
 def total_usage(choices: list[ChoiceState]) -> Usage:
@@ -436,7 +480,8 @@ def completion_response(rid: str, created: int, model: str,
     return CompletionResponse(
         id=rid, created=created, model=model, usage=total_usage(choices),
         choices=[CompletionChoice(index=c.index, text="".join(c.text),
-                                  logprobs=c.completion_logprobs, finish_reason=c.finish_reason)
+                                  logprobs=c.completion_logprobs, finish_reason=c.finish_reason,
+                                  prompt_logprobs=c.prompt_logprobs)
                  for c in choices])
 
 
@@ -445,5 +490,6 @@ def chat_response(rid: str, created: int, model: str,
     return ChatCompletionResponse(
         id=rid, created=created, model=model, usage=total_usage(choices),
         choices=[ChatChoice(index=c.index, message=ChatMessageOut(content="".join(c.text)),
-                            logprobs=c.chat_logprobs, finish_reason=c.finish_reason)
+                            logprobs=c.chat_logprobs, finish_reason=c.finish_reason,
+                            prompt_logprobs=c.prompt_logprobs)
                  for c in choices])

@@ -1,4 +1,5 @@
-"""What the engine hands back to callers: per-step deltas and whole outputs."""
+"""What the engine hands back to callers: per-step deltas (`RequestDelta`)
+and, offline, whole results shaped as vLLM's (`RequestOutput`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from dataclasses import dataclass, field
 from specserve.step import TokenLogprobs
 from specserve.scheduler.sequence import FinishReason
 
-__all__ = ["CompletionOutput", "FinishReason", "RequestMetrics", "RequestOutput"]
+__all__ = ["CompletionOutput", "FinishReason", "RequestDelta", "RequestMetrics",
+           "RequestOutput", "StopReason"]
+
+# What ended a request that stopped: the stop string matched, or the stop
+# token id (of the request's stop_token_ids); None for EOS or a limit.
+StopReason = int | str | None
 
 
 @dataclass
@@ -34,13 +40,34 @@ class RequestMetrics:
     def mean_tokens_per_step(self) -> float:
         return self.completion_tokens / self.num_steps if self.num_steps else 0.0
 
+    @classmethod
+    def of_samples(cls, samples: list["RequestMetrics"]) -> "RequestMetrics":
+        """The counts of one prompt's samples together: its prompt once, the
+        rest summed, the earliest arrival and first token, the last finish."""
+        first = samples[0]
+        times = [m.first_token_time for m in samples if m.first_token_time is not None]
+        done = [m.finished_time for m in samples]
+        return cls(
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=sum(m.completion_tokens for m in samples),
+            draft_tokens_proposed=sum(m.draft_tokens_proposed for m in samples),
+            draft_tokens_accepted=sum(m.draft_tokens_accepted for m in samples),
+            num_steps=sum(m.num_steps for m in samples),
+            cached_prompt_tokens=first.cached_prompt_tokens,
+            arrival_time=min(m.arrival_time for m in samples),
+            first_token_time=min(times) if times else None,
+            finished_time=None if None in done else max(done),
+        )
+
 
 @dataclass
-class RequestOutput:
+class RequestDelta:
     """One request's progress in one engine step: the delta since the last one.
 
     Concatenating ``new_token_ids`` (and ``new_text``) over all steps of a
     request gives its whole output; text deltas never split a character.
+    ``prompt_logprobs`` (when asked for) come with the first delta that has
+    tokens; ``stop_reason`` with the last.
     """
 
     request_id: str
@@ -50,16 +77,38 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     new_logprobs: list[TokenLogprobs] | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    stop_reason: StopReason = None
 
 
 @dataclass
 class CompletionOutput:
-    """The whole result of one prompt, as `LLM.generate` returns it."""
+    """One sample of a prompt, whole. ``cumulative_logprob`` is the sum of
+    the tokens' logprobs, when logprobs were asked for."""
 
-    request_id: str
-    prompt_token_ids: list[int]
+    index: int
     text: str
     token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[TokenLogprobs] | None
     finish_reason: FinishReason | None
+    stop_reason: StopReason = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The whole result of one prompt, as `LLM.generate` returns it (vLLM's
+    shape): its ``outputs`` are the prompt's samples, in sample order.
+    ``prompt`` is the text given (None for token ids); ``prompt_logprobs``
+    has None for the first prompt token, which nothing predicts."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprobs | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool
     metrics: RequestMetrics
-    logprobs: list[TokenLogprobs] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics, StopReason
 from specserve.sampling_params import SamplingParams
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.step import TokenLogprobs
@@ -19,17 +19,28 @@ class Request:
     def __init__(self, seq: Sequence, params: SamplingParams, tokenizer: Tokenizer) -> None:
         self.seq = seq
         self.params = params
-        self._detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids)
-        # A stop string may straddle steps: text that could begin one is held back.
-        self._holdback = max((len(s) for s in params.stop), default=1) - 1
+        self._tokenizer = tokenizer
+        self._detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids,
+                                                   params.skip_special_tokens)
+        # A stop string may straddle steps: the search looks back this far,
+        # and text that could begin one is held back from the stream (unless
+        # the stop string stays in the output: then all text before the token
+        # that completes it is kept).
+        self._lookback = max((len(s) for s in params.stop), default=1) - 1
+        self._holdback = 0 if params.include_stop_str_in_output else self._lookback
         self.text = ""
         self._streamed_chars = 0
         self.finish_reason: FinishReason | None = None
+        self.stop_reason: StopReason = None
         # The last step's kept tokens, and the accepted draft tokens among them.
         self._step_num_kept = 0
         self._step_accepted = 0
         self.metrics = RequestMetrics(prompt_tokens=seq.num_prompt_tokens,
                                       arrival_time=time.monotonic())
+        # Prompt logprobs by prompt position (the first token has none), until
+        # they go out with the first delta.
+        self._prompt_logprobs: list[TokenLogprobs | None] | None = (
+            None if params.prompt_logprobs is None else [None] * seq.num_prompt_tokens)
 
     @property
     def request_id(self) -> str:
@@ -58,7 +69,22 @@ class Request:
             self.finish_reason = update.finish_reason
             m.finished_time = now
 
-    def emit(self, kept: list[int], logprobs: list[TokenLogprobs] | None) -> RequestOutput:
+    def add_prompt_logprobs(self, first_position: int, logprobs: list[TokenLogprobs]) -> None:
+        """A prompt chunk's scores of prompt tokens ``first_position`` onward
+        (a chunk computed again after preemption keeps the first ones)."""
+        whole = self._prompt_logprobs
+        if whole is None:
+            return
+        for position, lp in enumerate(logprobs, first_position):
+            if position < len(whole) and whole[position] is None:
+                whole[position] = self._with_text(lp)
+
+    @property
+    def accepted_in_last_step(self) -> int:
+        """The accepted draft tokens the last step output (after a stop string's cut)."""
+        return self._step_accepted
+
+    def emit(self, kept: list[int], logprobs: list[TokenLogprobs] | None) -> RequestDelta:
         """Detokenize the kept tokens, check stop strings (a match finishes
         the request and cuts ``kept`` where target-only decoding would have
         stopped) and build the step's output."""
@@ -67,40 +93,67 @@ class Request:
         else:
             visible = [t for t in kept if t not in self.seq.stop_token_ids]
             self.text += self._detokenizer.add(visible, final=self.finished)
-        return RequestOutput(
+        if self.finish_reason is FinishReason.STOP and self.stop_reason is None and (
+                kept and kept[-1] in self.params.stop_token_ids):
+            self.stop_reason = kept[-1]
+        prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
+        return RequestDelta(
             request_id=self.request_id,
             new_token_ids=kept,
             new_text=self._take_stream_text(),
             finished=self.finished,
             finish_reason=self.finish_reason,
-            new_logprobs=logprobs[:len(kept)] if logprobs is not None else None,
+            new_logprobs=([self._with_text(lp) for lp in logprobs[:len(kept)]]
+                          if logprobs is not None else None),
             metrics=self.metrics,
+            prompt_logprobs=prompt_logprobs,
+            stop_reason=self.stop_reason,
         )
 
     def abort(self) -> None:
         self.finish_reason = FinishReason.ABORTED
         self.metrics.finished_time = time.monotonic()
 
+    def _with_text(self, lp: TokenLogprobs) -> TokenLogprobs:
+        """``lp`` with its tokens' text (special tokens included)."""
+        text = self._tokenizer.token_text
+        lp.decoded_token = text(lp.token_id)
+        lp.top_decoded_tokens = [text(t) for t in lp.top_token_ids]
+        return lp
+
     def _detokenize_until_stop_string(self, kept: list[int]) -> list[int]:
         """Detokenize one token at a time, as target-only decoding does, and
-        stop at the first token whose text completes a stop string: the
-        tokens after it (accepted draft tokens past the match) are dropped
-        from the counts and the output. Returns the tokens kept."""
-        searched = max(0, len(self.text) - self._holdback)
+        stop at the first token whose text completes a stop string (once
+        min_tokens are out): the tokens after it (accepted draft tokens past
+        the match) are dropped from the counts and the output. Returns the
+        tokens kept."""
+        searched = max(0, len(self.text) - self._lookback)
+        num_before = self.metrics.completion_tokens - len(kept)  # output before this step
         for i, token in enumerate(kept):
             if token not in self.seq.stop_token_ids:
                 last = i == len(kept) - 1
                 self.text += self._detokenizer.add([token], final=self.finished and last)
-            # Only the new text (and a stop string's length before it) can hold a new match.
-            hits = [j for s in self.params.stop if (j := self.text.find(s, searched)) >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
+            if num_before + i + 1 >= self.params.min_tokens and self._stop_at_match(searched):
                 self._take_back(len(kept) - i - 1)
-                self.finish_reason = FinishReason.STOP
-                self.metrics.finished_time = time.monotonic()
                 return kept[:i + 1]
-            searched = max(searched, len(self.text) - self._holdback)
+            # Only the new text (and a stop string's length before it) can hold a new match.
+            searched = max(searched, len(self.text) - self._lookback)
         return kept
+
+    def _stop_at_match(self, searched: int) -> bool:
+        """Finish at the earliest stop string found from ``searched`` on, if
+        any: the text ends before it (or after it, with
+        include_stop_str_in_output)."""
+        hits = [(j, s) for s in self.params.stop if (j := self.text.find(s, searched)) >= 0]
+        if not hits:
+            return False
+        start, stop = min(hits, key=lambda hit: hit[0])
+        end = start + len(stop) if self.params.include_stop_str_in_output else start
+        self.text = self.text[:end]
+        self.finish_reason = FinishReason.STOP
+        self.stop_reason = stop
+        self.metrics.finished_time = time.monotonic()
+        return True
 
     def _take_back(self, n: int) -> None:
         """Uncount this step's last ``n`` tokens (its accepted draft tokens

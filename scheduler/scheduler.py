@@ -244,6 +244,9 @@ class Scheduler:
             draft_start -= 1
         params = seq.sampling_params
         penalties = params is not None and getattr(params, "has_penalties", False)
+        # A prompt chunk of a request that asked for prompt logprobs scores
+        # the prompt tokens after each of its positions.
+        scores_prompt = start < seq.num_prompt_tokens and _wants_prompt_logprobs(seq)
         return ScheduledSequence(
             request_id=seq.request_id,
             token_ids=seq.token_slice(start, start + chunk),
@@ -255,7 +258,7 @@ class Scheduler:
             num_draft_computed_tokens=draft_start,
             sampling_params=params,
             num_output_tokens=seq.num_output_tokens + seq.num_pending_tokens,
-            prompt_token_ids=seq.prompt_token_ids if penalties else None,
+            prompt_token_ids=seq.prompt_token_ids if penalties or scores_prompt else None,
             output_token_ids=list(seq.output_token_ids) if penalties else None,
         )
 
@@ -267,8 +270,8 @@ class Scheduler:
         left to compute, the one whose logits sample, and the rest starts in a
         block of its own: the target never writes into a cached block."""
         a = self.allocator
-        if not a.enable_prefix_caching or seq.block_ids:
-            return
+        if not a.enable_prefix_caching or seq.block_ids or _wants_prompt_logprobs(seq):
+            return  # (cached prompt tokens have no logits to score them)
         bs = a.block_size
         known = seq.num_prompt_tokens + seq.num_output_tokens
         usable = min(known, seq.num_tokens - 1) // bs
@@ -380,6 +383,10 @@ def _advance(seq: Sequence, work: ScheduledSequence, num_accepted: int) -> None:
     if work.catch_up_token_ids:
         k = work.num_speculative_tokens
         seq.num_draft_computed_tokens = end + min(num_accepted, max(k - 1, 0))
+
+
+def _wants_prompt_logprobs(seq: Sequence) -> bool:
+    return getattr(seq.sampling_params, "prompt_logprobs", None) is not None
 
 
 def _waiting_key(seq: Sequence) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from specserve.config import EngineConfig
 from specserve.engine.llm_engine import EngineStats
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.engine.server import BackgroundServer
 from specserve.step import TokenLogprobs
 
@@ -123,9 +123,9 @@ class FakeEngine:
             if r.params.logprobs is not None:
                 lps = [TokenLogprobs(t, -0.5, [t, 0][:r.params.logprobs],
                                      [-0.5, -2.0][:r.params.logprobs]) for t in new]
-            outs.append(RequestOutput(r.rid, new, self.tokenizer.decode(new), finished=done,
-                                      finish_reason=FinishReason.LENGTH if done else None,
-                                      new_logprobs=lps, metrics=m))
+            outs.append(RequestDelta(r.rid, new, self.tokenizer.decode(new), finished=done,
+                                     finish_reason=FinishReason.LENGTH if done else None,
+                                     new_logprobs=lps, metrics=m))
             if done:
                 del self.requests[r.rid]
         return outs

@@ -188,9 +188,9 @@ def check_engine() -> None:
             runner = llm.engine.executor.worker.runner
             for model in (runner.target, runner.draft):
                 model.set_attention_backend(TritonPagedBackend())
-        outputs[mode] = [o.token_ids for o in llm.generate(prompts, params)]
+        outputs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         # Alone, a one-token prompt and the draft's proposals are one-row forwards.
-        outputs[mode] += [o.token_ids for o in llm.generate([[15]], params)]
+        outputs[mode] += [o.outputs[0].token_ids for o in llm.generate([[15]], params)]
     assert outputs["1"] == outputs["0"], outputs
 
 

@@ -102,7 +102,7 @@ class DraftProposer:
             logits = torch.zeros((S, self.vocab_size), dtype=torch.float32, device=self.device)
             logits[act] = self.draft.compute_logits(last_hidden)
             logits = batch.penalise(logits, batch.params, tokens[:, :j].unsqueeze(1))
-            q = logits_to_probs(logits, batch.params)
+            q = logits_to_probs(logits, batch.params.shifted(j))  # min_tokens at position j
             probs[act, j] = q[act]
             tokens[act, j] = _draw(batch, q, j)[act]
         return tokens, probs

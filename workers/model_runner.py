@@ -28,6 +28,9 @@ from specserve.workers.sampler import compute_logprobs, logits_to_probs
 from specserve.workers.sampling_batch import Rows, SamplingBatch, merge_rows
 from specserve.workers.synthetic_acceptance import coin_keys, synthetic_verify
 
+# Prompt positions scored per LM-head call: bounds the [rows, V] logits of a long prompt chunk.
+_SCORE_ROWS = 512
+
 
 @dataclass
 class _Launched:
@@ -39,6 +42,18 @@ class _Launched:
     # tokens), then the logprob tensors when a sequence asked for them.
     host: HostCopy | None
     wanted_logprobs: list[int] | None  # rows of batch.seqs with logprobs
+    prompt_scores: "_PromptScores | None" = None
+
+
+@dataclass
+class _PromptScores:
+    """Prompt logprobs on their way to the host: ``counts`` pairs each
+    sequence that asked (its index in the step) with how many prompt tokens
+    its chunk scored, in the order of the rows of ``host``'s (token logprobs,
+    top ids, top logprobs)."""
+
+    counts: list[tuple[int, int]]
+    host: HostCopy | None
 
 
 class ModelRunner:
@@ -105,9 +120,9 @@ class ModelRunner:
             draft_tokens, draft_probs = self.proposer.propose(seqs, batch)
         else:
             draft_tokens, draft_probs = no_proposals(batch, self.vocab_size, self.device)
-        target_logits = self._verify_forward(seqs, batch, draft_tokens)
+        target_logits, prompt_scores = self._verify_forward(seqs, batch, draft_tokens)
         if not batch.seqs:
-            return _Launched(seqs, batch, None, None)
+            return _Launched(seqs, batch, None, None, prompt_scores)
         out, num = self._accept(batch, draft_tokens, draft_probs, target_logits)
         self._sampled = out[:, 0]
         self._sampled_rows = {s.request_id: r for r, s in enumerate(batch.seqs)}
@@ -116,7 +131,7 @@ class ModelRunner:
         if logprobs is not None:
             to_copy.extend(logprobs[1:])
         return _Launched(seqs, batch, HostCopy(to_copy),
-                         logprobs[0] if logprobs is not None else None)
+                         logprobs[0] if logprobs is not None else None, prompt_scores)
 
     def finish(self, launched: "_Launched") -> ModelRunnerOutput:
         """Wait for a launched step and read its tokens (the step's one sync,
@@ -134,24 +149,20 @@ class ModelRunner:
                 self._read_logprobs(batch, [launched.wanted_logprobs, *lp], sampled, logprobs)
         return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
                                  sampled_token_ids=sampled, num_proposed=proposed,
-                                 logprobs=logprobs if any(l is not None for l in logprobs) else None)
+                                 logprobs=logprobs if any(l is not None for l in logprobs) else None,
+                                 prompt_logprobs=_read_prompt_scores(seqs, launched.prompt_scores))
 
     # -- target ----------------------------------------------------------
     def _verify_forward(self, seqs: list[ScheduledSequence], batch: SamplingBatch,
-                        draft_tokens: torch.Tensor) -> torch.Tensor:
+                        draft_tokens: torch.Tensor) -> tuple[torch.Tensor, _PromptScores | None]:
         """One target pass over every chunk plus its proposals; returns the
-        logits at each sampling sequence's last k+1 positions, [S, K+1, V]."""
-        if batch.uniform_decode:  # the common step: ids built on the device
-            input_ids = self._input_ids([s.token_ids for s in seqs], seqs)
-            if batch.K:
-                input_ids = torch.cat([input_ids.view(-1, 1), draft_tokens], dim=1).view(-1)
-            hidden = self.target_forward(seqs, [s.num_computed_tokens for s in seqs],
-                                         [batch.K + 1] * len(seqs), input_ids)
-            return self.target.compute_logits(hidden).view(len(seqs), batch.K + 1,
-                                                           self.vocab_size)
+        logits at each sampling sequence's last k+1 positions, [S, K+1, V],
+        and the prompt logprobs of the chunks that asked for them."""
+        if batch.uniform_decode:  # the common step (one token per sequence: no prompt to score)
+            return self._uniform_verify_forward(seqs, batch, draft_tokens), None
         spec = {i: k for i, k in zip(batch.index, batch.ks)}
         token_lists = [s.token_ids + [0] * spec.get(i, 0) for i, s in enumerate(seqs)]
-        starts_flat, draft_at, draft_src, logit_rows = [], [], [], []
+        starts_flat, draft_at, draft_src, logit_rows, offsets = [], [], [], [], []
         offset = 0
         for i, s in enumerate(seqs):
             n, k = len(s.token_ids), spec.get(i, 0)
@@ -161,6 +172,7 @@ class ModelRunner:
                 draft_src.extend((r, j) for j in range(k))
                 last = offset + n + k - 1
                 logit_rows.append([min(offset + n - 1 + j, last) for j in range(batch.K + 1)])
+            offsets.append(offset)
             offset += n + k
             starts_flat.append(s.num_computed_tokens)
         input_ids = self._input_ids(token_lists, seqs)
@@ -168,13 +180,51 @@ class ModelRunner:
             src = to_device(draft_src, self.device)
             input_ids[to_device(draft_at, self.device)] = draft_tokens[src[:, 0], src[:, 1]]
         hidden = self.target_forward(seqs, starts_flat, [len(t) for t in token_lists], input_ids)
+        prompt_scores = self._score_prompts(seqs, offsets, hidden)
         if not logit_rows:
-            return hidden.new_empty((0, batch.K + 1, self.vocab_size), dtype=torch.float32)
+            return hidden.new_empty((0, batch.K + 1, self.vocab_size),
+                                    dtype=torch.float32), prompt_scores
         flat = [r for row in logit_rows for r in row]
         if len(flat) != hidden.shape[0] or flat != list(range(len(flat))):  # not plain decode
             hidden = hidden[to_device(flat, self.device)]
         return self.target.compute_logits(hidden).view(
-            len(logit_rows), batch.K + 1, self.vocab_size)
+            len(logit_rows), batch.K + 1, self.vocab_size), prompt_scores
+
+    def _uniform_verify_forward(self, seqs: list[ScheduledSequence], batch: SamplingBatch,
+                                draft_tokens: torch.Tensor) -> torch.Tensor:
+        """`_verify_forward` of a step where every sequence decodes one
+        token and proposes K: the ids built on the device."""
+        input_ids = self._input_ids([s.token_ids for s in seqs], seqs)
+        if batch.K:
+            input_ids = torch.cat([input_ids.view(-1, 1), draft_tokens], dim=1).view(-1)
+        hidden = self.target_forward(seqs, [s.num_computed_tokens for s in seqs],
+                                     [batch.K + 1] * len(seqs), input_ids)
+        return self.target.compute_logits(hidden).view(len(seqs), batch.K + 1, self.vocab_size)
+
+    def _score_prompts(self, seqs: list[ScheduledSequence], offsets: list[int],
+                       hidden: torch.Tensor) -> _PromptScores | None:
+        """Prompt logprobs of the chunks that asked for them: at each chunk
+        position, the target's log-probability of the next prompt token (and
+        the top alternatives), from the raw logits as for output tokens."""
+        wanted = [i for i, s in enumerate(seqs) if s.prompt_token_ids is not None
+                  and s.sampling_params.prompt_logprobs is not None]
+        if not wanted:
+            return None
+        rows, next_ids, counts = [], [], []
+        for i in wanted:
+            s, start = seqs[i], seqs[i].num_computed_tokens
+            n = max(0, min(len(s.token_ids), len(s.prompt_token_ids) - 1 - start))
+            rows.extend(range(offsets[i], offsets[i] + n))
+            next_ids.extend(s.prompt_token_ids[start + 1:start + 1 + n])
+            counts.append((i, n))
+        if not rows:
+            return _PromptScores(counts, None)
+        n_top = max(seqs[i].sampling_params.prompt_logprobs for i in wanted)
+        rows_t, ids_t = to_device(rows, self.device), to_device(next_ids, self.device)
+        parts = [compute_logprobs(self.target.compute_logits(hidden[rows_t[a:a + _SCORE_ROWS]]),
+                                  ids_t[a:a + _SCORE_ROWS], n_top)
+                 for a in range(0, len(rows), _SCORE_ROWS)]
+        return _PromptScores(counts, HostCopy([torch.cat(t) for t in zip(*parts)]))
 
     def _input_ids(self, token_lists: list[list[int]],
                    seqs: list[ScheduledSequence]) -> torch.Tensor:
@@ -252,6 +302,23 @@ class ModelRunner:
             i, n = batch.index[r], batch.seqs[r].sampling_params.logprobs
             logprobs[i] = [TokenLogprobs(t, tok[x][j], ids[x][j][:n], lps[x][j][:n])
                            for j, t in enumerate(sampled[i])]
+
+
+def _read_prompt_scores(seqs: list[ScheduledSequence],
+                        scores: _PromptScores | None) -> list[list[TokenLogprobs] | None] | None:
+    """Each sequence's prompt logprobs (None for those that did not ask)."""
+    if scores is None:
+        return None
+    tok, ids, lps = scores.host.lists() if scores.host is not None else ([], [], [])
+    out: list[list[TokenLogprobs] | None] = [None] * len(seqs)
+    row = 0
+    for i, n in scores.counts:
+        s, n_top = seqs[i], seqs[i].sampling_params.prompt_logprobs
+        first = s.num_computed_tokens + 1
+        out[i] = [TokenLogprobs(s.prompt_token_ids[first + j], tok[row + j],
+                                ids[row + j][:n_top], lps[row + j][:n_top]) for j in range(n)]
+        row += n
+    return out
 
 
 def _take(t: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ sequence for the draft, `repeat_rows` for the target's k+1 positions), and
 calls:
 
     logits = apply_penalties(logits, prompt_mask, output_counts, t)   # if t.any_penalties
-    probs = logits_to_probs(logits, t)
+    probs = logits_to_probs(logits, t)                # min_tokens' stop mask first
     token_ids = sample_from_probs(probs, uniforms)    # unseeded; or rejection_sample
     token_ids = gumbel_argmax(probs, noise)           # seeded; or gumbel_verify
 
@@ -37,6 +37,59 @@ from specserve.sampling_params import SamplingParams
 
 
 @dataclass
+class StopTokenMask:
+    """min_tokens: stop token ids (EOS included) masked to -inf in rows whose
+    output position is still short of the request's min_tokens.
+
+    Pair m covers token ``token_ids[m]`` in row ``rows[m]``, masked while
+    ``left[m] > 0`` (output tokens still due before that row's position).
+    Kept as pairs rather than a [N, V] mask: only the few stop ids of the
+    few rows that asked for min_tokens cost anything.
+    """
+
+    rows: torch.Tensor  # [M] int64
+    token_ids: torch.Tensor  # [M] int64
+    left: torch.Tensor  # [M] int64
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """New logits with the pairs still due masked (no host sync)."""
+        current = logits[self.rows, self.token_ids]
+        masked = logits.clone()
+        masked[self.rows, self.token_ids] = torch.where(self.left > 0, float("-inf"), current)
+        return masked
+
+    def shifted(self, n: int) -> "StopTokenMask":
+        """The same rows ``n`` output positions later."""
+        return replace(self, left=self.left - n)
+
+    def repeat_rows(self, n: int) -> "StopTokenMask":
+        """Row r as rows r*n .. r*n + n-1, one output position apart."""
+        j = torch.arange(n, device=self.rows.device)
+        rows = (self.rows.unsqueeze(1) * n + j).reshape(-1)
+        return StopTokenMask(rows, self.token_ids.unsqueeze(1).expand(-1, n).reshape(-1),
+                             (self.left.unsqueeze(1) - j).reshape(-1))
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], rows_per_param: list[int],
+              output_positions: list[int], device: torch.device) -> "StopTokenMask | None":
+        """The pairs of rows short of min_tokens: row j of ``params[i]`` is at
+        output position ``output_positions[i] + j``. None when there are none."""
+        rows, ids, left = [], [], []
+        first = 0
+        for p, n_rows, position in zip(params, rows_per_param, output_positions):
+            for j in range(min(n_rows, p.min_tokens - position)):
+                for token in p.all_stop_token_ids:
+                    rows.append(first + j)
+                    ids.append(token)
+                    left.append(p.min_tokens - position - j)
+            first += n_rows
+        if not rows:
+            return None
+        pairs = torch.tensor([rows, ids, left], dtype=torch.int64).to(device)
+        return cls(pairs[0], pairs[1], pairs[2])
+
+
+@dataclass
 class SamplingTensors:
     """Per-row sampling settings, on the device, one row per scored position.
 
@@ -45,7 +98,8 @@ class SamplingTensors:
     that sample (greedy rows are unaffected by top-k, top-p and min-p, which
     always keep the most likely token), so a transform no row uses costs nothing.
     ``any_penalties`` is over all rows, greedy ones included: penalties change
-    which token is the argmax.
+    which token is the argmax; so does ``stop_mask`` (min_tokens), None where
+    no row is short of its min_tokens.
     """
 
     temperature: torch.Tensor  # [N] float32
@@ -61,6 +115,7 @@ class SamplingTensors:
     any_min_p: bool
     any_penalties: bool
     any_greedy: bool = True  # some row has temperature 0 (False skips the one-hot blend)
+    stop_mask: StopTokenMask | None = None
 
     @property
     def num_rows(self) -> int:
@@ -82,7 +137,16 @@ class SamplingTensors:
                        top_p=rep(self.top_p), min_p=rep(self.min_p),
                        repetition_penalty=rep(self.repetition_penalty),
                        presence_penalty=rep(self.presence_penalty),
-                       frequency_penalty=rep(self.frequency_penalty))
+                       frequency_penalty=rep(self.frequency_penalty),
+                       stop_mask=None if self.stop_mask is None
+                       else self.stop_mask.repeat_rows(n))
+
+    def shifted(self, n: int) -> "SamplingTensors":
+        """The same rows ``n`` output positions later (a draft's j-th
+        proposal): only the min_tokens mask depends on the position."""
+        if self.stop_mask is None or n == 0:
+            return self
+        return replace(self, stop_mask=self.stop_mask.shifted(n))
 
     @classmethod
     def from_params(
@@ -90,10 +154,13 @@ class SamplingTensors:
         params: list[SamplingParams],
         rows_per_param: list[int],
         device: torch.device | str,
+        output_positions: list[int] | None = None,
     ) -> "SamplingTensors":
         """Row-expand per-request parameters: ``params[i]`` covers
         ``rows_per_param[i]`` consecutive rows (1 for a plain decode, k+1 for a
-        verified speculation)."""
+        verified speculation). With ``output_positions`` (the output position
+        of each request's first row, its rows one position apart), rows short
+        of their min_tokens mask their stop tokens."""
         if len(params) != len(rows_per_param):
             raise ValueError(
                 f"params and rows_per_param differ in length: {len(params)} != {len(rows_per_param)}"
@@ -139,6 +206,8 @@ class SamplingTensors:
             any_min_p=any(p.min_p > 0.0 for p in sampling),
             any_penalties=any(p.has_penalties for p in used),
             any_greedy=any(p.greedy for p in used),
+            stop_mask=None if output_positions is None else StopTokenMask.build(
+                params, rows_per_param, output_positions, device),
         )
 
 
@@ -203,9 +272,12 @@ def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     whose probability is below ``min_p`` times the largest, softmax and
     renormalise. Tokens tied with the last kept token of top-k or top-p are
     kept too (as Hugging Face's warpers do), so the result never depends on the
-    order a sort puts equal values in.
+    order a sort puts equal values in. Before all that, rows short of their
+    min_tokens lose their stop tokens (``t.stop_mask``), greedy rows included.
     """
     logits = logits.float()
+    if t.stop_mask is not None:
+        logits = t.stop_mask.apply(logits)
     if t.all_greedy:
         return _one_hot_argmax(logits)
 

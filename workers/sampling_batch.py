@@ -33,7 +33,7 @@ class SamplingBatch:
     seqs: list[ScheduledSequence]
     ks: list[int]
     K: int
-    greedy: bool  # every row greedy with no penalties: argmaxes, no distributions
+    greedy: bool  # every row greedy, no penalties nor min_tokens mask: argmaxes only
     # Every scheduled sequence decodes one token and proposes the same K.
     uniform_decode: bool
     # Rows that sample with the worker's uniforms (rejection sampling), and
@@ -57,7 +57,7 @@ class SamplingBatch:
         ks = [s.num_speculative_tokens if speculative else 0 for s in chosen]
         K = max(ks, default=0)
         greedy = all(s.sampling_params.greedy and not s.sampling_params.has_penalties
-                     for s in chosen)
+                     and not _short_of_min_tokens(s) for s in chosen)
         seeded = [] if greedy else [r for r, s in enumerate(chosen) if _keyed(s)]
         plain = [] if greedy else [r for r, s in enumerate(chosen) if not _keyed(s)]
         uniforms = draw_uniforms(len(plain), K + 1, generator, device) if plain else None
@@ -65,7 +65,9 @@ class SamplingBatch:
                                [chosen[r].num_output_tokens for r in seeded],
                                K + 1, device) if seeded else None
         params = None if greedy else SamplingTensors.from_params(
-            [s.sampling_params for s in chosen], [1] * len(chosen), device)
+            [s.sampling_params for s in chosen], [1] * len(chosen), device,
+            [s.num_output_tokens for s in chosen] if any(map(_short_of_min_tokens, chosen))
+            else None)
         uniform = (len(chosen) == len(seqs) and all(k == K for k in ks)
                    and all(len(s.token_ids) == 1 for s in seqs))
         mask, counts = _penalty_history(chosen, vocab_size, device)
@@ -102,6 +104,11 @@ def merge_rows(parts: list[tuple[Rows, torch.Tensor]], total: int) -> torch.Tens
     return merged
 
 
+def _short_of_min_tokens(s: ScheduledSequence) -> bool:
+    """Whether its stop tokens are masked at this step's first position."""
+    return s.sampling_params.min_tokens > s.num_output_tokens
+
+
 def _keyed(s: ScheduledSequence) -> bool:
     """A seeded sampling row: its draws are keyed Gumbel noise (greedy rows need none)."""
     return s.sampling_params.seed is not None and not s.sampling_params.greedy
@@ -114,15 +121,15 @@ def _rows(rows: list[int], total: int, device: torch.device) -> Rows | None:
 
 
 def _penalty_history(seqs: list[ScheduledSequence], vocab_size: int, device: torch.device):
-    """(prompt mask, output counts) [S, V] of the sequences that sent their
-    history (those with penalties), or (None, None)."""
-    if not any(s.prompt_token_ids is not None for s in seqs):
+    """(prompt mask, output counts) [S, V] of the sequences with penalties
+    (they send their history), or (None, None)."""
+    if not any(s.sampling_params.has_penalties for s in seqs):
         return None, None
     S, V = len(seqs), vocab_size
     mask = torch.zeros((S, V), dtype=torch.bool, device=device)
     counts = torch.zeros((S, V), dtype=torch.int64, device=device)
     for row, s in enumerate(seqs):
-        if s.prompt_token_ids is None:
+        if not s.sampling_params.has_penalties:
             continue
         mask[row, to_device(s.prompt_token_ids, device)] = True
         if s.output_token_ids:

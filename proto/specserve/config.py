@@ -37,6 +37,9 @@ class ModelConfig:
         "Quantize the target's projections at load: fp8 (E4M3 weights with a scale per output "
         "row, activations scaled per token; needs an Ada or Hopper GPU, or the CPU). An FP8 "
         "checkpoint is served in FP8 without it.")})
+    max_logprobs: int = field(default=20, metadata={"help": (
+        "Most top alternatives a request may ask for per token (logprobs, prompt_logprobs); "
+        "more is refused with INVALID_ARGUMENT (HTTP 400).")})
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -46,6 +49,7 @@ class ModelConfig:
                f"max_model_len must be > 0, got {self.max_model_len}")
         _check(self.quantization in (None, *QUANTIZATIONS),
                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        _check(self.max_logprobs >= 0, f"max_logprobs must be >= 0, got {self.max_logprobs}")
 
 
 @dataclass
@@ -173,7 +177,11 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
-        """Build from flat keyword arguments named like the CLI flags."""
+        """Build from flat keyword arguments named like the CLI flags, and
+        vLLM's ``speculative_config`` dict (`speculative_fields`)."""
+        spec = kwargs.pop("speculative_config", None)
+        if spec is not None:
+            kwargs = _merge_speculative(kwargs, speculative_fields(spec))
         parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
         for key, value in kwargs.items():
             section = _section_of(key)
@@ -183,6 +191,44 @@ class EngineConfig:
     @staticmethod
     def field_names() -> list[str]:
         return [f.name for sec in _SECTIONS.values() for f in fields(sec)]
+
+
+# vLLM's speculative_config keys -> our flat fields.
+SPECULATIVE_CONFIG_KEYS = {
+    "model": "draft_model",
+    "num_speculative_tokens": "num_speculative_tokens",
+    "quantization": "draft_quantization",
+    "draft_tensor_parallel_size": "draft_tensor_parallel_size",
+    "adaptive_speculation": "adaptive_speculation",
+}
+
+
+def speculative_fields(spec: Any) -> dict[str, Any]:
+    """vLLM's ``speculative_config`` ({"model": DRAFT, "num_speculative_tokens":
+    K, ...}) as our flat fields; ``method`` may only be "draft_model" (a
+    separate draft model is what the engine runs)."""
+    _check(isinstance(spec, dict), f"speculative_config must be a dict, got {spec!r}")
+    spec = dict(spec)
+    method = spec.pop("method", "draft_model")
+    _check(method in ("draft_model", None),
+           f"speculative_config method {method!r} is not supported: only a draft model "
+           "(\"draft_model\") proposes tokens here")
+    unknown = sorted(set(spec) - set(SPECULATIVE_CONFIG_KEYS))
+    _check(not unknown, f"unknown speculative_config keys {unknown}; known: "
+                        f"{sorted(SPECULATIVE_CONFIG_KEYS)} and method")
+    return {SPECULATIVE_CONFIG_KEYS[k]: v for k, v in spec.items()}
+
+
+def _merge_speculative(flat: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The flat options with speculative_config's; a field both give with
+    different values is an error."""
+    merged = dict(flat)
+    for name, value in spec.items():
+        given = flat.get(name)
+        _check(given is None or given == value,
+               f"speculative_config gives {name}={value!r} but {name}={given!r} is given too")
+        merged[name] = value
+    return merged
 
 
 def _section_of(key: str) -> str:

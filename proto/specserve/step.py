@@ -43,7 +43,9 @@ class ScheduledSequence:
     num_draft_computed_tokens: int = 0
     sampling_params: SamplingParams | None = None
     num_output_tokens: int = 0  # output position of the first token sampled now (keys seeded draws)
-    # Only for requests with penalties: the whole history the penalties count.
+    # Only for requests with penalties (the whole history the penalties count)
+    # and for prompt chunks of requests that asked for prompt logprobs (the
+    # prompt tokens they score, the next chunk's first one included).
     prompt_token_ids: list[int] | None = None
     output_token_ids: list[int] | None = None
 
@@ -71,12 +73,16 @@ class SchedulerOutput:
 
 @dataclass
 class TokenLogprobs:
-    """The target's log-probability of one emitted token and its top-n alternatives."""
+    """The target's log-probability of one emitted token and its top-n alternatives.
+    The workers fill the numbers; the engine adds each token's decoded text
+    (the workers have no tokenizer)."""
 
     token_id: int
     logprob: float
     top_token_ids: list[int]
     top_logprobs: list[float]
+    decoded_token: str | None = None
+    top_decoded_tokens: list[str] | None = None
 
 
 @dataclass
@@ -87,9 +93,13 @@ class ModelRunnerOutput:
     end; otherwise it holds the accepted draft tokens followed by one correction
     or bonus token. ``num_proposed[i]`` is how many tokens the draft
     proposed, so accepted = len(sampled) - 1 when proposed > 0.
+    ``prompt_logprobs[i]``, for a sequence that asked for them, scores the
+    prompt tokens its chunk's positions predict: prompt tokens
+    ``num_computed_tokens + 1`` onward, one entry each.
     """
 
     request_ids: list[str]
     sampled_token_ids: list[list[int]]
     num_proposed: list[int]
     logprobs: list[list[TokenLogprobs] | None] | None = None
+    prompt_logprobs: list[list[TokenLogprobs] | None] | None = None

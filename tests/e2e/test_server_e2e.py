@@ -117,22 +117,23 @@ def test_stream_equals_offline_generate(llm, stub, i):
     prompt, params = PROMPTS[i], PARAMS[i]
     want = offline(llm, prompt, params)
     resps, tokens, text = collect(stub, gen_request(prompt, params))
-    assert tokens == want.token_ids
-    assert text == want.text
+    assert tokens == want.outputs[0].token_ids
+    assert text == want.outputs[0].text
     for r in resps:  # a character is never split between messages
-        assert "\ufffd" not in r.text or "\ufffd" in want.text
+        assert "\ufffd" not in r.text or "\ufffd" in want.outputs[0].text
     last = resps[-1]
+    reason = want.outputs[0].finish_reason.value
     assert last.finish_reason == {"length": pb.FINISH_REASON_LENGTH,
-                                  "stop": pb.FINISH_REASON_STOP}[want.finish_reason.value]
+                                  "stop": pb.FINISH_REASON_STOP}[reason]
     assert last.usage.prompt_tokens == want.metrics.prompt_tokens
-    assert last.usage.completion_tokens == len(want.token_ids)
+    assert last.usage.completion_tokens == len(want.outputs[0].token_ids)
     assert last.usage.draft_tokens_proposed > 0
     assert last.usage.draft_tokens_accepted <= last.usage.draft_tokens_proposed
     if params.logprobs is not None:
         lps = [lp for r in resps for lp in r.logprobs]
-        assert [lp.token_id for lp in lps] == want.token_ids
+        assert [lp.token_id for lp in lps] == want.outputs[0].token_ids
         assert all(len(lp.top_logprobs) == params.logprobs for lp in lps)
-        for lp, ref in zip(lps, want.logprobs):
+        for lp, ref in zip(lps, want.outputs[0].logprobs):
             assert lp.logprob == pytest.approx(ref.logprob, abs=1e-4)
 
 
@@ -141,7 +142,7 @@ def test_token_id_prompt_and_speculation_off(llm, stub):
     params = SamplingParams(max_tokens=12, temperature=0.0)
     want = offline(llm, ids, params, k=0)
     resps, tokens, text = collect(stub, gen_request(ids, params, num_speculative_tokens=0))
-    assert tokens == want.token_ids and text == want.text
+    assert tokens == want.outputs[0].token_ids and text == want.outputs[0].text
     assert resps[-1].usage.draft_tokens_proposed == 0
 
 
@@ -155,7 +156,7 @@ def test_32_concurrent_clients(llm, server, stub):
     for (resps, tokens, text), ref in zip(results, want):
         assert resps[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert len(tokens) == 20
-        assert tokens == ref.token_ids and text == ref.text
+        assert tokens == ref.outputs[0].token_ids and text == ref.outputs[0].text
     assert wait_until(lambda: server.get_stats().kv_blocks_used == 0)
 
 
@@ -207,7 +208,8 @@ def test_bad_input_gets_a_status_while_a_stream_goes_on(llm, stub):
         assert err.value.code() == code, (req, err.value)
         assert re.search(message, err.value.details()), err.value.details()
     rest = list(survivor)
-    assert list(first.token_ids) + [t for r in rest for t in r.token_ids] == want.token_ids
+    streamed = list(first.token_ids) + [t for r in rest for t in r.token_ids]
+    assert streamed == want.outputs[0].token_ids
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
@@ -266,7 +268,7 @@ def test_data_parallel_server(llm, pair):
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda p: collect(stub, gen_request(p, params)), prompts))
         for (_resps, tokens, text), ref in zip(results, want):
-            assert tokens == ref.token_ids and text == ref.text
+            assert tokens == ref.outputs[0].token_ids and text == ref.outputs[0].text
         replicas = srv.server.engine.replicas
         assert len(replicas) == 2 and all(r.num_steps > 0 for r in replicas)
         assert wait_until(lambda: srv.get_stats().kv_blocks_used == 0)

@@ -48,7 +48,7 @@ def test_two_replicas_of_two_ranks(ray_cluster, pair):
     local = LLM(model=target, draft_model=draft, num_speculative_tokens=3, num_kv_blocks=128,
                 dtype="float32", device="cpu")
     try:
-        want = [o.token_ids for o in local.generate(prompts, greedy)]
+        want = [o.outputs[0].token_ids for o in local.generate(prompts, greedy)]
     finally:
         local.shutdown()
     config = EngineConfig.from_kwargs(model=target, draft_model=draft, **OPTIONS)

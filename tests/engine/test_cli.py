@@ -39,7 +39,9 @@ def test_every_sampling_parameter_is_a_generate_flag():
     parser = cli.build_parser()
     gen = parser._subparsers._group_actions[0].choices["generate"]
     for f in fields(SamplingParams):
-        assert "--" + f.name.replace("_", "-") in gen._option_string_actions, f.name
+        flag = "--" + f.name.replace("_", "-")
+        # n > 1 is refused over gRPC (one sample per request): generate has no --n
+        assert (flag in gen._option_string_actions) == (f.name not in cli.NOT_GENERATE_FLAGS)
 
 
 def test_flags_become_the_engine_config(tmp_path):
@@ -59,6 +61,26 @@ def test_flags_become_the_engine_config(tmp_path):
     assert config.parallel_config.executor == "ray"
     # flags not given keep the dataclass defaults
     assert config.cache_config.block_size == EngineConfig().cache_config.block_size
+
+
+def test_speculative_config_json_is_the_draft_flags(tmp_path):
+    spec = '{"model": "d", "num_speculative_tokens": 3, "method": "draft_model"}'
+    config = cli.engine_config_from_args(_serve_args("--model", str(tmp_path), "--max-logprobs",
+                                                     "5", "--speculative-config", spec))
+    assert config.speculative_config.draft_model == "d"
+    assert config.speculative_config.num_speculative_tokens == 3
+    assert config.model_config.max_logprobs == 5
+    # a flag that agrees is fine; one that disagrees, an unknown key or method are named
+    agrees = _serve_args("--model", "m", "--draft-model", "d", "--speculative-config", spec)
+    assert cli.engine_config_from_args(agrees).speculative_config.draft_model == "d"
+    for extra, named in ((["--num-speculative-tokens", "5"], "num_speculative_tokens=5"),
+                         (["--speculative-config", '{"model": "d", "k": 2}'], "'k'"),
+                         (["--speculative-config", '{"method": "ngram"}'], "'ngram'")):
+        args = ["--model", "m", "--speculative-config", spec, *extra]
+        with pytest.raises(SystemExit, match=named):
+            cli.engine_config_from_args(_serve_args(*args))
+    with pytest.raises(SystemExit):
+        _serve_args("--speculative-config", "[1, 2]")  # not an object: argparse's one line
 
 
 def test_bad_values_are_refused():

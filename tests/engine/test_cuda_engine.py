@@ -24,7 +24,7 @@ def _run(pair, k, **kw):
     llm = LLM(model=target, draft_model=draft if k else None, num_speculative_tokens=k or 4,
               dtype="float32", device="cuda", num_kv_blocks=512, **kw)
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    out = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    out = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
     graphed = llm.engine.executor.worker.runner.target_forward.graphed is not None
     llm.shutdown()
     return out, graphed
@@ -46,8 +46,8 @@ def test_seeded_sampling_on_cuda_is_reproducible(pair):
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, device="cuda",
               num_kv_blocks=512)
     params = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)
-    a = [o.token_ids for o in llm.generate(PROMPTS, params)]
-    b = [o.token_ids for o in llm.generate(PROMPTS[:1], params)]
+    a = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    b = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:1], params)]
     assert a[0] == b[0]
     stats = llm.engine.get_stats()
     assert stats.kv_blocks_used == 0

@@ -59,7 +59,7 @@ def test_same_greedy_tokens_as_transformers(llm):
         with torch.no_grad():
             ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
                               max_new_tokens=32, pad_token_id=0)
-        assert o.token_ids == ref[0, len(p):].tolist()
+        assert o.outputs[0].token_ids == ref[0, len(p):].tolist()
 
 
 def test_acceptance_on_heldout_prompts(llm):

@@ -42,12 +42,13 @@ def assert_no_blocks_used(engine: LLMEngine):
 def test_preemption_gives_the_same_tokens(pair, llm, k):
     target, draft = pair
     params = [greedy(40), seeded(7, 40)] * 2 if k == 0 else [greedy(40)] * 4
-    expected = [o.token_ids for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
+    expected = [o.outputs[0].token_ids
+                for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
     # 14 blocks of 4 slots cannot hold 4 sequences of ~45 tokens: preemption must happen.
     small = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
                 num_kv_blocks=14, block_size=4)
     outs = small.generate(PROMPTS, params, num_speculative_tokens=k)
-    assert [o.token_ids for o in outs] == expected
+    assert [o.outputs[0].token_ids for o in outs] == expected
     assert_no_blocks_used(small.engine)
 
 
@@ -82,10 +83,11 @@ def test_abort_frees_blocks_mid_generation(llm):
 
 
 def test_same_seed_same_tokens_alone_or_batched(llm):
-    alone = llm.generate([PROMPTS[0]], seeded(123))[0].token_ids
-    batched = llm.generate(PROMPTS, [seeded(123), seeded(1), greedy(), seeded(5)])[0].token_ids
-    again = llm.generate([PROMPTS[0]], seeded(123))[0].token_ids
-    other = llm.generate([PROMPTS[0]], seeded(124))[0].token_ids
+    alone = llm.generate([PROMPTS[0]], seeded(123))[0].outputs[0].token_ids
+    batched = llm.generate(PROMPTS, [seeded(123), seeded(1), greedy(),
+                                     seeded(5)])[0].outputs[0].token_ids
+    again = llm.generate([PROMPTS[0]], seeded(123))[0].outputs[0].token_ids
+    other = llm.generate([PROMPTS[0]], seeded(124))[0].outputs[0].token_ids
     assert alone == batched == again
     assert other != alone
 
@@ -93,7 +95,7 @@ def test_same_seed_same_tokens_alone_or_batched(llm):
 def test_per_request_speculation_override(llm):
     off = llm.generate(PROMPTS, greedy(), num_speculative_tokens=0)
     on = llm.generate(PROMPTS, greedy(), num_speculative_tokens=2)
-    assert [o.token_ids for o in off] == [o.token_ids for o in on]
+    assert [o.outputs[0].token_ids for o in off] == [o.outputs[0].token_ids for o in on]
     assert all(o.metrics.draft_tokens_proposed == 0 for o in off)
     assert all(o.metrics.draft_tokens_proposed > 0 for o in on)
     with pytest.raises(ValueError, match="exceeds"):
@@ -102,41 +104,43 @@ def test_per_request_speculation_override(llm):
 
 def test_max_tokens_and_finish_reason(llm):
     outs = llm.generate(PROMPTS, greedy(5))
-    assert all(len(o.token_ids) == 5 and o.finish_reason is FinishReason.LENGTH for o in outs)
+    assert all(len(o.outputs[0].token_ids) == 5
+               and o.outputs[0].finish_reason is FinishReason.LENGTH for o in outs)
     assert all(o.metrics.completion_tokens == 5 for o in outs)
 
 
 def test_stop_token_ids_cut_after_the_stop_token(llm):
-    full = llm.generate([PROMPTS[1]], greedy(30))[0].token_ids
+    full = llm.generate([PROMPTS[1]], greedy(30))[0].outputs[0].token_ids
     stop = full[6]
     first = full.index(stop)
     out = llm.generate([PROMPTS[1]], greedy(30, stop_token_ids=[stop]))[0]
-    assert out.token_ids == full[:first + 1]
-    assert out.finish_reason is FinishReason.STOP
+    assert out.outputs[0].token_ids == full[:first + 1]
+    assert out.outputs[0].finish_reason is FinishReason.STOP
 
 
 def test_stop_string_cuts_text_before_it(llm):
     tok = llm.engine.tokenizer
     full = llm.generate([PROMPTS[0]], greedy(30))[0]
-    assert len(full.text) > 8
-    stop = full.text[5:8]
+    assert len(full.outputs[0].text) > 8
+    stop = full.outputs[0].text[5:8]
     out = llm.generate([PROMPTS[0]], greedy(30, stop=[stop]))[0]
-    assert out.finish_reason is FinishReason.STOP
-    assert out.text == full.text[:full.text.index(stop)]
-    assert stop not in out.text
-    assert tok.decode(out.token_ids).startswith(out.text)
+    assert out.outputs[0].finish_reason is FinishReason.STOP
+    assert out.outputs[0].text == full.outputs[0].text[:full.outputs[0].text.index(stop)]
+    assert stop not in out.outputs[0].text
+    assert tok.decode(out.outputs[0].token_ids).startswith(out.outputs[0].text)
 
 
 def test_eos_stops_unless_ignored(pair):
     target, _ = pair
     llm = LLM(model=target, dtype="float32", kv_cache_memory=1 << 24)
     eos = llm.engine.eos_token_ids
-    full = llm.generate([PROMPTS[2]], greedy(40))[0].token_ids
+    full = llm.generate([PROMPTS[2]], greedy(40))[0].outputs[0].token_ids
     llm.engine.eos_token_ids = frozenset([full[3]])  # pretend a token the model emits is EOS
     out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=40, temperature=0))[0]
-    assert out.token_ids == full[:full.index(full[3]) + 1] and out.finish_reason is FinishReason.STOP
+    assert out.outputs[0].token_ids == full[:full.index(full[3]) + 1]
+    assert out.outputs[0].finish_reason is FinishReason.STOP
     ignored = llm.generate([PROMPTS[2]], greedy(40))[0]
-    assert ignored.token_ids == full
+    assert ignored.outputs[0].token_ids == full
     llm.engine.eos_token_ids = eos
 
 
@@ -144,17 +148,17 @@ def test_text_is_the_decode_of_the_tokens(llm):
     tok = llm.engine.tokenizer
     assert tok._fast is not None  # the Rust decoder, not the HF wrapper
     for o in llm.generate(PROMPTS, [seeded(s, 40) for s in range(4)]):
-        assert o.text == tok.decode(o.token_ids)
+        assert o.outputs[0].text == tok.decode(o.outputs[0].token_ids)
         # ... and it decodes as Hugging Face's tokenizer does, special tokens included.
-        ids = [tok.eos_token_id] + o.token_ids + [tok.eos_token_id]
+        ids = [tok.eos_token_id] + o.outputs[0].token_ids + [tok.eos_token_id]
         assert tok.decode(ids) == tok.hf.decode(ids, skip_special_tokens=True)
 
 
 def test_logprobs_are_the_targets(llm):
     import math
     out = llm.generate([PROMPTS[0]], greedy(10, logprobs=3))[0]
-    assert len(out.logprobs) == 10
-    for tok, lp in zip(out.token_ids, out.logprobs):
+    assert len(out.outputs[0].logprobs) == 10
+    for tok, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
         assert lp.token_id == tok and len(lp.top_token_ids) == 3
         # Greedy picks the most likely token of the raw target distribution.
         assert lp.top_token_ids[0] == tok and math.isclose(lp.top_logprobs[0], lp.logprob)
@@ -168,7 +172,7 @@ def test_logprobs_are_the_targets(llm):
     (dict(max_tokens=0), "max_tokens"),
     (dict(top_k=-1), "top_k"),
     (dict(min_p=2.0), "min_p"),
-    (dict(logprobs=100), "logprobs"),
+    (dict(logprobs=-1), "logprobs"),
     (dict(seed=-3), "seed"),
     (dict(stop=[""]), "stop"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
@@ -214,8 +218,9 @@ def test_penalties_change_the_output_and_stay_lossless(llm):
     params = greedy(30, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.3)
     spec = llm.generate(PROMPTS, params)
     plain = llm.generate(PROMPTS, params, num_speculative_tokens=0)
-    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
-    assert [o.token_ids for o in spec] != [o.token_ids for o in llm.generate(PROMPTS, greedy(30))]
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]
+    assert [o.outputs[0].token_ids for o in spec] != [
+        o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(30))]
 
 
 def test_acceptance_metrics_add_up(llm):
@@ -223,7 +228,7 @@ def test_acceptance_metrics_add_up(llm):
     for o in outs:
         m = o.metrics
         assert 0 <= m.draft_tokens_accepted <= m.draft_tokens_proposed
-        assert m.completion_tokens == len(o.token_ids) == 30
+        assert m.completion_tokens == len(o.outputs[0].token_ids) == 30
         assert m.num_steps >= 30 / 4
 
 
@@ -233,7 +238,7 @@ def test_pipelined_steps_give_the_same_outputs_and_free_every_block(pair, llm):
     change, and the discarded step must not leak blocks."""
     target, draft = pair
     full = llm.generate([PROMPTS[0]], greedy(30))[0]
-    params = [greedy(30, stop=[full.text[6:9]]), seeded(3, 30, logprobs=2), greedy(12),
+    params = [greedy(30, stop=[full.outputs[0].text[6:9]]), seeded(3, 30, logprobs=2), greedy(12),
               seeded(5, 40, stop=["\n\n"])]
     sync = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
                kv_cache_memory=1 << 24, block_size=4, async_output=False)
@@ -241,9 +246,10 @@ def test_pipelined_steps_give_the_same_outputs_and_free_every_block(pair, llm):
     want = sync.generate(PROMPTS, params)
     got = llm.generate(PROMPTS, params)
     for a, b in zip(got, want):
+        a, b = a.outputs[0], b.outputs[0]
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
         assert a.logprobs == b.logprobs
-    assert got[0].finish_reason is FinishReason.STOP
+    assert got[0].outputs[0].finish_reason is FinishReason.STOP
     assert_no_blocks_used(llm.engine)
 
 
@@ -267,8 +273,8 @@ def test_decode_steps_keep_one_k_to_the_end_and_max_tokens_holds(llm, monkeypatc
     monkeypatch.setattr(engine.executor, "launch", lambda so: ks.append(
         {s.num_speculative_tokens for s in so.sequences if len(s.token_ids) == 1}) or launch(so))
     outs = llm.generate(PROMPTS, [greedy(n) for n in (5, 9, 14, 20)])
-    assert [len(o.token_ids) for o in outs] == [5, 9, 14, 20]
-    assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 9, 14, 20]
+    assert all(o.outputs[0].finish_reason is FinishReason.LENGTH for o in outs)
     assert all(k <= {3} for k in ks) and {3} in ks
     assert_no_blocks_used(engine)
 
@@ -298,8 +304,8 @@ def test_engine_with_adaptive_k_is_lossless(tmp_path):
     plain = LLM(model=target, dtype="float32", kv_cache_memory=1 << 24)
     adaptive = LLM(model=target, draft_model=draft, num_speculative_tokens=4,
                    adaptive_speculation=True, dtype="float32", kv_cache_memory=1 << 24)
-    expected = [o.token_ids for o in plain.generate(prompts, params)]
-    assert [o.token_ids for o in adaptive.generate(prompts, params)] == expected
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    assert [o.outputs[0].token_ids for o in adaptive.generate(prompts, params)] == expected
     engine = adaptive.engine
     # Which k it picks depends on measured step times; the tokens may not.
     assert 0 <= engine.get_stats().num_speculative_tokens <= 4

@@ -108,7 +108,7 @@ def reference(pair, engines):
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     hf = _hf_greedy(target, prompt_ids, FULL)
     ours = engines["target-only"].generate(PROMPTS, _greedy(FULL))
-    assert [o.token_ids for o in ours] == hf
+    assert [o.outputs[0].token_ids for o in ours] == hf
     return hf
 
 
@@ -123,13 +123,13 @@ def test_stop_strings_cut_tokens_where_target_only_does(engines, reference, name
                         [_greedy(FULL, stop=[stop], logprobs=1) for _, stop, _ in cases],
                         num_speculative_tokens=k if name != "target-only" else None)
     for (i, stop, want), out in zip(cases, outs):
-        assert out.token_ids == want, (i, stop)
-        assert out.finish_reason is FinishReason.STOP
+        assert out.outputs[0].token_ids == want, (i, stop)
+        assert out.outputs[0].finish_reason is FinishReason.STOP
         full_text = _texts(tok, PROMPTS[i], want)[-1]
-        assert out.text == full_text[:full_text.index(stop)]
+        assert out.outputs[0].text == full_text[:full_text.index(stop)]
         m = out.metrics
         assert m.completion_tokens == len(want)
-        assert [lp.token_id for lp in out.logprobs] == want
+        assert [lp.token_id for lp in out.outputs[0].logprobs] == want
         # (a prompt's step may speculate too: its first token can be an accepted one)
         assert m.draft_tokens_accepted <= min(len(want), m.draft_tokens_proposed)
     if name == "self-draft":  # the cut dropped accepted tokens in many of these cases
@@ -142,7 +142,7 @@ def test_accepted_count_never_includes_dropped_tokens(engines):
     tokens (4 accepted), the next proposes 4 more but only one is kept."""
     out = engines["self-draft"].generate([PROMPTS[0]], _greedy(6), num_speculative_tokens=4)[0]
     m = out.metrics
-    assert m.completion_tokens == len(out.token_ids) == 6
+    assert m.completion_tokens == len(out.outputs[0].token_ids) == 6
     # The second step proposes 4 (one shape for the batch) where one can be
     # output: usage counts that one.
     assert m.draft_tokens_proposed == 4 + 1
@@ -158,7 +158,8 @@ def test_stop_token_ids_cut_the_accepted_run(engines, reference):
             want = full[:full.index(stop_id) + 1]
             out = engines[name].generate([PROMPTS[i]], _greedy(FULL, stop_token_ids=[stop_id]),
                                          num_speculative_tokens=k)[0]
-            assert out.token_ids == want and out.finish_reason is FinishReason.STOP
+            assert out.outputs[0].token_ids == want
+            assert out.outputs[0].finish_reason is FinishReason.STOP
             assert out.metrics.completion_tokens == len(want)
             assert out.metrics.draft_tokens_accepted <= min(len(want), out.metrics.draft_tokens_proposed)
 
@@ -203,11 +204,11 @@ def test_every_eos_id_of_the_model_directory_stops(eos_model, engines, reference
             assert llm.engine.eos_token_ids == eos_ids
             assert llm.engine.model_info()["eos_token_ids"] == sorted(eos_ids)
             outs = llm.generate(PROMPTS, SamplingParams(max_tokens=FULL, temperature=0.0))
-            assert [o.token_ids for o in outs] == hf
-            stopped = [o for o in outs if o.finish_reason is FinishReason.STOP]
-            assert stopped and all(o.token_ids[-1] in eos_ids for o in stopped)
+            assert [o.outputs[0].token_ids for o in outs] == hf
+            stopped = [o for o in outs if o.outputs[0].finish_reason is FinishReason.STOP]
+            assert stopped and all(o.outputs[0].token_ids[-1] in eos_ids for o in stopped)
             ignored = llm.generate(PROMPTS, _greedy(FULL))
-            assert [o.token_ids for o in ignored] == reference
+            assert [o.outputs[0].token_ids for o in ignored] == reference
     finally:
         for llm in llms:
             llm.shutdown()
@@ -232,7 +233,7 @@ def test_seed_range_is_checked_up_front(engines):
     params = SamplingParams(max_tokens=8, temperature=0.8, seed=2**63 - 1, ignore_eos=True)
     for name in ("target-only", "self-draft"):
         out = engines[name].generate([PROMPTS[0]], params)[0]
-        assert len(out.token_ids) == 8
+        assert len(out.outputs[0].token_ids) == 8
 
 
 # -- over gRPC ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def tokens(pair, k: int, **kw) -> list[list[int]]:
     target, draft = pair
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=4, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4, **kw)
-    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY, num_speculative_tokens=k)]
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, num_speculative_tokens=k)]
 
 
 def test_an_fp8_target_speculates_exactly(pair):

@@ -10,9 +10,8 @@ from pydantic import ValidationError
 from specserve.engine.openai_protocol import (ChatCompletionRequest, ChoiceState,
                                               CompletionRequest, OpenAIError, chat_chunk,
                                               chat_logprobs, chat_response, completion_logprobs,
-                                              completion_response, logprob_token_ids,
-                                              sampling_params)
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+                                              completion_response, sampling_params)
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.step import TokenLogprobs
 
 
@@ -60,25 +59,42 @@ def test_chat_logprobs_and_max_completion_tokens():
 
 def test_each_choice_samples_with_its_own_seed():
     req = completion(seed=10, n=3)
-    assert [sampling_params(req, default_max_tokens=4, choice=j).seed for j in range(3)] == \
-        [10, 11, 12]
+    samples = sampling_params(req, default_max_tokens=4).samples()
+    assert [(p.seed, p.n) for p in samples] == [(10, 1), (11, 1), (12, 1)]
     top = completion(seed=(1 << 63) - 1, n=2)
-    assert sampling_params(top, default_max_tokens=4, choice=1).seed == 0  # wraps in range
+    assert sampling_params(top, default_max_tokens=4).samples()[1].seed == 0  # wraps in range
+
+
+def test_vllm_extras_become_sampling_params():
+    p = sampling_params(completion(min_tokens=3, include_stop_str_in_output=True,
+                                   skip_special_tokens=False, prompt_logprobs=2, stop="\n",
+                                   temperature=0.5, n=2), default_max_tokens=8)
+    assert (p.min_tokens, p.include_stop_str_in_output, p.skip_special_tokens,
+            p.prompt_logprobs, p.n) == (3, True, False, 2, 2)
+    assert sampling_params(chat(), default_max_tokens=8).skip_special_tokens is True
+
+
+def test_greedy_with_several_choices_is_refused_as_vllm_does():
+    err = refused(lambda: sampling_params(completion(temperature=0, n=2), default_max_tokens=4))
+    assert err.param == "n" and "greedy" in err.message
 
 
 def test_a_bad_value_names_its_parameter():
     err = refused(lambda: sampling_params(completion(top_p=7), default_max_tokens=16))
     assert err.status == 400 and err.param == "top_p" and "top_p must be in (0, 1]" in err.message
-    err = refused(lambda: sampling_params(chat(top_logprobs=50, logprobs=True),
+    err = refused(lambda: sampling_params(chat(top_logprobs=-1, logprobs=True),
                                           default_max_tokens=16))
     assert err.param == "logprobs"
+    assert refused(lambda: sampling_params(completion(min_tokens=9, max_tokens=4),
+                                           default_max_tokens=16)).param == "min_tokens"
+    assert refused(lambda: sampling_params(completion(n=0), default_max_tokens=16)).param == "n"
     assert err.body() == {"error": {"message": err.message, "type": "invalid_request_error",
                                     "param": "logprobs", "code": None}}
 
 
 @pytest.mark.parametrize("fields, param", [
     (dict(echo=True), "echo"), (dict(suffix="}"), "suffix"), (dict(best_of=3), "best_of"),
-    (dict(logit_bias={"5": 1.0}), "logit_bias"), (dict(n=0), "n"),
+    (dict(logit_bias={"5": 1.0}), "logit_bias"),
     (dict(stream_options={"include_usage": True}), "stream_options"),
 ])
 def test_what_the_engine_cannot_do_is_refused(fields, param):
@@ -116,21 +132,22 @@ TEXTS = {5: "def", 6: " f", 7: "(", 8: " g"}
 
 
 def out(ids: list[int], text: str, finished: bool = False, logprobs: bool = False,
-        prompt_tokens: int = 4, completion_tokens: int = 0) -> RequestOutput:
-    lps = [TokenLogprobs(t, -0.5, [t, 8], [-0.5, -1.5]) for t in ids] if logprobs else None
-    return RequestOutput("r", ids, text, finished=finished,
-                         finish_reason=FinishReason.LENGTH if finished else None,
-                         new_logprobs=lps,
-                         metrics=RequestMetrics(prompt_tokens=prompt_tokens,
-                                                completion_tokens=completion_tokens,
-                                                draft_tokens_proposed=6, draft_tokens_accepted=2,
-                                                num_steps=2))
+        prompt_tokens: int = 4, completion_tokens: int = 0) -> RequestDelta:
+    lps = [TokenLogprobs(t, -0.5, [t, 8], [-0.5, -1.5], TEXTS[t], [TEXTS[t], TEXTS[8]])
+           for t in ids] if logprobs else None
+    return RequestDelta("r", ids, text, finished=finished,
+                        finish_reason=FinishReason.LENGTH if finished else None,
+                        new_logprobs=lps,
+                        metrics=RequestMetrics(prompt_tokens=prompt_tokens,
+                                               completion_tokens=completion_tokens,
+                                               draft_tokens_proposed=6, draft_tokens_accepted=2,
+                                               num_steps=2))
 
 
 def test_a_whole_completion_from_its_deltas():
     choice = ChoiceState(index=0, first_of_prompt=True)
     for delta in (out([5, 6], "def f", logprobs=True), out([7], "(", True, True)):
-        choice.add_completion_logprobs(completion_logprobs(delta, TEXTS, choice.text_length))
+        choice.add_completion_logprobs(completion_logprobs(delta, choice.text_length))
         choice.add(delta)
     resp = completion_response("cmpl-1", 100, "m", [choice])
     (c,) = resp.choices
@@ -153,8 +170,8 @@ def test_a_prompt_counts_once_in_the_usage_of_n_choices():
 
 def test_chat_shapes():
     delta = out([5, 6], "def f", logprobs=True)
-    assert logprob_token_ids(delta) == {5, 6, 8}
-    lp = chat_logprobs(delta, TEXTS)
+    assert chat_logprobs(out([7], "(")) is None
+    lp = chat_logprobs(delta)
     assert [t.token for t in lp.content] == ["def", " f"]
     assert lp.content[1].bytes == list(b" f") and lp.content[1].top_logprobs[1].token == " g"
     first = chat_chunk("id", 0, "m", 0, delta, lp, first=True).choices[0]
@@ -167,3 +184,16 @@ def test_chat_shapes():
     choice.add(out([7], "(", True))
     resp = chat_response("id", 0, "m", [choice])
     assert resp.choices[0].message.content == "def f(" and resp.object == "chat.completion"
+
+
+def test_prompt_logprobs_in_vllms_shape():
+    delta = out([7], "(", True)
+    delta.prompt_logprobs = [None, TokenLogprobs(6, -1.25, [8, 6], [-0.5, -1.25], " f",
+                                                 [" g", " f"])]
+    choice = ChoiceState(index=0, first_of_prompt=True)
+    choice.add(delta)
+    (c,) = completion_response("c", 0, "m", [choice]).model_dump(mode="json")["choices"]
+    assert c["prompt_logprobs"] == [None, {"8": {"logprob": -0.5, "decoded_token": " g"},
+                                           "6": {"logprob": -1.25, "decoded_token": " f"}}]
+    assert chat_chunk("id", 0, "m", 0, delta, None, first=True).choices[0].prompt_logprobs[1][6] \
+        .decoded_token == " f"

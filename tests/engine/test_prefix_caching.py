@@ -44,8 +44,8 @@ def conversation(llm: LLM, p: SamplingParams, k: int) -> list[list[int]]:
     for turn in TURNS:
         history += turn
         (out,) = llm.generate([history], p, num_speculative_tokens=k)
-        outputs.append(out.token_ids)
-        history += out.text
+        outputs.append(out.outputs[0].token_ids)
+        history += out.outputs[0].text
     return outputs
 
 
@@ -70,9 +70,9 @@ def test_same_tokens_with_chunked_prefill_and_preemption(pair):
     small for all of it at once (preemption), against caching off."""
     prompts = [SYSTEM + t for t in TURNS] * 2
     p = params(False)
-    expected = [o.token_ids for o in make_llm(pair, False).generate(prompts, p)]
+    expected = [o.outputs[0].token_ids for o in make_llm(pair, False).generate(prompts, p)]
     tight = make_llm(pair, True, num_kv_blocks=40, max_num_batched_tokens=8)
-    assert [o.token_ids for o in tight.generate(prompts, p)] == expected
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, p)] == expected
     assert tight.engine.get_stats().num_preemptions_total > 0
     assert tight.engine.get_stats().prefix_cache_hits_total > 0
     assert_all_blocks_free(tight)

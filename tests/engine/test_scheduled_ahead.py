@@ -134,9 +134,9 @@ def test_steps_ahead_give_the_same_outputs_and_free_every_block(pair, monkeypatc
     samples of each step landing only after the next step was launched."""
     llm, sync = target_only(pair), target_only(pair, async_output=False)
     full = sync.generate([PROMPTS[0], PROMPTS[1]], greedy(30))
-    params = [greedy(30, stop=[full[0].text[6:9]]), seeded(3, 30, logprobs=2),
+    params = [greedy(30, stop=[full[0].outputs[0].text[6:9]]), seeded(3, 30, logprobs=2),
               SamplingParams(max_tokens=30, temperature=0.0,
-                             stop_token_ids=[full[1].token_ids[7]]),
+                             stop_token_ids=[full[1].outputs[0].token_ids[7]]),
               seeded(5, 17), greedy(1)]
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3], PROMPTS[1]]
     want = sync.generate(prompts, params)
@@ -144,11 +144,12 @@ def test_steps_ahead_give_the_same_outputs_and_free_every_block(pair, monkeypatc
     got = llm.generate(prompts, params)
     assert ahead, "no step was scheduled ahead"
     for a, b in zip(got, want):
+        assert a.metrics.completion_tokens == len(a.outputs[0].token_ids)
+        a, b = a.outputs[0], b.outputs[0]
         assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
         assert_same_logprobs(a.logprobs, b.logprobs)
-        assert a.metrics.completion_tokens == len(a.token_ids)
-    assert [o.finish_reason for o in got[:3:2]] == [FinishReason.STOP] * 2
-    assert len(got[4].token_ids) == 1
+    assert [o.outputs[0].finish_reason for o in got[:3:2]] == [FinishReason.STOP] * 2
+    assert len(got[4].outputs[0].token_ids) == 1
     assert_no_blocks_used(llm.engine)
 
 
@@ -185,7 +186,7 @@ def test_requests_joining_and_aborted_while_steps_run_ahead(pair, monkeypatch):
 
 def test_preemption_while_steps_run_ahead(pair, monkeypatch):
     params = [greedy(40), seeded(7, 40)] * 2
-    want = [o.token_ids for o in target_only(pair).generate(PROMPTS, params)]
+    want = [o.outputs[0].token_ids for o in target_only(pair).generate(PROMPTS, params)]
     # 14 blocks of 4 slots cannot hold 4 sequences of ~45 tokens.
     small = target_only(pair, num_kv_blocks=14)
     preempted = []
@@ -193,7 +194,7 @@ def test_preemption_while_steps_run_ahead(pair, monkeypatch):
     monkeypatch.setattr(small.engine.scheduler, "_preempt",
                         lambda seq: preempted.append(seq.num_pending_tokens) or preempt(seq))
     ahead = count_ahead(small.engine, monkeypatch)
-    assert [o.token_ids for o in small.generate(PROMPTS, params)] == want
+    assert [o.outputs[0].token_ids for o in small.generate(PROMPTS, params)] == want
     assert ahead and preempted
     assert any(preempted), "no sequence was preempted with a sample in flight"
     assert_no_blocks_used(small.engine)
@@ -203,14 +204,14 @@ def test_speculating_steps_after_steps_ahead_are_lossless(pair, monkeypatch):
     """Adaptive speculation moving between k = 0 (scheduled ahead) and k > 0
     (the draft catches up on tokens that landed late)."""
     target, draft = pair
-    want = [o.token_ids for o in target_only(pair).generate(PROMPTS, greedy(40))]
+    want = [o.outputs[0].token_ids for o in target_only(pair).generate(PROMPTS, greedy(40))]
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)
     pattern = iter([0, 0, 0, 3, 0, 2, 2, 0, 0, 1] * 100)
     monkeypatch.setattr(llm.engine.adaptive, "choose", lambda batch: next(pattern))
     ahead = count_ahead(llm.engine, monkeypatch)
     outs = llm.generate(PROMPTS, greedy(40))
-    assert [o.token_ids for o in outs] == want
+    assert [o.outputs[0].token_ids for o in outs] == want
     assert ahead
     assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
     assert_no_blocks_used(llm.engine)
@@ -218,11 +219,12 @@ def test_speculating_steps_after_steps_ahead_are_lossless(pair, monkeypatch):
 
 def test_requests_without_speculation_run_ahead_in_a_speculating_engine(pair, monkeypatch):
     target, draft = pair
-    want = [o.token_ids for o in target_only(pair).generate(PROMPTS, greedy(30))]
+    want = [o.outputs[0].token_ids for o in target_only(pair).generate(PROMPTS, greedy(30))]
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4)
     ahead = count_ahead(llm.engine, monkeypatch)
-    assert [o.token_ids for o in llm.generate(PROMPTS, greedy(30), num_speculative_tokens=0)] == want
+    assert [o.outputs[0].token_ids
+            for o in llm.generate(PROMPTS, greedy(30), num_speculative_tokens=0)] == want
     assert ahead
     # Two of four speculate: no step runs ahead of one that speculates, or
     # of one whose sequences may speculate next; the tokens stay the same.

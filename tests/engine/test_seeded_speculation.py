@@ -63,7 +63,7 @@ def expected(pair):
     """Target-only decoding: what every seeded run must reproduce."""
     target, _ = pair
     plain = LLM(model=target, kv_cache_memory=1 << 24, **COMMON)
-    return {kind: [o.token_ids for o in plain.generate(
+    return {kind: [o.outputs[0].token_ids for o in plain.generate(
                 PROMPTS, [seeded(100 + i, kind) for i in range(len(PROMPTS))])]
             for kind in PARAMS}
 
@@ -73,7 +73,7 @@ def test_same_tokens_at_every_k(llm, expected, kind):
     params = [seeded(100 + i, kind) for i in range(len(PROMPTS))]
     for k in (0, 1, 2, 4):
         outs = llm.generate(PROMPTS, params, num_speculative_tokens=k)
-        assert [o.token_ids for o in outs] == expected[kind], k
+        assert [o.outputs[0].token_ids for o in outs] == expected[kind], k
         if k == 4:  # speculation really happened, with acceptances and rejections
             proposed = sum(o.metrics.draft_tokens_proposed for o in outs)
             accepted = sum(o.metrics.draft_tokens_accepted for o in outs)
@@ -81,18 +81,18 @@ def test_same_tokens_at_every_k(llm, expected, kind):
 
 
 def test_same_tokens_alone_and_in_a_mixed_batch(llm, expected):
-    alone = [llm.generate([p], seeded(100 + i), num_speculative_tokens=3)[0].token_ids
+    alone = [llm.generate([p], seeded(100 + i), num_speculative_tokens=3)[0].outputs[0].token_ids
              for i, p in enumerate(PROMPTS[:2])]
     assert alone == expected["top_k"][:2]
     greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     unseeded = SamplingParams(max_tokens=40, temperature=0.9, ignore_eos=True)
     mixed = llm.generate(PROMPTS, [seeded(100), unseeded, seeded(101), greedy],
                          num_speculative_tokens=3)
-    assert mixed[0].token_ids == expected["top_k"][0]
-    assert mixed[2].token_ids == llm.generate([PROMPTS[2]], seeded(101),
-                                              num_speculative_tokens=0)[0].token_ids
-    assert mixed[3].token_ids == llm.generate([PROMPTS[3]], greedy,
-                                              num_speculative_tokens=0)[0].token_ids
+    assert mixed[0].outputs[0].token_ids == expected["top_k"][0]
+    assert mixed[2].outputs[0].token_ids == llm.generate([PROMPTS[2]], seeded(101),
+                                              num_speculative_tokens=0)[0].outputs[0].token_ids
+    assert mixed[3].outputs[0].token_ids == llm.generate([PROMPTS[3]], greedy,
+                                              num_speculative_tokens=0)[0].outputs[0].token_ids
 
 
 def test_same_tokens_with_adaptive_speculation(pair, expected):
@@ -101,7 +101,7 @@ def test_same_tokens_with_adaptive_speculation(pair, expected):
                    adaptive_speculation=True, kv_cache_memory=1 << 24, **COMMON)
     params = [seeded(100 + i) for i in range(len(PROMPTS))]
     outs = adaptive.generate(PROMPTS, params)
-    assert [o.token_ids for o in outs] == expected["top_k"]
+    assert [o.outputs[0].token_ids for o in outs] == expected["top_k"]
     assert sum(o.metrics.draft_tokens_proposed for o in outs) > 0
 
 
@@ -110,7 +110,7 @@ def test_same_tokens_with_chunked_prefill(pair, expected):
     chunked = LLM(model=target, draft_model=draft, num_speculative_tokens=2,
                   max_num_batched_tokens=7, kv_cache_memory=1 << 24, **COMMON)
     params = [seeded(100 + i, "top_p_min_p_penalties") for i in range(len(PROMPTS))]
-    assert [o.token_ids for o in chunked.generate(PROMPTS, params)] == \
+    assert [o.outputs[0].token_ids for o in chunked.generate(PROMPTS, params)] == \
         expected["top_p_min_p_penalties"]
 
 
@@ -120,7 +120,7 @@ def test_same_tokens_across_preemption(pair, expected):
     small = LLM(model=target, draft_model=draft, num_speculative_tokens=4,
                 num_kv_blocks=14, **COMMON)
     params = [seeded(100 + i) for i in range(len(PROMPTS))]
-    assert [o.token_ids for o in small.generate(PROMPTS, params)] == expected["top_k"]
+    assert [o.outputs[0].token_ids for o in small.generate(PROMPTS, params)] == expected["top_k"]
     assert small.engine.get_stats().num_preemptions_total > 0
 
 
@@ -139,10 +139,10 @@ def test_same_tokens_at_every_k_on_cuda(pair, invariant):
     unseeded = SamplingParams(max_tokens=40, temperature=0.9, ignore_eos=True)
     greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     params = [seeded(100), unseeded, seeded(101, "top_p_min_p_penalties"), greedy]
-    want = [plain.generate([PROMPTS[i]], params[i])[0].token_ids for i in (0, 2)]
+    want = [plain.generate([PROMPTS[i]], params[i])[0].outputs[0].token_ids for i in (0, 2)]
     for llm in (spec, adaptive):
         outs = llm.generate(PROMPTS, params)
-        assert [outs[0].token_ids, outs[2].token_ids] == want
+        assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == want
         assert outs[0].metrics.draft_tokens_accepted > 0
     for llm in (plain, spec, adaptive):
         llm.shutdown()

@@ -23,7 +23,7 @@ from specserve.engine.async_engine import AsyncEngine
 from specserve.config import EngineConfig
 from specserve.engine.grpc_convert import (output_to_response, parse_generate_request, pb, pb_grpc,
                                            sampling_params_from_proto, sampling_params_to_proto)
-from specserve.engine.outputs import FinishReason, RequestMetrics, RequestOutput
+from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.sampling_params import SamplingParams
 from specserve.engine.server import BackgroundServer
 from specserve.step import TokenLogprobs
@@ -97,7 +97,8 @@ def test_proto_sampling_message_names_every_engine_parameter():
     (request("hi", temperature=-1.0), "temperature"),
     (request("hi", top_p=0.0), "top_p"),
     (request("hi", seed=-4), "seed"),
-    (request("hi", logprobs=99), "logprobs"),
+    (request("hi", logprobs=-2), "logprobs"),
+    (request("hi", n=2, temperature=1.0), "gRPC serves one sample"),
     (request("hi", k=-1), "num_speculative_tokens"),
 ])
 def test_parse_rejects(req, message):
@@ -108,10 +109,10 @@ def test_parse_rejects(req, message):
 def test_output_to_response_last_message():
     m = RequestMetrics(prompt_tokens=3, completion_tokens=5, draft_tokens_proposed=8,
                        draft_tokens_accepted=6)
-    out = RequestOutput("r", [7, 8], "ab", finished=True, finish_reason=FinishReason.STOP,
-                        new_logprobs=[TokenLogprobs(7, -0.1, [7, 1], [-0.1, -3.0]),
-                                      TokenLogprobs(8, -0.2, [8, 1], [-0.2, -2.0])],
-                        metrics=m)
+    out = RequestDelta("r", [7, 8], "ab", finished=True, finish_reason=FinishReason.STOP,
+                       new_logprobs=[TokenLogprobs(7, -0.1, [7, 1], [-0.1, -3.0]),
+                                     TokenLogprobs(8, -0.2, [8, 1], [-0.2, -2.0])],
+                       metrics=m)
     resp = output_to_response(out)
     assert list(resp.token_ids) == [7, 8] and resp.text == "ab"
     assert resp.finish_reason == pb.FINISH_REASON_STOP
@@ -119,7 +120,7 @@ def test_output_to_response_last_message():
             resp.usage.draft_tokens_proposed, resp.usage.draft_tokens_accepted) == (3, 5, 8, 6)
     assert [lp.token_id for lp in resp.logprobs] == [7, 8]
     assert [t.token_id for t in resp.logprobs[0].top_logprobs] == [7, 1]
-    mid = output_to_response(RequestOutput("r", [7], "a", metrics=m))
+    mid = output_to_response(RequestDelta("r", [7], "a", metrics=m))
     assert mid.finish_reason == pb.FINISH_REASON_UNSPECIFIED and not mid.HasField("usage")
 
 

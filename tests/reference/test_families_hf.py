@@ -74,7 +74,8 @@ def family(request, tmp_path_factory):
 def test_target_only_matches_hf(family):
     _, target, _, expected = family
     llm = LLM(model=target, **LLM_ARGS)
-    assert [o.token_ids for o in llm.generate(PROMPTS, _greedy_params())] == expected
+    outs = llm.generate(PROMPTS, _greedy_params())
+    assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 def test_speculative_matches_hf_at_every_k(family):
@@ -82,7 +83,7 @@ def test_speculative_matches_hf_at_every_k(family):
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=5, **LLM_ARGS)
     for k in range(1, 6):
         outs = llm.generate(PROMPTS, _greedy_params(), num_speculative_tokens=k)
-        assert [o.token_ids for o in outs] == expected, f"k={k}"
+        assert [o.outputs[0].token_ids for o in outs] == expected, f"k={k}"
         assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
     stats = llm.engine.get_stats()  # the draft is both accepted and rejected
     assert 0 < stats.draft_tokens_accepted_total < stats.draft_tokens_proposed_total
@@ -94,7 +95,8 @@ def test_chunked_prefill_matches_hf(family):
     _, target, draft, expected = family
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3,
               max_num_batched_tokens=7, **LLM_ARGS)
-    assert [o.token_ids for o in llm.generate(PROMPTS, _greedy_params())] == expected
+    outs = llm.generate(PROMPTS, _greedy_params())
+    assert [o.outputs[0].token_ids for o in outs] == expected
 
 
 def _plain_copy(target: str, dst: str) -> str:
@@ -131,7 +133,7 @@ def test_draft_of_another_family(target_name, draft_name, tmp_path):
     target, draft = _make(tmp_path, target_name), _make(tmp_path, draft_name)
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, **LLM_ARGS)
     outs = llm.generate(PROMPTS, _greedy_params())
-    assert [o.token_ids for o in outs] == _hf_greedy(target)
+    assert [o.outputs[0].token_ids for o in outs] == _hf_greedy(target)
     assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
 
 
@@ -160,7 +162,8 @@ def test_sampled_tokens_follow_the_exact_law(name, temperature, tmp_path):
     assert 0 < stats.draft_tokens_accepted_total < stats.draft_tokens_proposed_total
     law = _two_token_law(target, prompt, temperature)
     vocab = math.isqrt(law.numel())
-    counts = torch.bincount(torch.tensor([o.token_ids[0] * vocab + o.token_ids[1] for o in outs]),
+    firsts = [o.outputs[0].token_ids for o in outs]
+    counts = torch.bincount(torch.tensor([t[0] * vocab + t[1] for t in firsts]),
                             minlength=law.numel())
     assert _chi2_ratio(counts, law) < 1.0
     assert _chi2_ratio(counts, _two_token_law(draft, prompt, temperature)) > 1.0

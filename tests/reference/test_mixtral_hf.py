@@ -76,7 +76,7 @@ def _params(max_tokens: int = MAX_TOKENS) -> SamplingParams:
 def test_target_only_matches_hf(layout, checkpoints):
     dirs, expected = checkpoints
     llm = LLM(model=dirs[layout], **LLM_ARGS)
-    assert [o.token_ids for o in llm.generate(PROMPTS, _params())] == expected
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _params())] == expected
 
 
 @pytest.mark.parametrize("draft", ["draft", "dense-draft"])
@@ -86,7 +86,7 @@ def test_speculative_matches_hf_at_every_k(draft, checkpoints):
               **LLM_ARGS)
     for k in range(1, 6):
         outs = llm.generate(PROMPTS, _params(), num_speculative_tokens=k)
-        assert [o.token_ids for o in outs] == expected, f"k={k}"
+        assert [o.outputs[0].token_ids for o in outs] == expected, f"k={k}"
         assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
     stats = llm.engine.get_stats()  # the draft is both accepted and rejected
     assert 0 < stats.draft_tokens_accepted_total < stats.draft_tokens_proposed_total
@@ -97,7 +97,7 @@ def test_chunked_prefill_matches_hf(checkpoints):
     dirs, expected = checkpoints
     llm = LLM(model=dirs["per-expert"], draft_model=dirs["draft"], num_speculative_tokens=3,
               max_num_batched_tokens=7, **LLM_ARGS)
-    assert [o.token_ids for o in llm.generate(PROMPTS, _params())] == expected
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _params())] == expected
 
 
 # ------------------------------------------------------------- sampling --
@@ -149,7 +149,8 @@ def test_sampled_tokens_follow_the_exact_law(checkpoints):
     assert 0 < stats.draft_tokens_accepted_total < stats.draft_tokens_proposed_total
     law = _two_token_law(dirs["per-expert"], prompt)
     vocab = math.isqrt(law.numel())
-    counts = torch.bincount(torch.tensor([o.token_ids[0] * vocab + o.token_ids[1] for o in outs]),
+    firsts = [o.outputs[0].token_ids for o in outs]
+    counts = torch.bincount(torch.tensor([t[0] * vocab + t[1] for t in firsts]),
                             minlength=law.numel())
     assert _chi2_ratio(counts, law) < 1.0
     assert _chi2_ratio(counts, _two_token_law(dirs["draft"], prompt)) > 1.0
@@ -180,14 +181,14 @@ def _serve(target: str, draft: str, **llm_kwargs) -> None:
     """Target-only and speculative greedy tokens agree on dummy weights."""
     prompts = [[3 + (7 * i) % 31000 for i in range(300)], [5, 6, 7], list(range(10, 90))]
     plain_llm = LLM(model=target, load_format="dummy", **llm_kwargs)
-    plain = [o.token_ids for o in plain_llm.generate(prompts, _params(16))]
+    plain = [o.outputs[0].token_ids for o in plain_llm.generate(prompts, _params(16))]
     plain_llm.shutdown()
     assert [len(t) for t in plain] == [16] * 3
     spec_llm = LLM(model=target, draft_model=draft, load_format="dummy",
                    num_speculative_tokens=3, **llm_kwargs)
     outs = spec_llm.generate(prompts, _params(16))
     spec_llm.shutdown()
-    assert [o.token_ids for o in outs] == plain
+    assert [o.outputs[0].token_ids for o in outs] == plain
     assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
 
 

@@ -73,7 +73,7 @@ def checkpoint(request, tmp_path_factory):
 
 def _greedy(llm: LLM, k: int | None = None) -> list[list[int]]:
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    return [o.token_ids for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
 
 
 def test_target_only_matches_hf(checkpoint):
@@ -91,7 +91,7 @@ def test_speculative_matches_hf(checkpoint):
     for k in KS[name]:
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                     ignore_eos=True), num_speculative_tokens=k)
-        assert [o.token_ids for o in outs] == expected, f"k={k}"
+        assert [o.outputs[0].token_ids for o in outs] == expected, f"k={k}"
         accepted += sum(o.metrics.draft_tokens_accepted for o in outs)
         assert all(o.metrics.draft_tokens_proposed > 0 for o in outs)
     # The noisy draft must exercise both acceptance and rejection.
@@ -108,7 +108,7 @@ def test_draft_equal_to_target_accepts_everything(checkpoint):
               kv_cache_memory=1 << 24, block_size=4)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                 ignore_eos=True))
-    assert [o.token_ids for o in outs] == expected
+    assert [o.outputs[0].token_ids for o in outs] == expected
     for o in outs:
         assert o.metrics.draft_tokens_accepted == o.metrics.draft_tokens_proposed
 

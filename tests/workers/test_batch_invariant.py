@@ -167,8 +167,8 @@ def make_llm(pair, device: str = "cpu", dtype: str = "float32", **kw) -> LLM:
 
 def fingerprint(out) -> tuple:
     """Token ids and every logprob float (the token's and the top ones')."""
-    return (out.token_ids, [(lp.token_id, lp.logprob, lp.top_token_ids, lp.top_logprobs)
-                            for lp in out.logprobs])
+    return (out.outputs[0].token_ids, [(lp.token_id, lp.logprob, lp.top_token_ids, lp.top_logprobs)
+                            for lp in out.outputs[0].logprobs])
 
 
 def alone_and_batched(pair, params: list[SamplingParams], batch_kw: dict | None = None, **kw):

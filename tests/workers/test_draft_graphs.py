@@ -27,7 +27,8 @@ def _generate(target, draft, k=4, k_caps=None):
     outs = llm.generate(PROMPTS, params)
     assert llm.engine.scheduler.allocator.num_used_blocks == 0
     llm.shutdown()
-    return [(o.token_ids, o.metrics.draft_tokens_proposed, o.metrics.draft_tokens_accepted)
+    return [(o.outputs[0].token_ids, o.metrics.draft_tokens_proposed,
+             o.metrics.draft_tokens_accepted)
             for o in outs]
 
 
@@ -88,8 +89,8 @@ def test_start_up_forwards_of_every_tile_shape_run_on_the_padding_block(random_p
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    before = [o.token_ids for o in llm.generate(PROMPTS[:2], params)]
+    before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)]
     runner = llm.engine.executor.worker.runner
     runner._compile_eager_shapes(max_blocks_per_seq=64, pad_block=0)
-    assert [o.token_ids for o in llm.generate(PROMPTS[:2], params)] == before
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)] == before
     llm.shutdown()

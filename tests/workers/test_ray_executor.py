@@ -49,7 +49,7 @@ def ray_llm(ray_cluster, pair):
 
 def _greedy(llm: LLM) -> list[list[int]]:
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    return [out.token_ids for out in llm.generate(PROMPTS, params)]
+    return [out.outputs[0].token_ids for out in llm.generate(PROMPTS, params)]
 
 
 def _cpus_free_eventually(expected: float, timeout: float = 20.0) -> bool:

@@ -44,7 +44,7 @@ def pair(tmp_path_factory):
 def expected(pair):
     llm = LLM(model=pair[0], draft_model=pair[1], **ENGINE_ARGS)
     try:
-        return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
     finally:
         llm.shutdown()
 
@@ -62,7 +62,7 @@ def test_two_ranks_give_the_single_device_tokens(ray_cluster, pair, expected, dr
     try:
         assert len(llm.engine.executor.workers) == 2
         outs = llm.generate(PROMPTS, GREEDY)
-        assert [o.token_ids for o in outs] == expected
+        assert [o.outputs[0].token_ids for o in outs] == expected
         assert sum(o.metrics.draft_tokens_accepted for o in outs) > 0
         assert llm.engine.get_stats().kv_blocks_used == 0
     finally:
@@ -114,7 +114,7 @@ def test_two_ranks_match_hf_generate_with_speculation_on_and_off(ray_cluster, re
             params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
             for k in ((3, 0) if draft_tp == 1 else (3,)):
                 outs = llm.generate(HF_PROMPTS, params, num_speculative_tokens=k)
-                assert [o.token_ids for o in outs] == expected, (draft_tp, k)
+                assert [o.outputs[0].token_ids for o in outs] == expected, (draft_tp, k)
         finally:
             llm.shutdown()
 
@@ -148,7 +148,7 @@ def test_sampled_tokens_keep_the_exact_law_at_two_ranks(ray_cluster, reference):
     finally:
         llm.shutdown()
     law = _exact_second_token_law(target, prompt, temperature)
-    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]),
+    counts = torch.bincount(torch.tensor([o.outputs[0].token_ids[1] for o in outs]),
                             minlength=law.shape[0]).double()
     big = law * n >= 5
     observed = torch.cat([counts[big], counts[~big].sum().view(1)])

@@ -63,7 +63,7 @@ def test_an_engine_with_the_coin_accepts_about_alpha(tmp_path):
     # rate is below alpha: E[accepted of 4] / 4 = (a + a^2 + a^3 + a^4) / 4.
     want = sum(0.8 ** j for j in range(1, 5)) / 4
     assert abs(accepted / proposed - want) < 0.08, (accepted, proposed, want)
-    assert all(len(o.token_ids) == 48 for o in outs)
+    assert all(len(o.outputs[0].token_ids) == 48 for o in outs)
 
 
 def test_no_configuration_reaches_it():

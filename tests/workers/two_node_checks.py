@@ -22,7 +22,7 @@ def main(address: str, target: str, draft: str) -> None:
     torch.set_num_threads(1)
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     local = LLM(model=target, draft_model=draft, **ENGINE_ARGS)
-    want = [o.token_ids for o in local.generate(PROMPTS, greedy)]
+    want = [o.outputs[0].token_ids for o in local.generate(PROMPTS, greedy)]
     local.shutdown()
     llm = LLM(model=target, draft_model=draft, executor="ray", ray_address=address,
               tensor_parallel_size=2, **ENGINE_ARGS)
@@ -31,7 +31,7 @@ def main(address: str, target: str, draft: str) -> None:
         table = ray.util.placement_group_table(llm.engine.executor._placement_group)
         nodes = set(table["bundles_to_node_id"].values())
         assert len(nodes) == 2, f"the ranks share a node: {table}"
-        got = [o.token_ids for o in llm.generate(PROMPTS, greedy)]
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy)]
         assert got == want, (got, want)
     finally:
         llm.shutdown()

@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\"\xec\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12\x35\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12#\n\x16num_speculative_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x08\n\x06promptB\x19\n\x17_num_speculative_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.specserve.v1.TopLogprob\"\xa8\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15\x64raft_tokens_proposed\x18\x03 \x01(\r\x12\x1d\n\x15\x64raft_tokens_accepted\x18\x04 \x01(\r\x12\x11\n\tnum_steps\x18\x05 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"\xcc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.specserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.specserve.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xfe\x01\n\tModelInfo\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05\x64raft\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1e\n\x16num_speculative_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\"\n\x1a\x64raft_tensor_parallel_size\x18\n \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03\x32\xf0\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12J\n\x0cGetModelInfo\x12!.specserve.v1.GetModelInfoRequest\x1a\x17.specserve.v1.ModelInfo\x12I\n\x08Tokenize\x12\x1d.specserve.v1.TokenizeRequest\x1a\x1e.specserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecserve/v1/generation.proto\x12\x0cspecserve.v1\"\xde\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x05H\x0f\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf5\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specserve.v1.TokenIdsH\x00\x12\x35\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12#\n\x16num_speculative_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x08\n\x06promptB\x19\n\x17_num_speculative_tokens\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"p\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.specserve.v1.TopLogprob\x12\r\n\x05token\x18\x04 \x01(\t\"\xa8\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15\x64raft_tokens_proposed\x18\x03 \x01(\r\x12\x1d\n\x15\x64raft_tokens_accepted\x18\x04 \x01(\r\x12\x11\n\tnum_steps\x18\x05 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.specserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.specserve.v1.Usage\x12\x33\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1a.specserve.v1.TokenLogprob\"\x15\n\x13GetModelInfoRequest\"\xfe\x01\n\tModelInfo\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\r\n\x05\x64raft\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1e\n\x16num_speculative_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\x07 \x01(\r\x12\x15\n\reos_token_ids\x18\x08 \x03(\x05\x12\x1c\n\x14tensor_parallel_size\x18\t \x01(\r\x12\"\n\x1a\x64raft_tensor_parallel_size\x18\n \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05*z\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x19\n\x15\x46INISH_REASON_ABORTED\x10\x03\x32\xf0\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x12J\n\x0cGetModelInfo\x12!.specserve.v1.GetModelInfoRequest\x1a\x17.specserve.v1.ModelInfo\x12I\n\x08Tokenize\x12\x1d.specserve.v1.TokenizeRequest\x1a\x1e.specserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1693
-  _globals['_FINISHREASON']._serialized_end=1815
+  _globals['_FINISHREASON']._serialized_start=2018
+  _globals['_FINISHREASON']._serialized_end=2140
   _globals['_SAMPLINGPARAMS']._serialized_start=48
-  _globals['_SAMPLINGPARAMS']._serialized_end=540
-  _globals['_TOKENIDS']._serialized_start=542
-  _globals['_TOKENIDS']._serialized_end=565
-  _globals['_GENERATEREQUEST']._serialized_start=568
-  _globals['_GENERATEREQUEST']._serialized_end=813
-  _globals['_TOPLOGPROB']._serialized_start=815
-  _globals['_TOPLOGPROB']._serialized_end=862
-  _globals['_TOKENLOGPROB']._serialized_start=864
-  _globals['_TOKENLOGPROB']._serialized_end=961
-  _globals['_USAGE']._serialized_start=964
-  _globals['_USAGE']._serialized_end=1132
-  _globals['_GENERATERESPONSE']._serialized_start=1135
-  _globals['_GENERATERESPONSE']._serialized_end=1339
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1341
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1362
-  _globals['_MODELINFO']._serialized_start=1365
-  _globals['_MODELINFO']._serialized_end=1619
-  _globals['_TOKENIZEREQUEST']._serialized_start=1621
-  _globals['_TOKENIZEREQUEST']._serialized_end=1652
-  _globals['_TOKENIZERESPONSE']._serialized_start=1654
-  _globals['_TOKENIZERESPONSE']._serialized_end=1691
-  _globals['_GENERATION']._serialized_start=1818
-  _globals['_GENERATION']._serialized_end=2058
+  _globals['_SAMPLINGPARAMS']._serialized_end=782
+  _globals['_TOKENIDS']._serialized_start=784
+  _globals['_TOKENIDS']._serialized_end=807
+  _globals['_GENERATEREQUEST']._serialized_start=810
+  _globals['_GENERATEREQUEST']._serialized_end=1055
+  _globals['_TOPLOGPROB']._serialized_start=1057
+  _globals['_TOPLOGPROB']._serialized_end=1119
+  _globals['_TOKENLOGPROB']._serialized_start=1121
+  _globals['_TOKENLOGPROB']._serialized_end=1233
+  _globals['_USAGE']._serialized_start=1236
+  _globals['_USAGE']._serialized_end=1404
+  _globals['_GENERATERESPONSE']._serialized_start=1407
+  _globals['_GENERATERESPONSE']._serialized_end=1664
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1666
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1687
+  _globals['_MODELINFO']._serialized_start=1690
+  _globals['_MODELINFO']._serialized_end=1944
+  _globals['_TOKENIZEREQUEST']._serialized_start=1946
+  _globals['_TOKENIZEREQUEST']._serialized_end=1977
+  _globals['_TOKENIZERESPONSE']._serialized_start=1979
+  _globals['_TOKENIZERESPONSE']._serialized_end=2016
+  _globals['_GENERATION']._serialized_start=2143
+  _globals['_GENERATION']._serialized_end=2383
 # @@protoc_insertion_point(module_scope)
