@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import itertools
 import logging
 import threading
 import time
@@ -113,6 +114,8 @@ class ReplicaStats:
 _COUNTERS = ("draft_tokens_proposed_total", "draft_tokens_accepted_total",
              "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total")
 _GAUGES = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
+# A counter per speculative position (a list): accepted draft tokens at each.
+_PER_POSITION = "spec_decode_num_accepted_tokens_per_pos"
 _PROBE_REQUEST_ID = "specserve-replica-probe"
 _PROBE_STEPS = 16
 
@@ -133,6 +136,7 @@ class EngineStatsSnapshot:
     num_unfinished: int = 0  # requests the front end has in flight
     num_speculative_tokens: float = 0.0  # mean over serving replicas of the last step's k
     replicas: list[ReplicaStats] = field(default_factory=list)
+    spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -233,7 +237,10 @@ class EngineReplica:
     def counters(self) -> dict[str, int]:
         """Every engine's counters (the current one's and the replaced ones') summed."""
         stats, retired = self._published
-        return {name: retired.get(name, 0) + _stat(stats, name) for name in _COUNTERS}
+        counts = {name: retired.get(name, 0) + _stat(stats, name) for name in _COUNTERS}
+        counts[_PER_POSITION] = _plus(retired.get(_PER_POSITION, []),
+                                      getattr(stats, _PER_POSITION, None) or [])
+        return counts
 
     def _post(self, cmd: _Add | _Abort) -> None:
         with self._cond:
@@ -465,6 +472,13 @@ def _reason(exc: BaseException) -> str:
     reports name processes and actors on the lines after; those stay in the log)."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _plus(a: Any, b: Any) -> Any:
+    """Two counters' sum: numbers add, per-position lists add position by position."""
+    if isinstance(a, list):
+        return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
+    return a + b
 
 
 def _stat(stats: Any, name: str) -> int:
@@ -724,7 +738,7 @@ class AsyncEngine:
         for replica in self.replicas:
             state, stats, counters = replica.state, replica.stats, replica.counters
             for name, value in counters.items():
-                setattr(snap, name, getattr(snap, name) + value)
+                setattr(snap, name, _plus(getattr(snap, name), value))
             view = ReplicaStats(replica.index, state.value, failures_total=replica.num_failures,
                                 restarts_total=replica.num_restarts)
             if state is ReplicaState.SERVING and stats is not None:

@@ -59,6 +59,14 @@ class _EngineStatsCollector(Collector):
         yield CounterMetricFamily("specserve_prefix_cache_hits_total",
                                   "Of them, tokens whose KV blocks were found cached (not "
                                   "computed again).", value=s.prefix_cache_hits_total)
+        per_position = CounterMetricFamily(
+            "specserve_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens (those output) at each speculative position, 1 to k: "
+            "position i counts steps whose first i proposals were all accepted.",
+            labels=["position"])
+        for i, count in enumerate(getattr(s, "spec_decode_num_accepted_tokens_per_pos", []), 1):
+            per_position.add_metric([str(i)], count)
+        yield per_position
         yield from _replica_metrics(s.replicas)
 
 
