@@ -62,7 +62,9 @@ def test_a_model_quantized_at_load_keeps_16_bit_embeddings_and_norms(tmp_path):
     assert (a - b).norm() / a.norm() < 0.2  # two random layers of width 64, each rounded twice
 
 
-def _fp8_checkpoint(src: str, dst: str, strategy: str) -> dict[str, torch.Tensor]:
+def _fp8_checkpoint(src: str, dst: str, strategy: str,
+                    kv_scales: dict[int, tuple[float, float]] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Rewrite a 16-bit checkpoint as a compressed-tensors FP8 one (each
     projection's weight in FP8 with a per-tensor or per-channel scale, plus an
     unused input scale); returns the 16-bit tensors."""
@@ -81,6 +83,9 @@ def _fp8_checkpoint(src: str, dst: str, strategy: str) -> dict[str, torch.Tensor
             out[name.removesuffix("weight") + "input_scale"] = torch.ones(1)
         else:
             out[name] = t
+    for layer, (k, v) in (kv_scales or {}).items():
+        out[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(k)
+        out[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(v)
     save_file(out, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
@@ -110,6 +115,16 @@ def test_fp8_checkpoints_are_read_exactly(tmp_path, strategy):
     assert torch.equal(mlp.down_proj.weight_scale.reshape(-1),
                        down_scale.expand(mlp.down_proj.weight.shape[0]))
     assert run_logits(model).isfinite().all()
+
+
+def test_an_fp8_checkpoints_kv_scales_reach_its_attention_layers(tmp_path):
+    src = make_checkpoint(tmp_path / "m", num_layers=2)
+    _fp8_checkpoint(src, str(tmp_path / "fp8"), "channel", {0: (2.0, 0.5), 1: (4.0, 0.25)})
+    model = load_model(str(tmp_path / "fp8"), torch.float32, "cpu")
+    assert [layer.self_attn.attn.kv_scale for layer in model.model.layers] == [(2.0, 0.5),
+                                                                               (4.0, 0.25)]
+    plain = load_model(src, torch.float32, "cpu", quantization="fp8")
+    assert plain.model.layers[0].self_attn.attn.kv_scale == (1.0, 1.0)
 
 
 def test_unsupported_quantized_checkpoints_and_settings_are_refused():

@@ -63,16 +63,17 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.window, self.soft_cap = window, soft_cap
+        self.kv_scale = (1.0, 1.0)  # (keys, values) of an FP8 KV cache; a checkpoint may set them
         self.backend: AttentionBackend | None = None
 
     def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
         """``qkv [T, (Hq + 2 Hkv) D]`` -> attention output ``[T, Hq, D]``."""
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        options = dict(window=self.window, soft_cap=self.soft_cap)
+        options = dict(window=self.window, soft_cap=self.soft_cap, kv_scale=self.kv_scale)
         if kv_cache is not None and store_fits(qkv, kv_cache, kv_heads, head_dim):
             q = rotate_q_store_kv(qkv, cos, sin, heads, kv_heads, head_dim, kv_cache,
-                                  meta.slot_mapping)
+                                  meta.slot_mapping, self.kv_scale)
             return self.backend.forward(q, None, None, kv_cache, meta, self.scale,
                                         kv_stored=True, **options)
         q, k, v = rotate_qk(qkv, cos, sin, heads, kv_heads, head_dim)

@@ -284,7 +284,8 @@ def load_weights(model: LlamaForCausalLM, model_dir: str,
         with _open(path) as f:
             for stored in f.keys():
                 for name, index in _pieces(model, stored, shapes):
-                    if scales is not None and name.endswith(quant.SCALE_SUFFIX):
+                    if scales is not None and name.endswith(
+                            (quant.SCALE_SUFFIX, *quant.KV_SCALE_SUFFIXES)):
                         scales[name] = f.get_tensor(stored)
                         continue
                     if name not in shapes:
@@ -378,6 +379,7 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device | str,
         scales: dict[str, torch.Tensor] = {}
         load_weights(model, model_dir, scales)
         quant.apply_checkpoint_scales(model, _checkpoint_targets(model), scales)
+        quant.apply_kv_scales(model, scales)
     else:
         load_weights(model, model_dir)
     if quantization == "fp8":

@@ -23,6 +23,7 @@ from specserve.workers.parallel.layers import ParallelLinear
 
 QUANTIZATIONS = ("fp8",)
 SCALE_SUFFIX = ".weight_scale"
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")  # an FP8 checkpoint's KV cache scales, per layer
 IGNORED_SUFFIXES = (".input_scale",)
 
 
@@ -104,6 +105,21 @@ def apply_checkpoint_scales(model: torch.nn.Module, targets: dict[str, list[Any]
             raise ValueError("the FP8 checkpoint left a projection without scales")
         layer.set_fp8(layer.weight.data.to(FP8), row_scales[id(layer)])
     _release_cached_memory(model)
+
+
+def apply_kv_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """Give each attention layer the checkpoint's KV cache scales
+    (``...self_attn.k_scale`` / ``v_scale``), used when the cache is FP8."""
+    for name, module in model.named_modules():
+        if not hasattr(module, "kv_scale") or not name.endswith(".attn"):
+            continue
+        prefix = name.removesuffix(".attn")
+        found = [scales.get(prefix + suffix) for suffix in KV_SCALE_SUFFIXES]
+        if all(s is None for s in found):
+            continue
+        if any(s is None for s in found):
+            raise ValueError(f"the FP8 checkpoint gives {prefix} only one of k_scale, v_scale")
+        module.kv_scale = tuple(float(s.float().reshape(-1)[0]) for s in found)
 
 
 def _scale_rows(scale: torch.Tensor, source: tuple[slice, ...], num_rows: int) -> torch.Tensor:
