@@ -52,7 +52,7 @@ def engines(pair):
 
 
 def _hf_greedy(model_dir: str, prompts: list[list[int]], max_new: int,
-               eos: list[int] | None = None) -> list[list[int]]:
+               eos: list[int] | None = None, min_new: int = 0) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -63,7 +63,7 @@ def _hf_greedy(model_dir: str, prompts: list[list[int]], max_new: int,
         for p in prompts:
             ids = torch.tensor([p])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new)
+                                 max_new_tokens=max_new, min_new_tokens=min_new or None)
             outs.append(gen[0, len(p):].tolist())
     return outs
 
@@ -162,6 +162,74 @@ def test_stop_token_ids_cut_the_accepted_run(engines, reference):
             assert out.outputs[0].finish_reason is FinishReason.STOP
             assert out.metrics.completion_tokens == len(want)
             assert out.metrics.draft_tokens_accepted <= min(len(want), out.metrics.draft_tokens_proposed)
+
+
+# -- min_tokens and include_stop_str_in_output -----------------------------------------------
+SPECULATING = (("target-only", None), ("self-draft", 4), ("adaptive", 4))
+
+
+def test_min_tokens_masks_stop_tokens_as_hf_min_new_tokens(engines, reference, pair):
+    """A stop token the model emits early is masked from sampling until
+    min_tokens are out, for the target and (the same mask) the draft: the
+    tokens are Hugging Face's with min_new_tokens, at every k."""
+    tok = engines["target-only"].engine.tokenizer
+    for i, full in enumerate(reference):
+        stop_id = full[2]
+        want = _hf_greedy(pair[0], [tok.encode(PROMPTS[i])], FULL, eos=[stop_id], min_new=6)[0]
+        assert len(want) > 6 and stop_id not in want[:6]
+        for name, k in SPECULATING:
+            out = engines[name].generate([PROMPTS[i]], _greedy(FULL, stop_token_ids=[stop_id],
+                                                               min_tokens=6),
+                                         num_speculative_tokens=k)[0].outputs[0]
+            assert out.token_ids == want, (i, name)
+            stopped = want[-1] == stop_id
+            assert out.finish_reason is (FinishReason.STOP if stopped else FinishReason.LENGTH)
+            assert out.stop_reason == (stop_id if stopped else None)
+    for llm in engines.values():
+        assert_no_blocks_used(llm)
+
+
+def _ends_after_min_tokens(texts: list[str], stop: str, min_tokens: int) -> tuple[int, int]:
+    """(tokens kept, where the match starts): the first token from min_tokens
+    on whose text completes ``stop``; (all, -1) when none does."""
+    for n in range(max(1, min_tokens), len(texts) + 1):
+        before = texts[n - 2] if n > 1 else ""
+        j = texts[n - 1].find(stop, max(0, len(before) - len(stop) + 1))
+        if j >= 0:
+            return n, j
+    return len(texts), -1
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_wait_for_min_tokens_and_may_stay_in_the_text(engines, reference, include):
+    """A stop string completed before min_tokens does not end the request; the
+    first one completed after does, where target-only decoding sees it, at
+    every k; include_stop_str_in_output keeps it at the end of the text."""
+    tok = engines["target-only"].engine.tokenizer
+    cases = _stop_cases(tok, reference)[::3]
+    expected = []
+    for i, stop, want in cases:
+        texts = _texts(tok, PROMPTS[i], reference[i])
+        min_tokens = len(want) + 2 if include else 0  # both ways: past the first match, or not
+        n, j = _ends_after_min_tokens(texts, stop, min_tokens)
+        if j < 0:  # to max_tokens: the last token flushes an incomplete character too
+            text = IncrementalDetokenizer(tok, tok.encode(PROMPTS[i])).add(reference[i], True)
+        else:
+            text = texts[n - 1][:j + len(stop) * include]
+        expected.append((min_tokens, reference[i][:n], text, j >= 0))
+    assert any(stopped for *_, stopped in expected) and (
+        not include or any(not stopped for *_, stopped in expected))
+    for name, k in SPECULATING:
+        outs = engines[name].generate(
+            [PROMPTS[i] for i, _, _ in cases],
+            [_greedy(FULL, stop=[stop], min_tokens=m, include_stop_str_in_output=include)
+             for (_, stop, _), (m, *_) in zip(cases, expected)], num_speculative_tokens=k)
+        for (_, stop, _), (_, tokens, text, stopped), out in zip(cases, expected, outs):
+            c = out.outputs[0]
+            assert (c.token_ids, c.text) == (tokens, text), (name, stop)
+            assert c.stop_reason == (stop if stopped else None)
+            assert out.metrics.completion_tokens == len(tokens)
+        assert_no_blocks_used(engines[name])
 
 
 def assert_no_blocks_used(llm: LLM) -> None:
