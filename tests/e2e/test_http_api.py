@@ -129,6 +129,28 @@ def test_several_prompts_and_n(server, client):
     assert first.usage.completion_tokens == 36
 
 
+def test_vllm_extras_and_seeded_choices_equal_grpc(server, client):
+    """min_tokens, include_stop_str_in_output, skip_special_tokens and
+    prompt_logprobs as extra fields; with a seed, choice j samples as a gRPC
+    request with seed + j (the one rule of n)."""
+    extras = {"min_tokens": 4, "include_stop_str_in_output": True, "skip_special_tokens": False,
+              "prompt_logprobs": 2, "ignore_eos": True}
+    got = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=12,
+                                    temperature=0.8, seed=3, n=2, stop=["\n"],
+                                    extra_body=extras)
+    grpc_extras = {k: v for k, v in extras.items() if k != "prompt_logprobs"}
+    for j, choice in enumerate(got.choices):
+        text, _ = grpc_generate(server, "def add(a, b):", max_tokens=12, temperature=0.8,
+                                seed=3 + j, stop=["\n"], **grpc_extras)
+        assert choice.text == text
+    prompt_lps = got.choices[0].model_extra["prompt_logprobs"]
+    prompt_ids = server.server.engine.replicas[0].tokenizer.encode("def add(a, b):")
+    assert prompt_lps[0] is None and len(prompt_lps) == len(prompt_ids)
+    for token_id, entry in zip(prompt_ids[1:], prompt_lps[1:]):
+        assert str(token_id) in entry and 2 <= len(entry) <= 3  # the token and its top 2
+        assert all(set(v) == {"logprob", "decoded_token"} for v in entry.values())
+
+
 def test_bad_requests_get_400_with_the_reason(server, client):
     max_len = server.server.engine.model_info()["max_model_len"]
     cases = [
@@ -137,6 +159,9 @@ def test_bad_requests_get_400_with_the_reason(server, client):
         (dict(prompt="x", temperature=-1), "temperature", "temperature must be"),
         (dict(prompt="x", echo=True), "echo", "echo is not supported"),
         (dict(prompt="x", n=0), "n", "n must be"),
+        (dict(prompt="x", n=2, temperature=0), "n", "n must be 1 when using greedy sampling"),
+        (dict(prompt="x", logprobs=21), "logprobs", "exceeds this engine's limit of 20"),
+        (dict(prompt="x", extra_body={"min_tokens": 99}), "min_tokens", "min_tokens must be"),
         (dict(prompt="x", extra_body={"tools": []}), "tools", "not supported"),
         (dict(prompt=""), "prompt", "empty"),
         (dict(prompt=[1] * max_len), None, "prompt has"),
@@ -202,6 +227,7 @@ def test_models_health_and_metrics(server, client):
     assert f"specserve_kv_blocks_total {float(ENGINE_OPTIONS['num_kv_blocks'])}" in body
     assert "specserve_time_to_first_token_seconds_count" in body
     assert 'specserve_requests_finished_total{finish_reason="length"}' in body
+    assert 'specserve_spec_decode_num_accepted_tokens_per_pos_total{position="1"}' in body
 
 
 # -- chat ----------------------------------------------------------------------------------

@@ -137,6 +137,37 @@ def test_stream_equals_offline_generate(llm, stub, i):
             assert lp.logprob == pytest.approx(ref.logprob, abs=1e-4)
 
 
+def test_vllm_extras_cross_the_wire(llm, stub):
+    """min_tokens, include_stop_str_in_output, skip_special_tokens and
+    prompt_logprobs reach the engine; the logprobs carry each token's text."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, min_tokens=5, stop=[" "],
+                            include_stop_str_in_output=True, skip_special_tokens=False,
+                            logprobs=1, prompt_logprobs=2)
+    want = offline(llm, PROMPTS[2], params)
+    resps, tokens, text = collect(stub, gen_request(PROMPTS[2], params))
+    assert tokens == want.outputs[0].token_ids and text == want.outputs[0].text
+    prompt_lps = [lp for r in resps for lp in r.prompt_logprobs]
+    assert resps[0].prompt_logprobs and not any(r.prompt_logprobs for r in resps[1:])
+    assert [lp.token_id for lp in prompt_lps] == want.prompt_token_ids[1:]
+    for got, ref in zip(prompt_lps, want.prompt_logprobs[1:]):
+        assert got.logprob == pytest.approx(ref.logprob, abs=1e-4)
+        assert got.token == ref.decoded_token
+        assert [t.token for t in got.top_logprobs] == ref.top_decoded_tokens
+    assert [lp.token for r in resps for lp in r.logprobs] == \
+        [lp.decoded_token for lp in want.outputs[0].logprobs]
+
+
+def test_logprobs_past_the_servers_limit_are_named(stub):
+    for field in ("logprobs", "prompt_logprobs"):
+        req = gen_request("x")
+        setattr(req.sampling_params, field, 21)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(stub, req)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field}=21 exceeds this engine's limit of 20 (--max-logprobs)" in \
+            err.value.details()
+
+
 def test_token_id_prompt_and_speculation_off(llm, stub):
     ids = llm.engine.tokenizer.encode("def add(a, b):")
     params = SamplingParams(max_tokens=12, temperature=0.0)
@@ -193,7 +224,8 @@ def test_bad_input_gets_a_status_while_a_stream_goes_on(llm, stub):
          grpc.StatusCode.INVALID_ARGUMENT, "num_speculative_tokens"),
     ]
     for field, value in (("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 2.0),
-                         ("max_tokens", 0), ("logprobs", 50), ("frequency_penalty", 9.0)):
+                         ("max_tokens", 0), ("logprobs", 50), ("frequency_penalty", 9.0),
+                         ("prompt_logprobs", 21), ("min_tokens", 99), ("n", 2)):
         req = gen_request("x")
         setattr(req.sampling_params, field, value)
         bad.append((req, grpc.StatusCode.INVALID_ARGUMENT, field))
@@ -250,6 +282,12 @@ def test_metrics(server, stub):
     assert "specserve_kv_blocks_used 0.0" in body
     proposed = re.search(r"^specserve_draft_tokens_proposed_total (\S+)$", body, re.M)
     assert proposed and float(proposed.group(1)) > 0
+    per_pos = {int(i): float(n) for i, n in re.findall(
+        r'^specserve_spec_decode_num_accepted_tokens_per_pos_total{position="(\d+)"} (\S+)$',
+        body, re.M)}
+    assert sorted(per_pos) == list(range(1, K + 1))
+    accepted = re.search(r"^specserve_draft_tokens_accepted_total (\S+)$", body, re.M)
+    assert sum(per_pos.values()) == float(accepted.group(1))
     assert re.search(r"^specserve_time_to_first_token_seconds_count [1-9]", body, re.M)
     assert re.search(r"^specserve_step_time_seconds_count [1-9]", body, re.M)
 
