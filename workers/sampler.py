@@ -85,7 +85,10 @@ class StopTokenMask:
             first += n_rows
         if not rows:
             return None
-        pairs = torch.tensor([rows, ids, left], dtype=torch.int64).to(device)
+        pairs = torch.tensor([rows, ids, left], dtype=torch.int64)
+        device = torch.device(device)
+        pairs = (pairs.pin_memory().to(device, non_blocking=True) if device.type == "cuda"
+                 else pairs.to(device))  # (no host stall)
         return cls(pairs[0], pairs[1], pairs[2])
 
 

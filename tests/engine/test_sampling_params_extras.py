@@ -100,6 +100,10 @@ def test_min_tokens_seeded_sampling_is_exact_under_speculation(engines):
     for name, k in (("self-draft", 4), ("draft", 3), ("draft", 1)):
         outs = engines[name].generate(PROMPTS, params, num_speculative_tokens=k)
         assert [tokens(o) for o in outs] == want, (name, k)
+    # a stop id the vocabulary does not have is never sampled: nothing to mask
+    vocab = engines["target-only"].engine.vocab_size
+    beyond = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[vocab + 5])
+    assert len(tokens(engines["draft"].generate(PROMPTS[0], beyond)[0])) >= 2
 
 
 def test_the_draft_masks_at_its_own_positions(engines, monkeypatch):
