@@ -8,7 +8,11 @@ CUDA, gloo on CPU) that the models' all-reduces run in. Every step goes to
 all ranks, each runs it on its shard, and the engine reads rank 0's answer
 (the others sample the same tokens). Data-parallel replicas are separate
 `RayExecutor`s in one process; they share the Ray connection, which the last
-of them to shut down closes, if one of them opened it.
+of them to shut down closes, if one of them opened it. A Ray started here is
+started and shut down by one thread of its own that lives as long as Ray: Ray
+ties its processes (raylet, GCS, agents) to the thread that started them
+(PR_SET_PDEATHSIG), so starting it from a replica's thread would kill them
+when that thread ends and orphan the agents.
 
 The per-step path matters: every engine step sends a `SchedulerOutput` out
 and waits for the sampled tokens. By default it is a Ray compiled graph
@@ -20,9 +24,10 @@ turns compiled graphs off. `benchmarks/executor_overhead.py` measures both.
 Environment:
     SPECSERVE_RAY_COMPILED_GRAPH   1 (default) or 0
     SPECSERVE_RAY_START_TIMEOUT    seconds to wait for the actors to be placed (120)
-    SPECSERVE_RAY_CPU_THREADS      torch threads of a CPU actor (default: the node's cores
-                                   shared by the replica's ranks, less one for the driver
-                                   when it shares the node and busy-waits on a compiled graph)
+    SPECSERVE_RAY_CPU_THREADS      torch threads of a CPU actor without --cpu-threads
+                                   (default: the node's cores shared by the replica's ranks,
+                                   less one for the driver when it shares the node and
+                                   busy-waits on a compiled graph)
     SPECSERVE_RAY_LOG_TO_DRIVER    1 to show the actors' output here (default 0)
 
 On a Ray cluster (``ray_address``) every node must have specserve installed,
@@ -36,6 +41,7 @@ import logging
 import os
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -75,20 +81,23 @@ class RayWorker:
         self.rank = rank
         self.worker = None
         self.groups = None  # (target, draft) tensor-parallel groups, once joined
-        if config.parallel_config.device == "cpu":
+        pc = config.parallel_config
+        if pc.device == "cpu" and pc.cpu_threads is None:
             # Ray sets OMP_NUM_THREADS to the actor's num_cpus (1); a CPU worker
             # wants the node's cores, less one where the driver busy-waits on
             # this node (it does with a compiled graph): sharing that core
             # with the model's threads costs more than the core is worth.
-            import torch  # noqa: PLC0415
-
             threads = cpu_threads
             if threads <= 0:
                 threads = len(os.sched_getaffinity(0))
                 if driver_spins and ray.get_runtime_context().get_node_id() == driver_node_id:
                     threads -= 1
-                threads //= config.parallel_config.tensor_parallel_size
-            torch.set_num_threads(max(1, threads))
+                threads //= pc.tensor_parallel_size
+            pc.cpu_threads = max(1, threads)  # the Worker applies it again when it loads
+        if pc.cpu_threads is not None:  # --cpu-threads, on any device
+            from specserve.workers.worker import set_cpu_threads  # noqa: PLC0415 (torch)
+
+            set_cpu_threads(pc.cpu_threads)
 
     def ready(self) -> str:
         """Where this actor runs, once it is placed and started."""
@@ -134,12 +143,12 @@ _RayWorkerActor = ray.remote(RayWorker)
 
 _ray_lock = threading.Lock()
 _ray_users = 0
-_ray_started_here = False
+_ray_owner: ThreadPoolExecutor | None = None  # the thread that started Ray here, if one did
 
 
 def _acquire_ray(config: EngineConfig) -> None:
     """Connect to (or start) Ray unless it is already up; count this executor as a user."""
-    global _ray_users, _ray_started_here
+    global _ray_users, _ray_owner
     pc = config.parallel_config
     with _ray_lock:
         if not ray.is_initialized():
@@ -151,20 +160,27 @@ def _acquire_ray(config: EngineConfig) -> None:
                 # A local start: room for one CPU actor per replica even on a small machine.
                 kwargs["num_cpus"] = max(os.cpu_count() or 1,
                                          pc.data_parallel_size * pc.tensor_parallel_size)
-            ray.init(**kwargs)
-            _ray_started_here = True
+            owner = ThreadPoolExecutor(1, thread_name_prefix="specserve-ray")
+            try:
+                owner.submit(ray.init, **kwargs).result()
+            except BaseException:
+                owner.shutdown()
+                raise
+            _ray_owner = owner
             logger.info("started Ray (%s)", pc.ray_address or "local")
         _ray_users += 1
 
 
 def _release_ray() -> None:
-    global _ray_users, _ray_started_here
+    """The last user of a Ray started here shuts it down, from the thread that started it."""
+    global _ray_users, _ray_owner
     with _ray_lock:
         _ray_users -= 1
-        if _ray_users == 0 and _ray_started_here:
-            _ray_started_here = False
+        if _ray_users == 0 and _ray_owner is not None:
+            owner, _ray_owner = _ray_owner, None
             if ray.is_initialized():
-                ray.shutdown()
+                owner.submit(ray.shutdown).result()
+            owner.shutdown()
 
 
 # -- the executor ----------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_ray_is_shut_down_only_by_its_last_user_and_only_if_started_here(monkeyp
     monkeypatch.setattr(ray_executor.ray, "shutdown", fake_shutdown)
     monkeypatch.setattr(ray_executor.ray, "is_initialized", lambda: up["on"])
     monkeypatch.setattr(ray_executor, "_ray_users", 0)
-    monkeypatch.setattr(ray_executor, "_ray_started_here", False)
+    monkeypatch.setattr(ray_executor, "_ray_owner", None)
     config = _config()
     ray_executor._acquire_ray(config)  # two data-parallel replicas
     ray_executor._acquire_ray(config)
