@@ -780,13 +780,16 @@ class AsyncEngine:
                 stream.replica.num_unfinished -= 1
 
     def _reroute(self, stream: RequestStream, cmd: _Add) -> None:
-        """A request that reached a replica as it failed goes to another one."""
+        """A request that reached a replica as it failed goes to another one (or,
+        with none serving, fails as the requests that replica held did)."""
         failed = stream.replica
         failed.num_unfinished -= 1
         replica = self._least_loaded(exclude=failed)
         if replica is None:
             del self._streams[stream.request_id]
-            stream._put(EngineUnavailableError(self.unavailable_reason()))
+            stream._put(EngineFailureError(
+                f"engine replica {failed.index} failed as the request reached it, and no "
+                "other replica serves; retry later"))
             return
         stream.replica = replica
         replica.num_unfinished += 1

@@ -105,7 +105,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if out.finished and srv.metrics is not None:
                     srv.metrics.observe_request(arrival, first_token, time.monotonic(),
                                                 stream.num_tokens, out.finish_reason.value)
-        except (InvalidRequestError, EngineUnavailableError) as exc:
+        except InvalidRequestError as exc:
             await self._reject(context, exc)
         except EngineFailureError as exc:
             if srv.metrics is not None:

@@ -171,6 +171,24 @@ def test_a_request_that_reaches_a_failing_replica_goes_to_another():
     run(body, factory, restart=RestartPolicy(max_attempts=1, backoff=0.05))
 
 
+def test_a_request_that_reaches_the_only_replica_as_it_fails_fails_with_it():
+    GatedEngine.gate.clear()
+    GatedEngine.entered.clear()
+
+    async def body(engine):
+        gated = engine.add_request("gated", "GATE", params())
+        await asyncio.to_thread(GatedEngine.entered.wait, 10)
+        late = engine.add_request("late", "late", params(3))
+        GatedEngine.gate.set()
+        with pytest.raises(EngineFailureError):
+            await drain(gated)
+        with pytest.raises(EngineFailureError, match="failed as the request reached it"):
+            await drain(late)
+        assert engine.num_unfinished_requests == 0 and engine.replicas[0].num_unfinished == 0
+
+    run(body, Factory(GatedEngine), replicas=1, restart=RestartPolicy(max_attempts=1, backoff=1))
+
+
 def test_with_no_replica_serving_requests_are_refused_at_once():
     factory = Factory(fail_builds={0: 100})
     states: list = []
