@@ -13,6 +13,7 @@ seeded alike, so every rank samples the same tokens with no traffic.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -39,6 +40,35 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_cpu_threads(num_cores: int) -> int:
+    """torch threads for CPU inference on ``num_cores`` cores: half of them, at
+    most 8. The engine's own threads (its step loop, the event loop, gRPC) need
+    cores too, and an OpenMP pool spinning on a core they want slows every step:
+    on a shared 2-core machine one thread ran the embedded pair 7 to 30 times
+    faster than two (benchmarks/cpu_threads.py, benchmarks/RESULTS.md)."""
+    return max(1, min(num_cores // 2, 8))
+
+
+def set_cpu_threads(num_threads: int) -> None:
+    """This process's torch intra-op and inter-op threads. The inter-op count
+    can only be set before the first inter-op work (once per process): later
+    calls keep the first."""
+    torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(num_threads)
+    except RuntimeError:
+        logger.debug("torch inter-op threads already fixed at %d",
+                     torch.get_num_interop_threads())
+
+
 class Worker:
     def __init__(self, config: EngineConfig, device: torch.device | None = None,
                  target_tp: TensorParallel = SINGLE_RANK,
@@ -53,6 +83,7 @@ class Worker:
         """Load both models, size and allocate the KV cache; returns its block count."""
         mc, sc, cc = self.config.model_config, self.config.speculative_config, self.config.cache_config
         invariant = self.config.parallel_config.batch_invariant
+        self._apply_cpu_threads()
         torch.manual_seed(mc.seed)
         target_cfg = load_hf_config(mc.model)
         dtype = resolve_dtype(mc.dtype, target_cfg, self.device)
@@ -100,6 +131,15 @@ class Worker:
         logger.info("worker on %s: %d KV blocks of %d tokens (%.1f MiB)", self.device,
                     num_blocks, cc.block_size, num_blocks * per_block / 2**20)
         return num_blocks
+
+    def _apply_cpu_threads(self) -> None:
+        """--cpu-threads where given; on the CPU, else the default rule; on
+        CUDA, else torch's own count."""
+        threads = self.config.parallel_config.cpu_threads
+        if threads is None and self.device.type == "cpu":
+            threads = default_cpu_threads(usable_cores())
+        if threads is not None:
+            set_cpu_threads(threads)
 
     def _use_cuda_graphs(self, target) -> bool:
         return (self.device.type == "cuda" and not self.config.parallel_config.enforce_eager

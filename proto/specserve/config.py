@@ -142,9 +142,16 @@ class ParallelConfig:
     ray_address: str | None = None
     enforce_eager: bool = False
     batch_invariant: bool = False
+    cpu_threads: int | None = field(default=None, metadata={"help": (
+        "torch threads (intra- and inter-op) of the engine process (in-process executor) and "
+        "of each Ray worker. Default: on the CPU, half the cores this process may use, at "
+        "most 8 (1 on a machine of 2 or 3 cores: benchmarks/RESULTS.md); on CUDA, torch's "
+        "own default (the threads only run host-side work there).")})
 
     def __post_init__(self) -> None:
         _check(self.executor in EXECUTORS, f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1,
+               f"cpu_threads must be >= 1, got {self.cpu_threads}")
         _check(self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}")
         _check(self.data_parallel_size >= 1,
                f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
