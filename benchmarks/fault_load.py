@@ -161,9 +161,11 @@ class ServerProcess:
         self.seen.update(pids)
         return pids
 
-    def rss(self) -> tuple[int, int]:
-        """(the server's RSS, the whole session's) in KiB."""
-        return rss_kib(self.proc.pid), sum(rss_kib(p) for p in self.note_pids())
+    def rss(self) -> dict[str, int]:
+        """The server's RSS and the whole session's (KiB), and the session's processes."""
+        pids = self.note_pids()
+        return {"server_kib": rss_kib(self.proc.pid), "session_kib": sum(map(rss_kib, pids)),
+                "session_processes": len(pids)}
 
     def ray_worker_pids(self) -> list[int]:
         return sorted(p for p in self.note_pids() if cmdline(p).startswith("ray::RayWorker"))
@@ -333,7 +335,7 @@ class Report:
     burst_after_recovery: dict[str, int] = field(default_factory=dict)
     gauges_after: dict[str, float] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
-    rss_kib: dict[str, int] = field(default_factory=dict)
+    rss: dict[str, dict[str, int]] = field(default_factory=dict)  # before and after
     load_seconds: float = 0.0
     shutdown_rc: int | None = None
     leftovers: dict[str, list] = field(default_factory=dict)
@@ -456,8 +458,7 @@ def _run(server: ServerProcess, n: int, concurrency: int, kill_at: float, seed: 
         faults = {kind: sum(it.kind == kind for it in items) for kind in KINDS[1:]}
         faults["actors_killed"] = 1
         report = Report(n, concurrency, faults)
-        driver, session = server.rss()
-        report.rss_kib.update(server_before=driver, session_before=session)
+        report.rss["before"] = server.rss()
         watcher = Watcher(server, max(1, int(kill_at * n)), recover_timeout)
         watcher.start()
 
@@ -495,8 +496,7 @@ def _run(server: ServerProcess, n: int, concurrency: int, kill_at: float, seed: 
         **{f"replica{i}_{what}": metric(samples, f"specserve_replica_{what}_total", replica=str(i))
            for i in (0, 1) for what in ("failures", "restarts")},
     }
-    driver, session = server.rss()
-    report.rss_kib.update(server_after=driver, session_after=session)
+    report.rss["after"] = server.rss()
     if terminate:
         report.shutdown_rc = server.terminate()
         report.leftovers = server.leftovers()

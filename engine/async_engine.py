@@ -271,6 +271,8 @@ class EngineReplica:
                 self._retire(live)
                 break
             self._fail(live, failure)
+            failure = None  # its traceback holds the failed engine
+            _collect_frozen()
             if not self._rebuild():
                 break
         self._close()
@@ -400,6 +402,7 @@ class EngineReplica:
                 continue
             self.num_restarts += 1
             logger.info("engine replica %d is serving again", self.index)
+            _freeze_loaded()
             return True
         self.gave_up = True
         logger.error("engine replica %d: %d rebuild attempt(s) failed; it stays out of service",
@@ -458,6 +461,23 @@ def _probe(engine: Any) -> None:
             return
     raise EngineFailureError(f"the rebuilt engine did not finish a one-token request in "
                              f"{_PROBE_STEPS} steps")
+
+
+def _collect_frozen() -> None:
+    """The engines loaded at start were frozen out of the collector's sight
+    (`AsyncEngine.start`): a failed one, held in reference cycles, would never
+    be freed, nor the Ray handles in it (a compiled graph's helper actor ends
+    only with its handle). Thaw everything and collect it."""
+    gc.unfreeze()
+    gc.collect()
+
+
+def _freeze_loaded() -> None:
+    """As at start: what a rebuilt engine holds lives long, so out of the
+    collector's sight it goes (with whatever requests are in flight now, which
+    are freed when they end, as objects outside cycles always are)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _shut_down_quietly(engine: Any) -> None:
