@@ -123,9 +123,14 @@ class FakeEngine:
             if r.params.logprobs is not None:
                 lps = [TokenLogprobs(t, -0.5, [t, 0][:r.params.logprobs],
                                      [-0.5, -2.0][:r.params.logprobs]) for t in new]
+            prompt_lps = None
+            if r.params.prompt_logprobs is not None and len(r.out) == len(new):  # the first
+                prompt_lps = [None] + [TokenLogprobs(t, -1.0, [t][:r.params.prompt_logprobs],
+                                                     [-1.0][:r.params.prompt_logprobs])
+                                       for t in r.prompt[1:]]
             outs.append(RequestDelta(r.rid, new, self.tokenizer.decode(new), finished=done,
                                      finish_reason=FinishReason.LENGTH if done else None,
-                                     new_logprobs=lps, metrics=m))
+                                     new_logprobs=lps, metrics=m, prompt_logprobs=prompt_lps))
             if done:
                 del self.requests[r.rid]
         return outs
