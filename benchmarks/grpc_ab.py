@@ -55,7 +55,7 @@ def server_counters(metrics_port: int) -> list[float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
     values = []
     for name in COUNTERS:
-        found = re.search(rf"^{name} (\S+)", text.decode(), re.M)
+        found = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)", text.decode(), re.M)  # labels or none
         if found is None:
             raise RuntimeError(f"the server's /metrics has no {name}")
         values.append(float(found.group(1)))

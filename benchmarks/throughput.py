@@ -84,9 +84,12 @@ against each (the on/off column is their ratio).
 (the request leaves ``num_speculative_tokens`` unset, so the server's k
 applies) and off (``num_speculative_tokens=0``), and adds the ratio on/off of
 every figure. ``--json FILE`` writes every figure and one record per request;
-``--plot FILE.png`` draws the latency distributions and the output throughput
-over time (needs matplotlib). The table is the last thing printed (stdout);
-progress and warnings go to stderr.
+``--plot FILE.png`` draws the latency CDFs (TTFT, TPOT, ITL, E2E; p50, p90
+and p99 marked), output tokens/s and requests in flight over time, under a
+title naming the model, workload, concurrency, commit and date
+(benchmarks/throughput_plot.py; needs matplotlib). The progress bar (tqdm)
+shows the ETA and output tokens/s; ``--no-progress`` turns it off. The table
+is the last thing printed (stdout); progress and warnings go to stderr.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.chat_workload import ChatShape, plan_chat, run_chat  # noqa: E402
+from benchmarks.throughput_plot import git_commit, plot_title, write_plot  # noqa: E402
 from specserve.engine import cli  # noqa: E402
 from specserve.v1 import generation_pb2 as pb  # noqa: E402
 from specserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
@@ -396,31 +400,45 @@ async def send_one_http(client: Any, model: str, req: pb.GenerateRequest, record
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn by a timer (not per message).
-    Off a terminal it prints a line every tenth of the way instead."""
+    """The progress bar on stderr (tqdm): requests done of all, failures, the
+    ETA, and output tokens/s of the ``records`` finished so far. Redrawn by a
+    timer (`run`), not per message; off a terminal it prints the same line
+    every tenth of the way instead."""
 
     def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        from tqdm import tqdm  # noqa: PLC0415
+
         self.total, self.label, self.enabled = total, label, enabled
         self.done = self.failed = 0
+        self.records: list[RequestRecord] = []  # read for the tokens/s
         self.tty = sys.stderr.isatty()
         self._t0 = time.perf_counter()
         self._last_tenth = -1
+        self._format = tqdm.format_meter
+        self._bar = (tqdm(total=total, desc=label, unit="req", file=sys.stderr,
+                          dynamic_ncols=True, mininterval=0)
+                     if enabled and self.tty else None)
+
+    def _postfix(self, elapsed: float) -> str:
+        tokens = sum(r.output_tokens for r in self.records)
+        return f"failed {self.failed}, {tokens / elapsed if elapsed > 0 else 0.0:.1f} tok/s"
 
     def draw(self, final: bool = False) -> None:
         if not self.enabled:
             return
-        frac = self.done / self.total if self.total else 1.0
         elapsed = time.perf_counter() - self._t0
-        text = (f"{self.label} [{'#' * int(frac * 30):<30}] {self.done}/{self.total}"
-                f" failed {self.failed}  {elapsed:6.1f}s")
-        if self.tty:
-            sys.stderr.write("\r" + text + ("\n" if final else ""))
-            sys.stderr.flush()
-        else:
-            tenth = int(frac * 10)
-            if tenth > self._last_tenth or (final and self._last_tenth < 10):
-                self._last_tenth = tenth
-                print(text, file=sys.stderr)
+        if self._bar is not None:
+            self._bar.n = self.done
+            self._bar.set_postfix_str(self._postfix(elapsed), refresh=False)
+            self._bar.refresh()
+            if final:
+                self._bar.close()
+            return
+        tenth = int(10 * self.done / self.total) if self.total else 10
+        if tenth > self._last_tenth or (final and self._last_tenth < 10):
+            self._last_tenth = tenth
+            print(self._format(self.done, self.total, elapsed, prefix=self.label, unit="req",
+                               postfix=self._postfix(elapsed), ncols=100), file=sys.stderr)
 
     async def run(self, interval: float) -> None:
         while True:
@@ -472,6 +490,7 @@ async def _run_load(sends: list, requests: list[pb.GenerateRequest], arrivals: l
                              scheduled=arrivals[i]) for i, r in enumerate(requests)]
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = Progress(len(requests), label, progress)
+    bar.records = records
     ticker = asyncio.ensure_future(bar.run(0.1 if bar.tty else 0.5))
     tasks = []
 
@@ -692,6 +711,32 @@ def describe_server(address: str, info: pb.ModelInfo | None) -> str:
             f"{info.max_model_len}, vocab {info.vocab_size}, replicas {info.data_parallel_size}")
 
 
+def describe_run(args: argparse.Namespace, info: pb.ModelInfo | None) -> str:
+    """The plot's title: the model, the workload, the concurrency, the commit, the date."""
+    model = "unknown model"
+    if info is not None and info.target:
+        model = os.path.basename(os.path.normpath(info.target)) or info.target
+        if info.draft:
+            model += (f" + draft {os.path.basename(os.path.normpath(info.draft))} "
+                      f"(k = {info.num_speculative_tokens})")
+    if args.chat_conversations:
+        workload = (f"chat: {args.chat_conversations} conversations x {args.chat_turns} turns, "
+                    f"system prompt {args.chat_system_len} tokens")
+        concurrency = str(args.chat_conversations)
+    else:
+        lengths = ("prompts from " + os.path.basename(args.dataset) if args.dataset else
+                   f"input {_span(args.input_len)}")
+        rate = "all at once" if math.isinf(args.request_rate) else f"{args.request_rate:g}/s"
+        workload = (f"{args.num_requests} requests, {lengths}, output {_span(args.output_len)} "
+                    f"tokens, arrivals {rate}")
+        concurrency = str(args.max_concurrency or "unlimited")
+    return plot_title(model, workload, concurrency, git_commit(ROOT))
+
+
+def _span(bounds: tuple[int, int]) -> str:
+    return str(bounds[0]) if bounds[0] == bounds[1] else f"{bounds[0]}-{bounds[1]}"
+
+
 def write_json(path: str, args: argparse.Namespace, info: pb.ModelInfo | None,
                runs: list[tuple[Summary, list[RequestRecord]]],
                ratio: dict[str, float | None] | None) -> None:
@@ -713,46 +758,6 @@ def write_json(path: str, args: argparse.Namespace, info: pb.ModelInfo | None,
     text = json.dumps(doc, indent=1, allow_nan=False)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-
-
-def write_plot(path: str, runs: list[tuple[Summary, list[RequestRecord]]]) -> None:
-    """TTFT, ITL and E2E distributions (CDFs) and output tokens/s over time."""
-    try:
-        import matplotlib  # noqa: PLC0415
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install 'specserve[bench]'") from None
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    panels = [("TTFT (ms)", lambda rs: [r.ttft for r in rs if r.ttft is not None]),
-              ("ITL (ms)", lambda rs: np.concatenate([r.itls() for r in rs] or [np.empty(0)])),
-              ("E2E latency (ms)", lambda rs: [r.e2e for r in rs])]
-    for ax, (name, values) in zip(axes.flat, panels):
-        for s, recs in runs:
-            v = np.sort(np.asarray(values([r for r in recs if r.ok]), dtype=float)) * 1000
-            if v.size:
-                ax.plot(v, np.arange(1, v.size + 1) / v.size, label=s.label)
-        ax.set(xlabel=name, ylabel="fraction of " + ("tokens" if name.startswith("ITL")
-                                                      else "requests"), title=name + " CDF")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    ax = axes.flat[3]
-    for s, recs in runs:
-        times = [r.start + t for r in recs for t in r.message_times]
-        tokens = [n for r in recs for n in r.message_tokens]
-        if not times:
-            continue
-        width = max(s.duration_s / 50, 1e-3)
-        bins = np.arange(0, max(times) + width, width)
-        hist, edges = np.histogram(times, bins=bins, weights=tokens)
-        ax.step(edges[:-1], hist / width, where="post", label=s.label)
-    ax.set(xlabel="time since start (s)", ylabel="output tokens/s", title="Output throughput")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # -- a server of our own --------------------------------------------------------------------
@@ -927,11 +932,16 @@ async def benchmark_chat(address: str, args: argparse.Namespace, info: pb.ModelI
     label = args.run_label or "chat"
     bar = Progress(plan.num_requests, label, not args.no_progress)
     ticker = asyncio.ensure_future(bar.run(0.1 if bar.tty else 0.5))
+
+    def record(i: int, n: int) -> RequestRecord:
+        bar.records.append(RequestRecord(i, n, True, output_token_ids=[]))
+        return bar.records[-1]
+
     try:
         async with senders(address, args.num_channels) as sends:
             records, duration = await run_chat(
-                plan, sends, lambda ids, n: chat_request(ids, n, args.temperature),
-                lambda i, n: RequestRecord(i, n, True, output_token_ids=[]), args.timeout, bar)
+                plan, sends, lambda ids, n: chat_request(ids, n, args.temperature), record,
+                args.timeout, bar)
     finally:
         ticker.cancel()
         bar.draw(final=True)
@@ -968,7 +978,7 @@ def report(result: BenchmarkResult, args: argparse.Namespace) -> None:
         write_json(args.json, args, result.info, result.runs, result.ratio)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        write_plot(args.plot, result.runs)
+        write_plot(args.plot, result.runs, describe_run(args, result.info))
         print(f"wrote {args.plot}", file=sys.stderr)
     print(format_table([s for s, _ in result.runs], result.ratio))
 
@@ -1035,7 +1045,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", metavar="FILE", help="write every figure and per-request records")
     out.add_argument("--run-label", default=None, help=argparse.SUPPRESS)
     out.add_argument("--plot", metavar="FILE.png",
-                     help="latency distributions and throughput over time (needs matplotlib)")
+                     help="latency CDFs, throughput and requests in flight over time (needs "
+                          "matplotlib)")
     out.add_argument("--allow-errors", action="store_true",
                      help="exit 0 even when requests failed")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -112,7 +112,8 @@ class ReplicaStats:
 # Engine statistics that only grow (kept across a replica's rebuilds), and those
 # that describe the present (counted for serving replicas only).
 _COUNTERS = ("draft_tokens_proposed_total", "draft_tokens_accepted_total",
-             "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total")
+             "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
+             "prompt_tokens_total", "generation_tokens_total")
 _GAUGES = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
 # A counter per speculative position (a list): accepted draft tokens at each.
 _PER_POSITION = "spec_decode_num_accepted_tokens_per_pos"
@@ -137,6 +138,8 @@ class EngineStatsSnapshot:
     num_speculative_tokens: float = 0.0  # mean over serving replicas of the last step's k
     replicas: list[ReplicaStats] = field(default_factory=list)
     spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
 
 
 @dataclass

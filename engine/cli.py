@@ -35,6 +35,7 @@ DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
 DEFAULT_REPLICA_RESTART_MAX = 5  # engine.async_engine.RestartPolicy's, without importing it here
 DEFAULT_REPLICA_RESTART_BACKOFF = 1.0
+DEFAULT_STATS_INTERVAL = 10.0  # engine.server's, without importing it here
 EMBEDDED_MODEL_NAME = "specserve-default"  # engine.http_server's, without importing it here
 
 # Help for each engine option, unless its dataclass field carries
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "each failed attempt (up to 30 s)")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"), help="logging level")
+    _add_operating_flags(serve)
     engine_group = serve.add_argument_group("engine options")
     add_dataclass_flags(engine_group, engine_fields(), ENGINE_OPTION_HELP, ENGINE_OPTION_CHOICES)
     engine_group.add_argument(
@@ -331,6 +333,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address_flags(info, wait=True)
     info.set_defaults(func=cmd_info, parser=info)
     return parser
+
+
+def _add_operating_flags(parser: argparse.ArgumentParser) -> None:
+    """What the server logs while it serves (README: Operating the server)."""
+    group = parser.add_argument_group("operating the server")
+    group.add_argument("--stats-interval", type=interval_type, default=DEFAULT_STATS_INTERVAL,
+                       metavar="SECONDS",
+                       help="log a line of statistics (requests running and waiting, KV cache "
+                            "usage, prompt and generation tokens/s, acceptance, prefix cache "
+                            "hits) this often, when something happened; 0 never")
+    group.add_argument("--log-requests", action="store_true",
+                       help="log a line per finished request: its id, prompt, cached and "
+                            "output tokens, finish reason, TTFT, end-to-end time and acceptance")
+
+
+def interval_type(text: str) -> float:
+    """An argparse type for a number of seconds >= 0 (0: off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _add_address_flags(parser: argparse.ArgumentParser, wait: bool = False,
@@ -390,6 +416,17 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return config
 
 
+def check_models_early(config: EngineConfig) -> None:
+    """Refuse a missing or invalid model directory, or a --max-model-len beyond
+    the model's, in one line before anything loads or listens."""
+    from specserve.engine.llm_engine import check_models  # noqa: PLC0415 (torch)
+
+    try:
+        check_models(config)
+    except ValueError as exc:
+        raise SystemExit(f"specserve serve: {exc}") from None
+
+
 def check_ports(args: argparse.Namespace) -> None:
     """The server's ports must differ (a port of 0 or off is never a clash)."""
     ports = [("--port", args.port), ("--http-port", args.http_port),
@@ -408,6 +445,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_ports(args)
     config = engine_config_from_args(args)
+    check_models_early(config)
     from specserve.engine.async_engine import RestartPolicy  # noqa: PLC0415
     from specserve.engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
 
@@ -416,7 +454,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             max_backoff=max(30.0, args.replica_restart_backoff))
     server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         grace_period=args.grace_period, http_port=args.http_port,
-                        served_model_name=args.served_model_name, replica_restart=restart)
+                        served_model_name=args.served_model_name, replica_restart=restart,
+                        stats_interval=args.stats_interval, log_requests=args.log_requests)
     try:
         asyncio.run(serve_until_signal(server))
     except (ValueError, OSError) as exc:

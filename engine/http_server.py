@@ -208,7 +208,8 @@ class Run:
         metrics = self.server.metrics
         if out.finished and metrics is not None:
             metrics.observe_request(self.arrival, self._first_token[index], time.monotonic(),
-                                    self.streams[index].num_tokens, out.finish_reason.value)
+                                    self.streams[index].num_tokens, out.finish_reason.value,
+                                    out.metrics)
         return out
 
     def close(self) -> None:

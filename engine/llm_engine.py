@@ -6,14 +6,17 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from specserve.config import EngineConfig
 from specserve.engine.eos import eos_token_ids
-from specserve.engine.hub import resolve_hub_ids
+from specserve.engine.hub import resolve_hub_ids, resolve_model_path
 from specserve.engine.outputs import RequestDelta
 from specserve.engine.request import Request
+from specserve.engine.serving_log import request_line
 from specserve.sampling_params import SamplingParams
 from specserve.engine.tokenizer import Tokenizer
 from specserve.scheduler.adaptive_k import AdaptiveSpeculation
@@ -23,9 +26,14 @@ from specserve.scheduler.scheduler import Scheduler, SchedulerLimits, SequenceUp
 from specserve.scheduler.sequence import FinishReason, Sequence
 from specserve.workers.executor import Executor
 from specserve.workers.kv_cache import max_model_len
-from specserve.workers.models.loader import load_hf_config
+from specserve.workers.models.loader import check_architecture, load_hf_config
 
 logger = logging.getLogger(__name__)
+request_logger = logging.getLogger("specserve.requests")  # --log-requests
+
+# The warm-up's requests: a few prompt tokens, a few output tokens.
+_WARM_UP_PROMPT_TOKENS = 8
+_WARM_UP_OUTPUT_TOKENS = 4
 
 DEFAULT_MODELS_DIR = os.path.join(os.path.dirname(__file__), "default_models")
 
@@ -62,6 +70,9 @@ class EngineStats:
     # Accepted draft tokens (those output) by speculative position: entry i
     # counts the proposals at position i + 1 of a step that were accepted.
     spec_decode_num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+    # Prompt tokens of requests that have output their first token, and output tokens.
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
 
 
 def resolve_default_models(config: EngineConfig) -> None:
@@ -83,6 +94,43 @@ def resolve_default_models(config: EngineConfig) -> None:
         sc.draft_model = draft
 
 
+def check_models(config: EngineConfig) -> Any:
+    """Refuse, before anything loads, a target, draft or tokenizer that is not a
+    Hugging Face model directory (or a cached hub id), a model of an
+    unsupported architecture, and a max_model_len beyond the target's
+    max_position_embeddings (as vLLM does: the positions past it were never
+    trained). Reads only the configs; changes nothing. Returns the target's."""
+    mc, sc = config.model_config, config.speculative_config
+    target = _read_model_config(mc.model, "model")
+    if sc.draft_model is not None:
+        _read_model_config(sc.draft_model, "draft_model")
+    if mc.tokenizer is not None and not os.path.isdir(resolve_model_path(mc.tokenizer,
+                                                                         "tokenizer")):
+        raise ValueError(f"tokenizer directory {mc.tokenizer} does not exist")
+    limit = model_context_limit(target)
+    if mc.max_model_len is not None and mc.max_model_len > limit:
+        raise ValueError(f"max_model_len {mc.max_model_len} is more than the model's "
+                         f"max_position_embeddings ({limit}, {mc.model}/config.json); give "
+                         f"at most {limit}")
+    return target
+
+
+def _read_model_config(name: str, what: str) -> Any:
+    path = resolve_model_path(name, what)
+    try:
+        hf_config = load_hf_config(path)
+    except FileNotFoundError as exc:  # a bad argument, as every other one is
+        raise ValueError(f"{what}: {exc}; it must be a Hugging Face model directory") from None
+    check_architecture(hf_config, path)
+    return hf_config
+
+
+def model_context_limit(hf_config: Any) -> int:
+    """The longest context the model serves: ``max_model_len`` with no
+    request and no KV cache limit."""
+    return max_model_len(hf_config, None, num_blocks=sys.maxsize, block_size=1)
+
+
 def make_executor(config: EngineConfig) -> Executor:
     if config.parallel_config.executor == "ray":
         from specserve.workers.ray_executor import RayExecutor
@@ -99,10 +147,7 @@ class LLMEngine:
         resolve_hub_ids(config)
         self.config = config
         mc, sc = config.model_config, config.speculative_config
-        try:
-            hf_config = load_hf_config(mc.model)
-        except FileNotFoundError as exc:  # a bad argument, as every other one is
-            raise ValueError(f"{exc}; model must be a Hugging Face model directory") from None
+        hf_config = check_models(config)
         self.vocab_size = hf_config.vocab_size
         self.tokenizer = Tokenizer(mc.tokenizer or mc.model)
         self.eos_token_ids = eos_token_ids(mc.model, hf_config, self.tokenizer.eos_token_id)
@@ -111,6 +156,7 @@ class LLMEngine:
         self.max_model_len = max_model_len(hf_config, mc.max_model_len,
                                            self.executor.num_kv_blocks,
                                            config.cache_config.block_size)
+        self._warn_if_the_cache_limits_the_context(hf_config)
         self.scheduler = Scheduler(
             SchedulerLimits(config.scheduler_config.max_num_seqs,
                             config.scheduler_config.max_num_batched_tokens,
@@ -126,6 +172,9 @@ class LLMEngine:
         self._proposed_total = 0
         self._accepted_total = 0
         self._accepted_per_pos = [0] * self.num_speculative_tokens
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self.log_requests = False  # one line per finished request (request_logger)
         self.max_logprobs = mc.max_logprobs
         # Requests whose prompt another one is computing right now wait for
         # it (prefix caching then serves them its blocks): the prompt of n
@@ -154,8 +203,8 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_token_ids
-        if params.min_tokens:  # the workers mask these until min_tokens are out
-            params = params.with_stop_ids(stop_ids)
+        if params.min_tokens:  # the workers mask these (those the model has) until min_tokens
+            params = params.with_stop_ids(frozenset(t for t in stop_ids if t < self.vocab_size))
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -177,6 +226,8 @@ class LLMEngine:
         if request is None:
             return
         request.abort()
+        if self.log_requests:
+            request_logger.info(request_line(request_id, request.metrics, "aborted"))
         self._release_waiting(request_id)
         for _, waiting in self._waiting_on.values():
             if request.seq in waiting:  # never given to the scheduler
@@ -280,6 +331,7 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return None
+        self._mark_scheduled(scheduler_output)
         return _InFlight(scheduler_output, self.executor.launch(scheduler_output), started)
 
     def _launch_ahead(self, current: _InFlight, k_cap: int | None) -> _InFlight | None:
@@ -290,8 +342,18 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule_ahead(current.scheduler_output)
         if scheduler_output is None:
             return None
+        self._mark_scheduled(scheduler_output)
         return _InFlight(scheduler_output, self.executor.launch(scheduler_output), started,
                          launched_ahead=True)
+
+    def _mark_scheduled(self, scheduler_output: SchedulerOutput) -> None:
+        """Note when each request's first step began (its time in the queue ends)."""
+        now = time.monotonic()
+        for work in scheduler_output.sequences:
+            if work.num_output_tokens == 0:  # in its prompt: maybe its first step
+                request = self.requests.get(work.request_id)
+                if request is not None and request.metrics.first_scheduled_time is None:
+                    request.metrics.first_scheduled_time = now
 
     def _apply(self, step: _InFlight, runner_output: ModelRunnerOutput,
                next_ahead: bool) -> list[tuple[Request, SequenceUpdate]]:
@@ -352,7 +414,8 @@ class LLMEngine:
         for request, update in applied:
             was_finished = request.finished
             accepted_before = request.metrics.draft_tokens_accepted
-            outputs.append(request.emit(update.new_token_ids, update.logprobs))
+            out = request.emit(update.new_token_ids, update.logprobs)
+            outputs.append(out)
             if request.finished and not was_finished:  # a stop string, which may take
                 # back accepted tokens past its match
                 self._accepted_total += request.metrics.draft_tokens_accepted - accepted_before
@@ -361,7 +424,19 @@ class LLMEngine:
                 self.scheduler.finish(request.seq, FinishReason.STOP,
                                       num_output_tokens=request.metrics.completion_tokens)
                 self.requests.pop(request.request_id, None)
+            self._count_tokens(request, out)
         return outputs
+
+    def _count_tokens(self, request: Request, out: RequestDelta) -> None:
+        """The prompt and generation token counters (a prompt counts once its
+        first token is out), and the request's log line when it finished."""
+        if out.new_token_ids:
+            if request.metrics.completion_tokens == len(out.new_token_ids):  # its first tokens
+                self._prompt_tokens_total += request.metrics.prompt_tokens
+            self._generation_tokens_total += len(out.new_token_ids)
+        if out.finished and self.log_requests:
+            request_logger.info(request_line(out.request_id, out.metrics,
+                                             out.finish_reason.value))
 
     # -- information -----------------------------------------------------
     def get_stats(self) -> EngineStats:
@@ -381,7 +456,48 @@ class LLMEngine:
             prefix_cache_queries_total=self.scheduler.prefix_cache_queries,
             prefix_cache_hits_total=self.scheduler.prefix_cache_hits,
             spec_decode_num_accepted_tokens_per_pos=list(self._accepted_per_pos),
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
         )
+
+    def warm_up(self) -> float:
+        """Run a few short requests through whole steps, greedy and sampled, with
+        speculation and (when the engine speculates) without, so that first-use
+        costs (allocator growth, kernels' first launches and compilation,
+        lazily built tables) are paid before a client's first request; then
+        forget them: counters, the prefix cache, the adaptive record. Call it
+        before serving. Returns the seconds it took."""
+        start = time.perf_counter()
+        prompt = [(i * 7 + 3) % self.vocab_size for i in range(_WARM_UP_PROMPT_TOKENS)]
+        ks = (None, 0) if self.num_speculative_tokens else (None,)
+        for i, (k, temperature) in enumerate(itertools.product(ks, (0.0, 1.0))):
+            params = SamplingParams(max_tokens=_WARM_UP_OUTPUT_TOKENS, temperature=temperature,
+                                    ignore_eos=True)
+            self.add_request(f"specserve-warm-up-{i}", prompt, params, k)
+            while self.has_unfinished_requests() or self._in_flight is not None:
+                self.step()
+        self._forget_warm_up()
+        return time.perf_counter() - start
+
+    def _forget_warm_up(self) -> None:
+        self._proposed_total = self._accepted_total = 0
+        self._accepted_per_pos = [0] * self.num_speculative_tokens
+        self._prompt_tokens_total = self._generation_tokens_total = 0
+        self.scheduler.num_preemptions = 0
+        self.scheduler.prefix_cache_queries = self.scheduler.prefix_cache_hits = 0
+        self.reset_prefix_cache()
+        if self.adaptive is not None:
+            self.adaptive = AdaptiveSpeculation(self.num_speculative_tokens)
+
+    def _warn_if_the_cache_limits_the_context(self, hf_config: Any) -> None:
+        wanted = self.config.model_config.max_model_len or model_context_limit(hf_config)
+        if self.max_model_len < wanted:
+            cc = self.config.cache_config
+            logger.warning("the KV cache (%d blocks of %d tokens) limits the context to %d "
+                           "tokens, below the %d asked for or the model's; more KV cache "
+                           "memory (--kv-cache-memory, --gpu-memory-utilization, "
+                           "--num-kv-blocks) serves longer contexts",
+                           self.executor.num_kv_blocks, cc.block_size, self.max_model_len, wanted)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (blocks running requests hold stay theirs)."""

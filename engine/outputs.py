@@ -27,6 +27,7 @@ class RequestMetrics:
     num_steps: int = 0  # steps that emitted tokens
     cached_prompt_tokens: int = 0  # found in the prefix cache when the request started
     arrival_time: float = 0.0
+    first_scheduled_time: float | None = None  # the first step that computed it began
     first_token_time: float | None = None
     finished_time: float | None = None
 

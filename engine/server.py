@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_GRACE_PERIOD = 30.0
+DEFAULT_STATS_INTERVAL = 10.0  # seconds between statistics lines
 
 _DEADLINE_SLACK = 0.05  # seconds; see SpecServer._count_unfinished
 
@@ -67,15 +68,6 @@ def replica_config(config: EngineConfig) -> EngineConfig:
     cfg = copy.deepcopy(config)
     cfg.parallel_config.data_parallel_size = 1
     return cfg
-
-
-def _default_engine_factory(config: EngineConfig) -> Callable[[int], Any]:
-    def make(index: int) -> Any:
-        from specserve.engine.llm_engine import LLMEngine  # noqa: PLC0415 (heavy: torch, models)
-
-        return LLMEngine(replica_config(config))
-
-    return make
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -104,7 +96,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 yield output_to_response(out)
                 if out.finished and srv.metrics is not None:
                     srv.metrics.observe_request(arrival, first_token, time.monotonic(),
-                                                stream.num_tokens, out.finish_reason.value)
+                                                stream.num_tokens, out.finish_reason.value,
+                                                out.metrics)
         except InvalidRequestError as exc:
             await self._reject(context, exc)
         except EngineFailureError as exc:
@@ -150,7 +143,13 @@ class SpecServer:
     """The server and its engines; `start` and `shutdown` run on one event loop.
 
     ``engine_factory(replica_index)`` builds one replica's engine (tests pass
-    their own); by default an `LLMEngine` of ``config``.
+    their own); by default an `LLMEngine` of ``config``, warmed up before it
+    serves (`_build_engine`).
+
+    Logging: once loaded, one block says what is served, how and where
+    (`engine.startup_log`); then every ``stats_interval`` seconds (0: never)
+    a line of statistics, when something happened (`engine.serving_log`);
+    with ``log_requests``, a line per finished request.
     """
 
     def __init__(self, config: EngineConfig, *, host: str = DEFAULT_HOST,
@@ -158,14 +157,20 @@ class SpecServer:
                  grace_period: float = DEFAULT_GRACE_PERIOD,
                  engine_factory: Callable[[int], Any] | None = None,
                  http_port: int | None = None, served_model_name: str | None = None,
-                 replica_restart: RestartPolicy | None = None) -> None:
+                 replica_restart: RestartPolicy | None = None,
+                 stats_interval: float = DEFAULT_STATS_INTERVAL,
+                 log_requests: bool = False) -> None:
         self.config = config
         self.host = host
         self.port = port
         self.metrics_port = metrics_port or 0
         self.grace_period = grace_period
+        self.stats_interval = stats_interval
+        self.log_requests = log_requests
+        self._summaries: dict[int, Any] = {}  # replica -> engine.startup_log.EngineSummary
+        self._stats_task: asyncio.Task | None = None
         sc = config.scheduler_config
-        self.engine = AsyncEngine(engine_factory or _default_engine_factory(config),
+        self.engine = AsyncEngine(engine_factory or self._build_engine,
                                   config.parallel_config.data_parallel_size,
                                   max_num_seqs=sc.max_num_seqs, max_queue=sc.max_queue,
                                   on_step=self._on_step, restart=replica_restart,
@@ -175,7 +180,7 @@ class SpecServer:
         self.http_port = http_port
         self.served_model_name = served_model_name
         self._http: Any = None
-        self.metrics = (ServerMetrics(self.engine.get_stats)
+        self.metrics = (ServerMetrics(self.engine.get_stats, self._model_name())
                         if self.metrics_port or http_port is not None else None)
         self.health = health.aio.HealthServicer()
         self._open = False  # taking requests (the replicas may still all be down)
@@ -234,11 +239,14 @@ class SpecServer:
             self._state = "failed"
             await self._close()
             raise
+        self._log_startup_block()
         self._state = "serving"
         self._open = True
         await self._sync_health()
         if self.on_replicas_loaded is not None:
             self.on_replicas_loaded()
+        if self.stats_interval > 0:
+            self._stats_task = asyncio.ensure_future(self._log_stats())
         logger.info("serving on %s", self.address)
 
     async def _start_http_endpoints(self) -> None:
@@ -288,6 +296,8 @@ class SpecServer:
         await self._close()
 
     async def _close(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
         if self._http is not None:
             await self._http.stop()
         if self._grpc is not None:
@@ -296,6 +306,56 @@ class SpecServer:
         if self.metrics is not None:
             self.metrics.close()
         self._state = "stopped"
+
+    # -- engines and what the log says of them ---------------------------------------
+    def _build_engine(self, index: int) -> Any:
+        """One replica's `LLMEngine`, in its thread: loaded, warmed up (so that a
+        client's first request does not pay first-use costs) and described for
+        the start-up block; a rebuilt replica goes through this again."""
+        from specserve.engine.llm_engine import LLMEngine  # noqa: PLC0415 (heavy: torch, models)
+        from specserve.engine.startup_log import summarize_engine  # noqa: PLC0415
+
+        engine = LLMEngine(replica_config(self.config))
+        seconds = engine.warm_up()
+        logger.info("engine replica %d warmed up in %.2f s", index, seconds)
+        engine.log_requests = self.log_requests
+        self._summaries[index] = summarize_engine(engine, seconds)
+        return engine
+
+    def _model_name(self) -> str:
+        """The served model's name (the HTTP API's, and the metrics' model_name)."""
+        from specserve.engine.http_server import default_served_model_name  # noqa: PLC0415
+
+        return self.served_model_name or default_served_model_name(
+            self.config.model_config.model)
+
+    def _log_startup_block(self) -> None:
+        from specserve.engine.startup_log import startup_block  # noqa: PLC0415
+
+        addresses = [("gRPC", self.address)]
+        if self._http is not None:
+            addresses.append(("HTTP", f"http://{self.host}:{self.http_port}/v1 (model "
+                                      f"{self._http.front.model_name!r})"))
+        if self.metrics_port:
+            addresses.append(("metrics", f"http://{self.host}:{self.metrics_port}/metrics"))
+        summaries = [self._summaries[i] for i in sorted(self._summaries)]
+        logger.info("%s", startup_block(
+            self.config, self.engine.model_info(), summaries[0] if summaries else None,
+            [s.warm_up_seconds for s in summaries if s.warm_up_seconds is not None],
+            addresses))
+
+    async def _log_stats(self) -> None:
+        """Every ``stats_interval`` seconds, the statistics line (when something
+        happened since the last one)."""
+        from specserve.engine.serving_log import StatsLine  # noqa: PLC0415
+
+        line = StatsLine()
+        line.update(self.get_stats(), time.monotonic())
+        while True:
+            await asyncio.sleep(self.stats_interval)
+            text = line.update(self.get_stats(), time.monotonic())
+            if text is not None:
+                logger.info("%s", text)
 
     # -- information ---------------------------------------------------------------
     def get_stats(self) -> EngineStatsSnapshot:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -90,6 +91,73 @@ def test_engine_flags_reach_the_server_unchanged(pair):
         throughput.cli.engine_config_from_args(args)
     with pytest.raises(SystemExit):  # engine flags mean nothing for a server we did not start
         throughput.parse_args(["--target-address", "127.0.0.1:1", "--max-num-seqs", "8"])
+
+
+def synthetic_run(label: str, n: int, gap: float) -> tuple:
+    """(Summary, records) of ``n`` requests whose tokens come ``gap`` s apart."""
+    records = []
+    for i in range(n):
+        times = [0.02 + gap * j for j in range(4 + i % 3)]
+        records.append(throughput.RequestRecord(
+            i, len(times), True, start=0.01 * i, ttft=times[0], e2e=times[-1],
+            output_tokens=len(times), message_times=times, message_tokens=[1] * len(times)))
+    duration = max(r.start + r.e2e for r in records)
+    return throughput.summarize(label, records, duration), records
+
+
+def test_the_plot_marks_percentiles_on_log_cdfs_and_compares_on_one_time_axis(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import throughput_plot
+
+    runs = [synthetic_run("speculation on", 12, 0.01), synthetic_run("speculation off", 12, 0.03)]
+    fig = throughput_plot.figure(runs, "the title")
+    assert fig._suptitle.get_text() == "the title"
+    cdfs, (tput, in_flight) = fig.axes[:4], fig.axes[4:]
+    assert [ax.get_title() for ax in cdfs] == ["TTFT CDF", "TPOT CDF", "ITL CDF",
+                                               "E2E latency CDF"]
+    for ax in cdfs:
+        assert ax.get_xscale() == "log"
+        marks = [t.get_text().split()[0] for t in ax.texts]
+        assert marks == ["p50", "p90", "p99"] * 2  # each run's percentiles
+    for ax in (tput, in_flight):  # both runs over the same [0, 1] axis
+        for line in ax.get_lines():
+            x = line.get_xdata()
+            assert min(x) == 0 and max(x) <= 1.0 + 1e-9
+    assert max(in_flight.get_lines()[0].get_ydata()) >= 2  # requests overlapped
+    single = throughput_plot.figure(runs[:1], "one run")
+    assert single.axes[5].get_xlabel() == "time since start (s)"
+    path = tmp_path / "one.png"
+    throughput_plot.write_plot(str(path), runs[:1], "one run")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_title_names_model_workload_concurrency_commit_and_date():
+    from specserve.v1 import generation_pb2 as pb
+
+    args = throughput.parse_args(["--endpoint", "127.0.0.1:1", "--num-requests", "40",
+                                  "--input-len", "8:24", "--max-concurrency", "8"])
+    info = pb.ModelInfo(target="/models/tiny-target", draft="/models/tiny-draft",
+                        num_speculative_tokens=4)
+    model, rest = throughput.describe_run(args, info).split("\n")
+    assert model == "specserve throughput: tiny-target + draft tiny-draft (k = 4)"
+    assert re.fullmatch(r"40 requests, input 8-24, output 128 tokens, arrivals all at once, "
+                        r"concurrency 8, commit ([0-9a-f]{7,}\+?|unknown), "
+                        r"\d{4}-\d\d-\d\d \d\d:\d\d", rest), rest
+
+
+def test_progress_off_a_terminal_prints_eta_and_tokens_per_second(capsys):
+    bar = throughput.Progress(20, "run", enabled=True)
+    assert not bar.tty  # pytest captures stderr
+    bar.records = synthetic_run("run", 20, 0.01)[1]
+    for done in range(21):
+        bar.done = done
+        bar.draw(final=done == 20)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 11  # every tenth of the way
+    assert re.match(r"run: +100%.*20/20 \[\d\d:\d\d<00:00, .*failed 0, [\d.]+ tok/s\]",
+                    lines[-1]), lines[-1]
+    throughput.Progress(5, "quiet", enabled=False).draw(final=True)
+    assert capsys.readouterr().err == ""
 
 
 # -- against the server ---------------------------------------------------------------------

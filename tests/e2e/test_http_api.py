@@ -224,10 +224,11 @@ def test_models_health_and_metrics(server, client):
     health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=5).read())
     assert health == {"status": "serving"}
     body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
-    assert f"specserve_kv_blocks_total {float(ENGINE_OPTIONS['num_kv_blocks'])}" in body
+    name = f'model_name="{MODEL}"'
+    assert f"specserve_kv_blocks_total{{{name}}} {float(ENGINE_OPTIONS['num_kv_blocks'])}" in body
     assert "specserve_time_to_first_token_seconds_count" in body
-    assert 'specserve_requests_finished_total{finish_reason="length"}' in body
-    assert 'specserve_spec_decode_num_accepted_tokens_per_pos_total{position="1"}' in body
+    assert f'specserve_requests_finished_total{{finish_reason="length",{name}}}' in body
+    assert f'specserve_spec_decode_num_accepted_tokens_per_pos_total{{{name},position="1"}}' in body
 
 
 # -- chat ----------------------------------------------------------------------------------

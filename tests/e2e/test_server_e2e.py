@@ -278,18 +278,18 @@ def test_metrics(server, stub):
     collect(stub, gen_request("x = ", SamplingParams(max_tokens=8, temperature=0.0)))
     body = urllib.request.urlopen(
         f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
-    assert "specserve_kv_blocks_total 128.0" in body
-    assert "specserve_kv_blocks_used 0.0" in body
-    proposed = re.search(r"^specserve_draft_tokens_proposed_total (\S+)$", body, re.M)
+    assert 'specserve_kv_blocks_total{model_name="target"} 128.0' in body  # the served name
+    assert 'specserve_kv_blocks_used{model_name="target"} 0.0' in body
+    proposed = re.search(r"^specserve_draft_tokens_proposed_total{\S+} (\S+)$", body, re.M)
     assert proposed and float(proposed.group(1)) > 0
     per_pos = {int(i): float(n) for i, n in re.findall(
-        r'^specserve_spec_decode_num_accepted_tokens_per_pos_total{position="(\d+)"} (\S+)$',
+        r'^specserve_spec_decode_num_accepted_tokens_per_pos_total{\S*position="(\d+)"} (\S+)$',
         body, re.M)}
     assert sorted(per_pos) == list(range(1, K + 1))
-    accepted = re.search(r"^specserve_draft_tokens_accepted_total (\S+)$", body, re.M)
+    accepted = re.search(r"^specserve_draft_tokens_accepted_total{\S+} (\S+)$", body, re.M)
     assert sum(per_pos.values()) == float(accepted.group(1))
-    assert re.search(r"^specserve_time_to_first_token_seconds_count [1-9]", body, re.M)
-    assert re.search(r"^specserve_step_time_seconds_count [1-9]", body, re.M)
+    assert re.search(r"^specserve_time_to_first_token_seconds_count{\S+} [1-9]", body, re.M)
+    assert re.search(r"^specserve_step_time_seconds_count{\S+} [1-9]", body, re.M)
 
 
 # -- data parallel ---------------------------------------------------------------------------

@@ -279,6 +279,20 @@ def test_generate_prints_logprobs(fake_server, capsys):
     assert "completion_tokens=3" in lines[start + 4]
 
 
+def test_generate_prints_prompt_logprobs(fake_server, capsys):
+    port = fake_server.address.rsplit(":", 1)[1]
+    rc = cli.main(["generate", "hey", "--port", port, "--max-tokens", "2", "--prompt-logprobs",
+                   "1", "--min-tokens", "1", "--include-stop-str-in-output",
+                   "--no-skip-special-tokens"])
+    _, err = capsys.readouterr()
+    assert rc == 0
+    lines = err.splitlines()
+    start = lines.index("-- prompt logprobs (token, logprob | top alternatives)")
+    for line, token in zip(lines[start + 1:start + 3], FakeTokenizer().encode("ey")):
+        assert line.split() == [f"#{token}", "-1.0000", "|", f"#{token}", "-1.0000"]
+    assert "-- logprobs (token, logprob | top alternatives)" not in lines
+
+
 def test_token_texts_come_from_the_targets_tokenizer():
     target = f"{llm_engine.DEFAULT_MODELS_DIR}/target"
     from transformers import AutoTokenizer
@@ -287,3 +301,51 @@ def test_token_texts_come_from_the_targets_tokenizer():
     texts = cli.token_texts(target, set(ids))
     assert "".join(texts[i] for i in ids) == "def add"
     assert cli.token_texts("/no/such/dir", {1}) == {}
+
+
+# -- operating the server: early refusals and the logging flags -------------------------
+def test_a_missing_model_is_refused_in_one_line_before_anything_listens(tmp_path, capsys):
+    port = free_port()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--model", str(tmp_path / "missing"), "--port", str(port)])
+    assert exc.value.code == (f"specserve serve: model: model directory {tmp_path / 'missing'} "
+                              "does not exist; it must be a Hugging Face model directory")
+    import socket
+
+    with socket.socket() as again:  # nothing was started
+        again.bind(("127.0.0.1", port))
+
+
+def test_a_max_model_len_beyond_the_models_is_refused():
+    target = llm_engine.os.path.join(llm_engine.DEFAULT_MODELS_DIR, "target")
+    with pytest.raises(SystemExit, match=r"^specserve serve: max_model_len 100000 is more than "
+                                         r"the model's max_position_embeddings \(512, "):
+        cli.main(["serve", "--model", target, "--max-model-len", "100000", "--port", "0"])
+
+
+def test_operating_flags_reach_the_server(monkeypatch):
+    made = {}
+
+    class Recorder:
+        def __init__(self, config, **kwargs):
+            made.update(kwargs, config=config)
+
+    async def no_serving(server):
+        return None
+
+    import specserve.engine.server as server_module
+
+    monkeypatch.setattr(server_module, "SpecServer", Recorder)
+    monkeypatch.setattr(server_module, "serve_until_signal", no_serving)
+    assert cli.main(["serve", "--stats-interval", "2.5", "--log-requests", "--cpu-threads",
+                     "3", "--log-level", "error"]) == 0
+    assert (made["stats_interval"], made["log_requests"]) == (2.5, True)
+    assert made["config"].parallel_config.cpu_threads == 3
+    assert cli.main(["serve", "--log-level", "error"]) == 0
+    assert (made["stats_interval"], made["log_requests"]) == (cli.DEFAULT_STATS_INTERVAL, False)
+    assert made["config"].parallel_config.cpu_threads is None  # the measured default
+    for bad in (["--stats-interval", "-1"], ["--stats-interval", "x"]):
+        with pytest.raises(SystemExit):
+            _serve_args(*bad)
+    with pytest.raises(SystemExit, match="cpu_threads must be >= 1"):
+        cli.engine_config_from_args(_serve_args("--model", "m", "--cpu-threads", "0"))

@@ -345,9 +345,10 @@ def test_metrics_endpoint(server, stub):
                  "specserve_time_per_output_token_seconds_bucket",
                  "specserve_step_time_seconds_bucket"):
         assert name in body, name
-    assert "specserve_kv_blocks_total 2000.0" in body  # summed over the 2 replicas
+    # summed over the 2 replicas; every series names the served model
+    assert 'specserve_kv_blocks_total{model_name="specserve-default"} 2000.0' in body
     proposed = [line for line in body.splitlines()
-                if line.startswith("specserve_draft_tokens_proposed_total ")]
+                if line.startswith("specserve_draft_tokens_proposed_total{")]
     assert float(proposed[0].split()[1]) > 0
 
 
