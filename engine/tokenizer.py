@@ -55,7 +55,8 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict[str, str]],
+                    add_generation_prompt: bool = True) -> str:
         """``messages`` rendered by the model's chat template (encode the text
         with ``add_special_tokens=False``: the template writes them). Raises
         ValueError without a template, or when the template refuses them."""

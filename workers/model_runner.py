@@ -147,9 +147,10 @@ class ModelRunner:
                 proposed[i] = batch.ks[r]
             if launched.wanted_logprobs is not None:
                 self._read_logprobs(batch, [launched.wanted_logprobs, *lp], sampled, logprobs)
+        any_logprobs = any(lp is not None for lp in logprobs)
         return ModelRunnerOutput(request_ids=[s.request_id for s in seqs],
                                  sampled_token_ids=sampled, num_proposed=proposed,
-                                 logprobs=logprobs if any(l is not None for l in logprobs) else None,
+                                 logprobs=logprobs if any_logprobs else None,
                                  prompt_logprobs=_read_prompt_scores(seqs, launched.prompt_scores))
 
     # -- target ----------------------------------------------------------
