@@ -33,6 +33,7 @@ import itertools
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -356,8 +357,8 @@ class EngineReplica:
         of the engine (its actors, its KV cache, its scheduler)."""
         self.num_failures += 1
         self._set_state(ReplicaState.FAILED)
-        logger.error("engine replica %d failed; ending its %d request(s)", self.index,
-                     len(live), exc_info=exc)
+        logger.error("engine replica %d failed; ending its %d request(s)\n%s", self.index,
+                     len(live), _traceback_text(exc))
         error = EngineFailureError(f"engine replica {self.index} failed ({_reason(exc)}); "
                                    "the request was ended, retry it")
         self._deliver(self.index, [(rid, error) for rid in live] + self._take_adds())
@@ -396,9 +397,9 @@ class EngineReplica:
                     engine.shutdown()
                     return False
                 self._install(engine)
-            except Exception:
-                logger.exception("engine replica %d: rebuild attempt %d failed", self.index,
-                                 attempt + 1)
+            except Exception as exc:
+                logger.error("engine replica %d: rebuild attempt %d failed\n%s", self.index,
+                             attempt + 1, _traceback_text(exc))
                 if engine is not None:
                     _shut_down_quietly(engine)
                 self._set_state(ReplicaState.FAILED)
@@ -464,6 +465,12 @@ def _probe(engine: Any) -> None:
             return
     raise EngineFailureError(f"the rebuilt engine did not finish a one-token request in "
                              f"{_PROBE_STEPS} steps")
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """The log's copy of a failure: text, not the exception (a log handler that
+    keeps records would keep its traceback, and the failed engine in it, alive)."""
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def _collect_frozen() -> None:

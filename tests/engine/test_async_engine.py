@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 import pytest
 
@@ -270,6 +271,32 @@ def test_stop_and_hold_end_a_back_off_without_rebuilding():
         assert outs[-1].finish_reason is FinishReason.LENGTH
 
     run(body, factory, restart=RestartPolicy(max_attempts=3, backoff=60.0, max_backoff=60.0))
+
+
+class CyclicEngine(FakeEngine):
+    """A fake engine in a reference cycle (as real engines are), kept by nothing else."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        FakeEngine.instances.remove(self)
+        self.me = self
+
+
+def test_a_failed_engine_is_freed_though_it_was_frozen_at_start():
+    refs = []
+
+    def factory(index: int) -> CyclicEngine:
+        engine = CyclicEngine(index)
+        refs.append(weakref.ref(engine))
+        return engine
+
+    async def body(engine):
+        with pytest.raises(EngineFailureError):
+            await drain(engine.add_request("b", "BOOM", params()))
+        assert await until(lambda: engine.num_serving == 1)
+        assert len(refs) == 2 and refs[0]() is None and refs[1]() is not None
+
+    run(body, factory, replicas=1)
 
 
 @pytest.mark.parametrize("prompt, count", [("hello world", 11), ([5, 6, 7], 3)])
