@@ -166,6 +166,8 @@ def check_fault_load(report, kv_blocks: int) -> None:
     assert report.burst_after_recovery == {"finished": 16, "unexpected": 0}
     assert report.gauges_after == {"kv_blocks_used": 0, "num_requests_running": 0,
                                    "num_requests_waiting": 0, "kv_blocks_total": 2 * kv_blocks}
+    # the killed actor's process replaced, nothing of the failed replica kept
+    assert report.rss["after"]["session_processes"] == report.rss["before"]["session_processes"]
     assert report.shutdown_rc == 0
     assert report.leftovers == {"processes": [], "shm_files": []}
     assert report.ok
