@@ -93,12 +93,13 @@ def test_the_other_transport_gives_the_same_tokens(ray_llm, pair, monkeypatch):
 def test_a_draft_that_fails_to_load_raises_the_actors_message(ray_llm, pair, tmp_path):
     broken = tmp_path / "draft"
     shutil.copytree(pair[1], broken)
-    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    # (a bad config.json is refused before any actor starts: tests/engine/test_operating.py)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises((ValueError, WorkerError)) as info:
         LLM(model=pair[0], draft_model=str(broken), executor="ray", **ENGINE_ARGS)
     message = str(info.value)
     assert "rank 0 failed while loading the models" in message
-    assert "config.json" in message or "JSON" in message or "Expecting" in message, message
+    assert "model.safetensors: corrupt or unreadable safetensors file" in message, message
     # The failed replica's actor is gone; the shared engine still holds its CPU.
     assert _cpus_free_eventually(1.0)
 
@@ -120,6 +121,17 @@ def test_a_killed_actor_raises_in_the_driver_instead_of_hanging(ray_llm, pair):
         llm.shutdown()
         llm.shutdown()
     assert ray.is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_cpu_threads_set_the_actors_torch_threads(ray_llm, pair):
+    llm = LLM(model=pair[0], draft_model=pair[1], executor="ray", cpu_threads=2, **ENGINE_ARGS)
+    try:
+        where = ray.get(llm.engine.executor.workers[0].ready.remote(), timeout=30)
+        assert where.endswith(", 2 torch threads)"), where  # not its share of the node (1)
+    finally:
+        llm.shutdown()
+    assert _cpus_free_eventually(1.0)
 
 
 @pytest.mark.timeout(120)
