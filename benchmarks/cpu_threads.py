@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -30,6 +29,7 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserv
 import torch  # noqa: E402
 
 from benchmarks.offline import CODE_PROMPTS  # noqa: E402
+from benchmarks.throughput_plot import git_commit  # noqa: E402
 from specserve import LLM, SamplingParams  # noqa: E402
 
 
@@ -87,14 +87,6 @@ def cpu_name() -> str:
     return platform.machine()
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     llm = LLM(num_speculative_tokens=max(args.ks), device="cpu")
@@ -111,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
                         time_decode(llm, threads, batch, k, args))
     load_after = os.getloadavg()
     print(f"== torch threads: the embedded pair's decode on {cpu_name()} "
-          f"({os.cpu_count()} cores), torch {torch.__version__}, commit {commit()}")
+          f"({os.cpu_count()} cores), torch {torch.__version__}, "
+          f"commit {git_commit(_ROOT) or 'unknown'}")
     print(f"{args.max_tokens} tokens per prompt, {args.rounds} rounds (median); load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after")
     print(f"{'batch':>5} {'k':>3} " + "".join(f"{f'{t} thr tok/s':>14}{'vs 1':>7}"
