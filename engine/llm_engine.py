@@ -468,7 +468,10 @@ class LLMEngine:
         forget them: counters, the prefix cache, the adaptive record. Call it
         before serving. Returns the seconds it took."""
         start = time.perf_counter()
-        prompt = [(i * 7 + 3) % self.vocab_size for i in range(_WARM_UP_PROMPT_TOKENS)]
+        num_prompt = min(_WARM_UP_PROMPT_TOKENS, self.max_model_len - 1)  # a short context too
+        if num_prompt < 1:
+            return 0.0  # a context of one token serves no request at all
+        prompt = [(i * 7 + 3) % self.vocab_size for i in range(num_prompt)]
         ks = (None, 0) if self.num_speculative_tokens else (None,)
         for i, (k, temperature) in enumerate(itertools.product(ks, (0.0, 1.0))):
             params = SamplingParams(max_tokens=_WARM_UP_OUTPUT_TOKENS, temperature=temperature,

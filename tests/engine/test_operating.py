@@ -96,6 +96,8 @@ def test_warm_up_runs_requests_and_leaves_no_trace(pair):
         assert getattr(stats, name) == 0, name
     assert stats.spec_decode_num_accepted_tokens_per_pos == [0] * K
     assert list(run(engine, prompts).values()) == list(cold.values())  # greedy: the same tokens
+    short = engine_of(pair, max_model_len=4)  # the warm-up fits any context
+    assert short.warm_up() > 0 and short.get_stats().generation_tokens_total == 0
 
 
 # -- token counters, phases and the request log ---------------------------------------
