@@ -319,7 +319,10 @@ class SpecServer:
         seconds = engine.warm_up()
         logger.info("engine replica %d warmed up in %.2f s", index, seconds)
         engine.log_requests = self.log_requests
-        self._summaries[index] = summarize_engine(engine, seconds)
+        try:
+            self._summaries[index] = summarize_engine(engine, seconds)
+        except Exception:  # the log's loss only: the engine serves
+            logger.exception("engine replica %d: the start-up block cannot describe it", index)
         return engine
 
     def _model_name(self) -> str:
