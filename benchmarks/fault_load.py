@@ -348,8 +348,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return (not self.failed_unexpected and self.seconds_to_recover is not None
-                and self.healthy_replica_failures == 0
+        recovered = not self.faults["actors_killed"] or (
+            self.seconds_to_recover is not None and self.healthy_replica_failures == 0)
+        return (not self.failed_unexpected and recovered
                 and self.burst_after_recovery.get("unexpected", 0) == 0
                 and all(v == 0 for k, v in self.gauges_after.items() if k != "kv_blocks_total")
                 and self.shutdown_rc in (0, None) and not any(self.leftovers.values()))
@@ -424,11 +425,12 @@ def settle_gauges(server: ServerProcess, timeout: float = 60.0) -> dict[str, flo
         time.sleep(0.2)
 
 
-def fault_load(requests: int = 300, concurrency: int = 32, kill_at: float = 0.3,
+def fault_load(requests: int = 300, concurrency: int = 32, kill_at: float | None = 0.3,
                seed: int = 0, stream_timeout: float = 120.0, recover_timeout: float = 300.0,
                serve_args: tuple[str, ...] = (), mix: dict[str, float] | None = None,
                terminate: bool = True) -> Report:
-    """One run (see the module's docstring); the report says what happened."""
+    """One run (see the module's docstring); the report says what happened.
+    ``kill_at`` None kills no actor (a control run: what the load alone costs)."""
     mix = mix or {"normal": 0.7, "cancel": 0.1, "deadline": 0.1, "bad": 0.1}
     args = ["--executor", "ray", "--data-parallel-size", "2", "--device", "cpu",
             "--grace-period", "5", "--replica-restart-backoff", "1", "--log-level", "warning",
@@ -446,7 +448,7 @@ def fault_load(requests: int = 300, concurrency: int = 32, kill_at: float = 0.3,
             server.kill_session()
 
 
-def _run(server: ServerProcess, n: int, concurrency: int, kill_at: float, seed: int,
+def _run(server: ServerProcess, n: int, concurrency: int, kill_at: float | None, seed: int,
          stream_timeout: float, recover_timeout: float, mix: dict[str, float],
          terminate: bool) -> Report:
     with grpc.insecure_channel(server.address) as channel:
@@ -456,28 +458,32 @@ def _run(server: ServerProcess, n: int, concurrency: int, kill_at: float, seed: 
         items = build_workload(n, random.Random(seed), prompts, info.max_model_len,
                                info.vocab_size, mix)
         faults = {kind: sum(it.kind == kind for it in items) for kind in KINDS[1:]}
-        faults["actors_killed"] = 1
+        faults["actors_killed"] = int(kill_at is not None)
         report = Report(n, concurrency, faults)
         report.rss["before"] = server.rss()
-        watcher = Watcher(server, max(1, int(kill_at * n)), recover_timeout)
-        watcher.start()
+        watcher = None
+        if kill_at is not None:
+            watcher = Watcher(server, max(1, int(kill_at * n)), recover_timeout)
+            watcher.start()
 
         def one(item: Item) -> Outcome:
             try:
                 return run_one(stub, item, stream_timeout)
             finally:
-                watcher.count()
+                if watcher is not None:
+                    watcher.count()
 
         start = time.monotonic()
         with ThreadPoolExecutor(concurrency) as pool:
             outcomes = list(pool.map(one, items))
         report.load_seconds = round(time.monotonic() - start, 2)
-        watcher.join(recover_timeout)
-        if watcher.error:
-            raise RuntimeError(f"fault_load: {watcher.error}")
-        report.killed_replica = watcher.replica
-        report.seconds_to_detect = round(watcher.detected - watcher.killed_at, 3)
-        report.seconds_to_recover = round(watcher.recovered - watcher.killed_at, 2)
+        if watcher is not None:
+            watcher.join(recover_timeout)
+            if watcher.error:
+                raise RuntimeError(f"fault_load: {watcher.error}")
+            report.killed_replica = watcher.replica
+            report.seconds_to_detect = round(watcher.detected - watcher.killed_at, 3)
+            report.seconds_to_recover = round(watcher.recovered - watcher.killed_at, 2)
         report.finished = sum(o.result == "finished" for o in outcomes)
         for o in outcomes:
             if o.result == "expected":
@@ -509,12 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--kill-at", type=float, default=0.3,
                         help="fraction of the requests that have ended when an actor is killed")
+    parser.add_argument("--no-kill", action="store_true",
+                        help="kill no actor: a control run, what the load alone costs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream-timeout", type=float, default=120.0,
                         help="a stream with no final message by then counts as hung")
     parser.add_argument("--json", help="write the report here")
     args, serve_args = parser.parse_known_args(argv)  # the rest go to `specserve serve`
-    report = fault_load(args.requests, args.concurrency, args.kill_at, args.seed,
+    report = fault_load(args.requests, args.concurrency,
+                        None if args.no_kill else args.kill_at, args.seed,
                         args.stream_timeout, serve_args=tuple(serve_args))
     text = json.dumps(asdict(report) | {"ok": report.ok}, indent=2)
     print(text)
