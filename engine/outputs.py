@@ -47,6 +47,7 @@ class RequestMetrics:
         rest summed, the earliest arrival and first token, the last finish."""
         first = samples[0]
         times = [m.first_token_time for m in samples if m.first_token_time is not None]
+        scheduled = [m.first_scheduled_time for m in samples if m.first_scheduled_time is not None]
         done = [m.finished_time for m in samples]
         return cls(
             prompt_tokens=first.prompt_tokens,
@@ -56,6 +57,7 @@ class RequestMetrics:
             num_steps=sum(m.num_steps for m in samples),
             cached_prompt_tokens=first.cached_prompt_tokens,
             arrival_time=min(m.arrival_time for m in samples),
+            first_scheduled_time=min(scheduled) if scheduled else None,
             first_token_time=min(times) if times else None,
             finished_time=None if None in done else max(done),
         )

@@ -69,8 +69,9 @@ def test_n_samples_follow_the_seed_rule_and_compute_their_prompt_once(llm):
     assert [c.token_ids for c in out.outputs] == alone
     full_blocks = (len(out.prompt_token_ids) - 1) // 4 * 4  # the last token is always computed
     assert after.prefix_cache_hits_total - before.prefix_cache_hits_total == 2 * full_blocks
-    assert out.metrics.prompt_tokens == len(out.prompt_token_ids)
-    assert out.metrics.completion_tokens == 24
+    m = out.metrics
+    assert m.prompt_tokens == len(out.prompt_token_ids) and m.completion_tokens == 24
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
 
 
 def test_unseeded_samples_differ_and_greedy_n_is_refused(llm):
