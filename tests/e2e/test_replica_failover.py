@@ -5,7 +5,6 @@ which is killed under load (`benchmarks/fault_load.py`, small)."""
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -17,16 +16,8 @@ from specserve.config import EngineConfig
 from specserve.engine.async_engine import RestartPolicy
 from specserve.engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto
 from specserve.engine.server import BackgroundServer
+from tests.e2e.test_server_e2e import wait_until
 from tests.fake_engine import FakeEngine, free_port
-
-
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def request(text: str, **sampling) -> pb.GenerateRequest:
