@@ -17,7 +17,6 @@ JSON in --out.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -28,28 +27,12 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserv
 
 import torch  # noqa: E402
 
-from benchmarks.gpu_suite import (batch1_decode, copy_bandwidth, dummy_model_dir,  # noqa: E402
-                                  throughput)
-from specserve import LLM  # noqa: E402
+from benchmarks.gpu_suite import (copy_bandwidth, decode_and_throughput,  # noqa: E402
+                                  dummy_model_dir)
 
 VARIANTS = {"16-bit": {}, "FP8 weights": {"quantization": "fp8"},
             "FP8 KV": {"kv_cache_dtype": "fp8"},
             "FP8 weights + KV": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
-
-
-def run_variant(model_dir: str, options: dict, bw: float, requests: int) -> dict:
-    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", kv_reserve=1.0,
-              max_num_seqs=256, **options)
-    try:
-        row = {"batch1": batch1_decode(llm, bw)}
-        if requests:
-            row["throughput"] = throughput(llm, bw, requests)
-        return row
-    finally:
-        llm.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -66,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = dummy_model_dir(args.config, tmp)
         for name in args.variants.split(","):
-            results[name] = run_variant(model_dir, VARIANTS[name], bw, args.requests)
+            results[name] = decode_and_throughput(model_dir, bw, args.requests, **VARIANTS[name])
             print(f"{name}: {json.dumps(results[name]['batch1'])}", file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "fp8_speed.json"), "w") as f:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -197,6 +198,23 @@ class StepSplit:
         return {name: {"steps": n, "seconds": secs, "floor_seconds": floor,
                        "fraction_of_floor": floor / secs if secs else None, "tokens": tok}
                 for name, (n, secs, floor, tok) in sorted(self.rows.items())}
+
+
+def decode_and_throughput(model_dir: str, bw: float, requests: int, **options) -> dict:
+    """Batch-1 decode, then (unless ``requests`` is 0) the offline throughput
+    run, of a dummy-weight bf16 model; the engine is freed afterwards."""
+    llm = LLM(model=model_dir, load_format="dummy", dtype="bfloat16", kv_reserve=1.0,
+              max_num_seqs=256, **options)
+    try:
+        row = {"batch1": batch1_decode(llm, bw), "weight_bytes": weight_bytes(llm)}
+        if requests:
+            row["throughput"] = throughput(llm, bw, requests)
+        return row
+    finally:
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _kv_bytes_per_token(llm: LLM) -> int:

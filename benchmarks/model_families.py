@@ -17,7 +17,6 @@ draft is measured by benchmarks/synthetic_speculation.py
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -28,47 +27,33 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserv
 
 import torch  # noqa: E402
 
-from benchmarks.gpu_suite import (batch1_decode, copy_bandwidth, dummy_model_dir,  # noqa: E402
-                                  throughput, weight_bytes)
-from specserve import LLM  # noqa: E402
+from benchmarks.gpu_suite import (copy_bandwidth, decode_and_throughput,  # noqa: E402
+                                  dummy_model_dir)
 
 DEFAULT_CONFIGS = "mistral-7b-v0.1,qwen3-8b,gemma-2-9b,phi-3-mini,mixtral-8x7b"
 
 
-def bytes_per_token(llm: LLM) -> int:
-    """Weight bytes one decode token must read: all of a dense model; for a
-    mixture of experts, the expert weights scaled by top-k / experts."""
-    runner = llm.engine.executor.worker.runner
-    config = runner.target.config
-    experts = getattr(config, "num_local_experts", None)
+def bytes_per_token(model_dir: str, weight_bytes: int) -> int:
+    """Weight bytes one decode token must read: all of a dense model's; of a
+    mixture of experts, the dense part and top-k / experts of the experts'."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    experts = config.get("num_local_experts")
     if not experts:
-        return weight_bytes(llm)
-    dense = expert = 0
-    for p in runner.target.parameters():
-        n = p.numel() * p.element_size()
-        if p.dim() == 3 and p.shape[0] == experts:  # stacked expert weights [E, ., .]
-            expert += n
-        else:
-            dense += n
-    return dense + expert * config.num_experts_per_tok // experts
+        return weight_bytes
+    hidden, inter, layers = (config["hidden_size"], config["intermediate_size"],
+                             config["num_hidden_layers"])
+    expert = 3 * hidden * inter * experts * layers * 2  # gate, up, down in bf16
+    return weight_bytes - expert + expert * config["num_experts_per_tok"] // experts
 
 
 def run(config: str, tmp: str, bw: float, requests: int) -> dict:
-    llm = LLM(model=dummy_model_dir(config, tmp), load_format="dummy", dtype="bfloat16",
-              kv_reserve=1.0, max_num_seqs=256)
-    try:
-        row = {"batch1": batch1_decode(llm, bw)}
-        floor = bw / bytes_per_token(llm)  # batch1_decode's floor counts every weight
-        row["batch1"]["floor_tokens_per_s"] = floor
-        row["batch1"]["decode_fraction_of_floor"] = row["batch1"]["decode_tokens_per_s"] / floor
-        if requests:
-            row["throughput"] = throughput(llm, bw, requests)
-        return row
-    finally:
-        llm.shutdown()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+    model_dir = dummy_model_dir(config, tmp)
+    row = decode_and_throughput(model_dir, bw, requests)
+    floor = bw / bytes_per_token(model_dir, row["weight_bytes"])  # top-k experts only
+    row["batch1"]["floor_tokens_per_s"] = floor
+    row["batch1"]["decode_fraction_of_floor"] = row["batch1"]["decode_tokens_per_s"] / floor
+    return row
 
 
 def main() -> None:

@@ -84,10 +84,12 @@ def test_greedy_speculation_stays_lossless_through_the_one_program_path(random_p
 def test_start_up_forwards_of_every_tile_shape_run_on_the_padding_block(random_pair):
     """The eager forwards that compile Triton's tile shapes at start-up (on
     CUDA) address only the padding block; here on the CPU, with block 0 as
-    the padding block of an idle engine, they run and leave serving intact."""
+    the padding block of an idle engine, they run and leave serving intact.
+    (No prefix caching: an idle engine's block 0 could hold a cached block;
+    on CUDA the padding block is one more block, which nothing caches.)"""
     target, draft = random_pair
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
-              kv_cache_memory=1 << 24, block_size=4)
+              kv_cache_memory=1 << 24, block_size=4, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     before = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)]
     runner = llm.engine.executor.worker.runner

@@ -31,6 +31,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from specserve.workers.kernels.gemv import _gemv_kernel
+
     @triton.jit
     def e4m3_round(x):
         """float32 ``x`` (within +-448) rounded to the nearest E4M3 value,
@@ -49,28 +51,6 @@ if triton_available():
         small = tl.where(up, low + 1.0, low) / 512.0
         small = tl.where(bits < 0, -small, small)  # the sign of a zero too
         return tl.where(tl.abs(x) < 0.015625, small, normal)
-
-    @triton.jit
-    def _fp8_gemv_kernel(xq_ptr, x_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, K, stride_w,
-                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.arange(0, BLOCK_K)
-        rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(xq_ptr + k0 + k)
-                w = tl.load(rows + (k0 + k)[None, :])
-            else:
-                ok = k0 + k < K
-                x = tl.load(xq_ptr + k0 + k, mask=ok, other=0.0)
-                w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + n)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + n).to(tl.float32)
-        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
 
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -129,8 +109,9 @@ def _fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
     block_n, block_k, num_warps, num_stages = gemv_config(n, k)
     block_k = min(2 * block_k, triton.next_power_of_2(k))
     out = torch.empty((1, n), dtype=dtype, device=xq.device)
-    _fp8_gemv_kernel[(n // block_n,)](
-        xq, x_scale, weight, weight_scale, bias if bias is not None else out, out, k,
-        weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+    _gemv_kernel[(n // block_n,)](
+        xq, weight, out, k, weight.stride(0), x_scale, weight_scale,
+        bias if bias is not None else out, BLOCK_N=block_n, BLOCK_K=block_k,
+        EVEN_K=k % block_k == 0, SCALED=True, HAS_BIAS=bias is not None,
+        num_warps=num_warps, num_stages=num_stages)
     return out
