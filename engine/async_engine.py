@@ -19,9 +19,14 @@ shut down, and its thread builds a new one after a back-off (`RestartPolicy`),
 which serves once it has run a request through a whole step. While no replica
 serves, new requests get `EngineUnavailableError` at once.
 
+Text prompts are tokenized on a small pool of tokenizer threads (`tokenize`),
+so the front ends check and tokenize a request before it is queued. A stream
+whose reader falls more than ``max_stream_buffer_tokens`` behind has its
+request aborted (`SlowReaderError`).
+
 No gRPC in here: failures are exceptions (`InvalidRequestError`,
-`QueueFullError`, `EngineFailureError`, `EngineUnavailableError`) that the
-server maps to status codes.
+`QueueFullError`, `EngineFailureError`, `EngineUnavailableError`,
+`SlowReaderError`) that the server maps to status codes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable
@@ -59,6 +65,10 @@ class EngineFailureError(RuntimeError):
 
 class EngineUnavailableError(RuntimeError):
     """The engine is not running (still loading, or stopped)."""
+
+
+class SlowReaderError(RuntimeError):
+    """The client fell too far behind reading its stream; the request was aborted."""
 
 
 class ReplicaState(str, Enum):
@@ -533,9 +543,19 @@ class RequestStream:
         self.last_metrics: RequestMetrics | None = None
         self._queue: asyncio.Queue = asyncio.Queue()
         self._error: BaseException | None = None
+        self.buffered_tokens = 0  # output tokens queued that the reader has not taken
 
     def _put(self, item: Any) -> None:
+        if isinstance(item, RequestDelta):
+            self.buffered_tokens += len(item.new_token_ids)
         self._queue.put_nowait(item)
+
+    def _fail_now(self, error: BaseException) -> None:
+        """Drop what the reader has not taken and end the stream with ``error``."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self.buffered_tokens = 0
+        self._queue.put_nowait(error)
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -553,6 +573,7 @@ class RequestStream:
         marker = None if isinstance(items[-1], RequestDelta) else items.pop()
         for out in items:
             self.num_tokens += len(out.new_token_ids)
+            self.buffered_tokens -= len(out.new_token_ids)
             self.last_metrics = out.metrics
         if marker is _ABORTED:
             items.append(self._aborted_output())
@@ -615,7 +636,9 @@ class AsyncEngine:
                  max_num_seqs: int = 128, max_queue: int = 1024,
                  on_step: Callable[[float], None] | None = None,
                  restart: RestartPolicy | None = None,
-                 on_replica_state: Callable[[int, ReplicaState], None] | None = None) -> None:
+                 on_replica_state: Callable[[int, ReplicaState], None] | None = None,
+                 max_stream_buffer_tokens: int | None = None,
+                 tokenizer_threads: int = 2) -> None:
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         self._make_engine = make_engine
@@ -629,6 +652,13 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tokenizer_lock = threading.Lock()
+        # Text prompts are tokenized here, before they are queued: off the event
+        # loop and off every engine thread, each pool thread with a tokenizer
+        # copy of its own (a fast tokenizer refuses concurrent use).
+        self._tokenizer_pool = ThreadPoolExecutor(tokenizer_threads,
+                                                  thread_name_prefix="specserve-tokenizer")
+        self._thread_tokenizer = threading.local()
+        self.max_stream_buffer_tokens = max_stream_buffer_tokens  # None: unbounded
         self.running = False
 
     # -- life cycle ----------------------------------------------------------------
@@ -664,6 +694,7 @@ class AsyncEngine:
         """Stop the replicas' threads (aborting what they hold) and shut the engines down."""
         self.running = False
         await asyncio.gather(*(asyncio.to_thread(r.stop, timeout) for r in self.replicas))
+        self._tokenizer_pool.shutdown(wait=False)
         gc.unfreeze()  # the engines' objects may be collected again
 
     # -- requests ------------------------------------------------------------------
@@ -748,16 +779,25 @@ class AsyncEngine:
         return dict(self.replicas[0].model_info)
 
     async def tokenize(self, text: str) -> list[int]:
-        """The token ids of ``text`` (off the event loop, one call at a time)."""
+        """The token ids of ``text``, as the engine would make them, computed on
+        the tokenizer threads (never the event loop or an engine thread)."""
         if not self.running:
             raise EngineUnavailableError("the engine is not running")
-        tokenizer = self.replicas[0].tokenizer
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool, self._encode_here, text)
 
-        def encode() -> list[int]:
+    async def prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
+        """A prompt as token ids (text tokenized off the event loop)."""
+        return await self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _encode_here(self, text: str) -> list[int]:
+        """On a tokenizer thread: its own copy of the tokenizer, made on first use."""
+        tokenizer = getattr(self._thread_tokenizer, "tokenizer", None)
+        if tokenizer is None:
             with self._tokenizer_lock:
-                return list(tokenizer.encode(text))
-
-        return await asyncio.to_thread(encode)
+                tokenizer = copy.deepcopy(self.replicas[0].tokenizer)
+            self._thread_tokenizer.tokenizer = tokenizer
+        return list(tokenizer.encode(text))
 
     def get_stats(self) -> EngineStatsSnapshot:
         """Latest statistics of every replica: counters summed over all of them
@@ -808,6 +848,21 @@ class AsyncEngine:
             if not isinstance(item, RequestDelta) or item.finished:
                 del self._streams[request_id]
                 stream.replica.num_unfinished -= 1
+            elif self._behind(stream):
+                self._stop_slow_reader(stream)
+
+    def _behind(self, stream: RequestStream) -> bool:
+        limit = self.max_stream_buffer_tokens
+        return limit is not None and stream.buffered_tokens > limit
+
+    def _stop_slow_reader(self, stream: RequestStream) -> None:
+        """Its client fell more than the limit behind: abort the request (its
+        blocks are freed at the next step) and drop what it has not read."""
+        self.abort(stream.request_id)
+        stream._fail_now(SlowReaderError(
+            f"the stream's reader fell more than {self.max_stream_buffer_tokens} tokens "
+            "behind (--max-stream-buffer-tokens); the request was aborted: read the stream "
+            "as fast as it arrives"))
 
     def _reroute(self, stream: RequestStream, cmd: _Add) -> None:
         """A request that reached a replica as it failed goes to another one (or,

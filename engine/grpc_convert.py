@@ -9,6 +9,10 @@ from __future__ import annotations
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
 
 from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
 from specserve.sampling_params import SamplingParams
@@ -22,7 +26,8 @@ except ModuleNotFoundError:  # a source checkout that is not pip-installed
     from specserve.v1 import generation_pb2 as pb
     from specserve.v1 import generation_pb2_grpc as pb_grpc
 
-__all__ = ["pb", "pb_grpc", "ParsedRequest", "parse_generate_request",
+__all__ = ["pb", "pb_grpc", "ParsedRequest", "parse_generate_request", "MalformedRequest",
+           "tolerant", "add_servicer",
            "sampling_params_from_proto", "sampling_params_to_proto", "output_to_response",
            "usage_from_metrics", "model_info_to_proto", "FINISH_REASON_TO_PROTO", "SERVICE_NAME"]
 
@@ -81,10 +86,51 @@ def sampling_params_to_proto(params: SamplingParams | None = None, **overrides) 
     return msg
 
 
+class MalformedRequest:
+    """What a request that does not parse becomes (`tolerant`): the servicer
+    answers it INVALID_ARGUMENT instead of gRPC logging a traceback."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def tolerant(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that returns a `MalformedRequest` for bytes that
+    are not a ``message_type`` (corrupt wire format, invalid UTF-8 in a string)."""
+    name = message_type.DESCRIPTOR.name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            detail = str(exc).rpartition(": ")[2] or "the bytes do not parse"
+            return MalformedRequest(f"the request is not a valid {name}: {detail}")
+
+    return parse
+
+
+def add_servicer(servicer: Any, server: Any) -> None:
+    """Register ``servicer`` for the Generation service, with `tolerant`
+    deserializers (the generated ``add_GenerationServicer_to_server``'s would
+    raise, and gRPC would log the traceback and answer INTERNAL)."""
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler}
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generation"].methods:
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        make = kinds[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=tolerant(request_type),
+                                     response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME,
+                                                                          handlers),))
+
+
 def parse_generate_request(req: "pb.GenerateRequest", request_id: str) -> ParsedRequest:
     """Check the request's shape and sampling parameters; raises ValueError with
-    a message fit for the client. Prompt length and the speculation override are
-    checked by the engine when the request is added."""
+    a message fit for the client. Sizes, prompt length and k are checked next
+    (`engine.request_checks`), before the request is queued."""
     which = req.WhichOneof("prompt")
     if which == "text":
         prompt: str | list[int] = req.text

@@ -28,7 +28,7 @@ _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _REQUEST_TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
                          60.0, 120.0, 300.0, 600.0, 1200.0)
 _TOKEN_COUNT_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))  # 1 to 500k
-REJECTION_REASONS = ("invalid_argument", "queue_full", "unavailable")
+REJECTION_REASONS = ("invalid_argument", "queue_full", "unavailable", "slow_reader")
 REPLICA_STATES = tuple(state.value for state in ReplicaState)
 
 
@@ -166,7 +166,8 @@ class ServerMetrics:
         self.requests_rejected = Counter(
             "specserve_requests_rejected",
             "Requests refused with a status, by reason (invalid_argument, queue_full, "
-            "unavailable).", ["reason"], registry=self.own)
+            "unavailable; slow_reader: aborted when the client fell more than "
+            "--max-stream-buffer-tokens behind).", ["reason"], registry=self.own)
         for reason in REJECTION_REASONS:
             self.requests_rejected.labels(reason=reason)
         self.requests_failed = Counter(

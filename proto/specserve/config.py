@@ -165,12 +165,96 @@ class ParallelConfig:
                f"got {self.executor!r}")
 
 
+@dataclass
+class RequestLimits:
+    """What one request may carry. Both front ends (gRPC and HTTP) check these
+    before a request is queued and answer INVALID_ARGUMENT (HTTP 400) naming
+    the limit: a request's size must not cost the server more than it can
+    refuse cheaply."""
+
+    max_stop_strings: int = field(default=16, metadata={"help": (
+        "Most stop strings a request may give; more is refused with INVALID_ARGUMENT (each "
+        "is matched against every step's text).")})
+    max_stop_string_length: int = field(default=256, metadata={"help": (
+        "Most characters in one stop string; a longer one is refused with INVALID_ARGUMENT.")})
+    max_request_id_length: int = field(default=256, metadata={"help": (
+        "Most characters in a client's request id (every response echoes it); a longer one "
+        "is refused with INVALID_ARGUMENT.")})
+    max_prompt_bytes: int | None = field(default=None, metadata={"help": (
+        "Most UTF-8 bytes in a text prompt, refused with INVALID_ARGUMENT before it is "
+        "tokenized. Default: 32 bytes per token of the served context (a token is rarely "
+        "more than 8 bytes of text).")})
+    max_priority: int = field(default=0, metadata={"help": (
+        "Requests' priority must lie in [-N, N] (lower is admitted first); 0 refuses any "
+        "non-zero priority, so no client can jump the queue unless this is raised.")})
+    max_stream_buffer_tokens: int = field(default=4096, metadata={"help": (
+        "Most output tokens a stream may hold that its client has not read yet; a reader "
+        "that falls further behind has its request aborted (its KV blocks freed) with "
+        "RESOURCE_EXHAUSTED.")})
+
+    def __post_init__(self) -> None:
+        for name in ("max_stop_strings", "max_stop_string_length", "max_request_id_length",
+                     "max_priority"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.max_prompt_bytes is None or self.max_prompt_bytes >= 1,
+               f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
+        _check(self.max_stream_buffer_tokens >= 1,
+               f"max_stream_buffer_tokens must be >= 1, got {self.max_stream_buffer_tokens}")
+
+    def prompt_bytes_limit(self, context: int) -> int:
+        """``max_prompt_bytes``, or its default for a context of ``context`` tokens."""
+        return self.max_prompt_bytes or 32 * max(context, 1)
+
+
+@dataclass
+class ConnectionLimits:
+    """How long connections live and how much one may ask of the server."""
+
+    keepalive_time: float = field(default=60.0, metadata={"help": (
+        "Seconds between the gRPC server's keepalive pings on an idle connection (a dead "
+        "peer is found and its streams aborted).")})
+    keepalive_timeout: float = field(default=20.0, metadata={"help": (
+        "Seconds a keepalive ping may go unanswered before the connection is closed.")})
+    max_connection_idle: float = field(default=300.0, metadata={"help": (
+        "Seconds a gRPC connection with no stream open is kept; 0 keeps it forever. Clients "
+        "reconnect transparently.")})
+    max_connection_age: float = field(default=0.0, metadata={"help": (
+        "Seconds after which a gRPC connection is asked to go away (GOAWAY; its streams "
+        "finish within --max-connection-age-grace); 0: never.")})
+    max_connection_age_grace: float = field(default=300.0, metadata={"help": (
+        "Seconds a connection's streams get to finish once it is past --max-connection-age.")})
+    max_concurrent_streams: int = field(default=1024, metadata={"help": (
+        "Most streams open at once on one gRPC connection (HTTP/2 SETTINGS); the client "
+        "queues the rest.")})
+    max_receive_message_bytes: int | None = field(default=None, metadata={"help": (
+        "Largest gRPC request accepted, in bytes; larger is refused with RESOURCE_EXHAUSTED "
+        "before it is parsed. Default: --max-prompt-bytes plus 1 MiB (at least 4 MiB).")})
+    http_keep_alive_timeout: float = field(default=5.0, metadata={"help": (
+        "Seconds the HTTP API keeps an idle keep-alive connection open.")})
+    http_limit_concurrency: int | None = field(default=None, metadata={"help": (
+        "Most HTTP connections and requests at once; more are answered 503. Default: no "
+        "limit beyond --max-queue.")})
+
+    def __post_init__(self) -> None:
+        for name in ("keepalive_time", "keepalive_timeout", "http_keep_alive_timeout"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_connection_idle", "max_connection_age", "max_connection_age_grace"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.max_concurrent_streams >= 1,
+               f"max_concurrent_streams must be >= 1, got {self.max_concurrent_streams}")
+        for name in ("max_receive_message_bytes", "http_limit_concurrency"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be >= 1, got {value}")
+
+
 _SECTIONS = {
     "model_config": ModelConfig,
     "speculative_config": SpeculativeConfig,
     "cache_config": CacheConfig,
     "scheduler_config": SchedulerConfig,
     "parallel_config": ParallelConfig,
+    "request_limits": RequestLimits,
+    "connection_limits": ConnectionLimits,
 }
 
 
@@ -181,6 +265,8 @@ class EngineConfig:
     cache_config: CacheConfig = field(default_factory=CacheConfig)
     scheduler_config: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    request_limits: RequestLimits = field(default_factory=RequestLimits)
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
