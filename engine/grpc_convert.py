@@ -90,6 +90,8 @@ class MalformedRequest:
     """What a request that does not parse becomes (`tolerant`): the servicer
     answers it INVALID_ARGUMENT instead of gRPC logging a traceback."""
 
+    request_id = ""  # it names none
+
     def __init__(self, message: str) -> None:
         self.message = message
 

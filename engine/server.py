@@ -39,11 +39,15 @@ from grpc_reflection.v1alpha import reflection
 
 from specserve.engine.async_engine import (AsyncEngine, EngineFailureError, EngineStatsSnapshot,
                                            EngineUnavailableError, InvalidRequestError,
-                                           QueueFullError, ReplicaState, RestartPolicy)
+                                           QueueFullError, ReplicaState, RestartPolicy,
+                                           SlowReaderError)
 from specserve.config import EngineConfig
-from specserve.engine.grpc_convert import (SERVICE_NAME, model_info_to_proto, output_to_response,
-                                           parse_generate_request, pb, pb_grpc)
+from specserve.engine.grpc_convert import (SERVICE_NAME, MalformedRequest, add_servicer,
+                                           model_info_to_proto, output_to_response,
+                                           parse_generate_request, pb)
 from specserve.engine.metrics import ServerMetrics
+from specserve.engine.redact import redact
+from specserve.engine.request_checks import ServedModel, check_prompt, check_request
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ _DEADLINE_SLACK = 0.25  # seconds; see SpecServer._count_unfinished
 # InvalidRequestError is a ValueError).
 _REJECTIONS = (
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"),
+    (SlowReaderError, grpc.StatusCode.RESOURCE_EXHAUSTED, "slow_reader"),
     (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE, "unavailable"),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
 )
@@ -70,7 +75,28 @@ def replica_config(config: EngineConfig) -> EngineConfig:
     return cfg
 
 
-class GenerationServicer(pb_grpc.GenerationServicer):
+def grpc_options(config: EngineConfig) -> list[tuple[str, int]]:
+    """The server's connection limits as gRPC channel arguments (README: Limits)."""
+    cl, rl = config.connection_limits, config.request_limits
+    prompt_bytes = rl.max_prompt_bytes or 32 * (config.model_config.max_model_len or 0)
+    options = [("grpc.keepalive_time_ms", _ms(cl.keepalive_time)),
+               ("grpc.keepalive_timeout_ms", _ms(cl.keepalive_timeout)),
+               ("grpc.max_concurrent_streams", cl.max_concurrent_streams),
+               ("grpc.max_receive_message_length", cl.max_receive_message_bytes
+                or max(4 << 20, prompt_bytes + (1 << 20)))]
+    if cl.max_connection_idle:
+        options.append(("grpc.max_connection_idle_ms", _ms(cl.max_connection_idle)))
+    if cl.max_connection_age:
+        options += [("grpc.max_connection_age_ms", _ms(cl.max_connection_age)),
+                    ("grpc.max_connection_age_grace_ms", _ms(cl.max_connection_age_grace))]
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class GenerationServicer:
     def __init__(self, server: "SpecServer") -> None:
         self._server = server
 
@@ -79,11 +105,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         arrival = time.monotonic()
         request_id = request.request_id or f"req-{uuid.uuid4().hex}"
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequestError(request.message)
             if not srv.accepting:
                 raise EngineUnavailableError(srv.unavailable_reason())
-            parsed = parse_generate_request(request, request_id)
-            stream = srv.engine.add_request(parsed.request_id, parsed.prompt, parsed.params,
-                                            parsed.num_speculative_tokens, parsed.priority)
+            stream = await self._submit(request, request_id)
         except (ValueError, QueueFullError, EngineUnavailableError) as exc:
             await self._reject(context, exc)
 
@@ -98,17 +124,31 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     srv.metrics.observe_request(arrival, first_token, time.monotonic(),
                                                 stream.num_tokens, out.finish_reason.value,
                                                 out.metrics)
-        except InvalidRequestError as exc:
+        except (InvalidRequestError, SlowReaderError) as exc:
             await self._reject(context, exc)
         except EngineFailureError as exc:
             if srv.metrics is not None:
                 srv.metrics.requests_failed.inc()
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, redact(str(exc)))
         finally:
             if not stream.finished:  # cancelled, deadline passed, or the write failed
                 srv.engine.abort(request_id)
                 srv._count_unfinished(context)
             srv._call_ended()
+
+    async def _submit(self, request: pb.GenerateRequest, request_id: str) -> Any:
+        """Check, tokenize (on the tokenizer threads) and check the request against
+        the served model, then queue it: a bad request is refused before it waits
+        for any engine step."""
+        srv = self._server
+        parsed = parse_generate_request(request, request_id)
+        model = ServedModel.from_info(srv.engine.model_info())
+        check_request(srv.config.request_limits, model, parsed.prompt, parsed.params,
+                      request_id=request.request_id, priority=parsed.priority)
+        ids = await srv.engine.prompt_token_ids(parsed.prompt)
+        check_prompt(ids, parsed.num_speculative_tokens, model)
+        return srv.engine.add_request(request_id, ids, parsed.params,
+                                      parsed.num_speculative_tokens, parsed.priority)
 
     async def _reject(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """End the call with the status for ``exc``, counted by reason."""
@@ -132,6 +172,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         srv = self._server
+        if isinstance(request, MalformedRequest):
+            await self._reject(context, InvalidRequestError(request.message))
         try:
             ids = await srv.engine.tokenize(request.text)
         except EngineUnavailableError:
@@ -174,7 +216,9 @@ class SpecServer:
                                   config.parallel_config.data_parallel_size,
                                   max_num_seqs=sc.max_num_seqs, max_queue=sc.max_queue,
                                   on_step=self._on_step, restart=replica_restart,
-                                  on_replica_state=self._replica_state_changed)
+                                  on_replica_state=self._replica_state_changed,
+                                  max_stream_buffer_tokens=(
+                                      config.request_limits.max_stream_buffer_tokens))
         # The OpenAI-compatible HTTP API (engine.http_server) on http_port (None:
         # off, 0: any free port); it serves /metrics too.
         self.http_port = http_port
@@ -209,8 +253,8 @@ class SpecServer:
         """Listen (health NOT_SERVING), load the models, then report SERVING."""
         self._idle = asyncio.Event()
         self._idle.set()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(self), server)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *grpc_options(self.config)])
+        add_servicer(GenerationServicer(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
