@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"), help="logging level")
     _add_operating_flags(serve)
+    _add_security_flags(serve)
     engine_group = serve.add_argument_group("engine options")
     add_dataclass_flags(engine_group, engine_fields(), ENGINE_OPTION_HELP, ENGINE_OPTION_CHOICES)
     engine_group.add_argument(
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "print usage and the draft acceptance rate to stderr.")
     gen.add_argument("prompt", help="the prompt text; '-' reads it from stdin")
     _add_address_flags(gen, wait=True)
+    _add_client_security_flags(gen)
     gen.add_argument("--num-speculative-tokens", type=int, default=None,
                      help="lower k for this request; 0 turns speculation off")
     gen.add_argument("--priority", type=int, default=0,
@@ -331,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the models a running server serves")
     _add_address_flags(info, wait=True)
+    _add_client_security_flags(info)
     info.set_defaults(func=cmd_info, parser=info)
     return parser
 
@@ -346,6 +349,68 @@ def _add_operating_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-requests", action="store_true",
                        help="log a line per finished request: its id, prompt, cached and "
                             "output tokens, finish reason, TTFT, end-to-end time and acceptance")
+
+
+def _add_security_flags(parser: argparse.ArgumentParser) -> None:
+    """Who may talk to the server (README: Security)."""
+    group = parser.add_argument_group(
+        "security", "TLS and API keys apply to the gRPC port and the HTTP API alike; "
+                    "--metrics-port stays plain and open")
+    group.add_argument("--tls-cert", metavar="PEM", default=None,
+                       help="serve over TLS with this certificate (chain); needs --tls-key")
+    group.add_argument("--tls-key", metavar="PEM", default=None,
+                       help="the private key of --tls-cert")
+    group.add_argument("--tls-client-ca", metavar="PEM", default=None,
+                       help="mutual TLS: refuse clients without a certificate signed by this CA")
+    group.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require 'authorization: Bearer KEY' on every RPC but health "
+                            "and on the HTTP API's /v1/* and /metrics (repeat for several "
+                            "keys; also read from $SPECSERVE_API_KEY)")
+    group.add_argument("--api-key-file", metavar="FILE", default=None,
+                       help="accepted API keys, one a line")
+    group.add_argument("--no-reflection", dest="reflection", action="store_false",
+                       help="turn off gRPC server reflection (which lists the services)")
+
+
+def _add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    """How a client reaches a secured server."""
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls-ca", metavar="PEM", default=None,
+                       help="connect over TLS, trusting server certificates this CA signed")
+    group.add_argument("--tls-cert", metavar="PEM", default=None,
+                       help="client certificate, for a server with mutual TLS")
+    group.add_argument("--tls-key", metavar="PEM", default=None,
+                       help="the private key of --tls-cert")
+    group.add_argument("--api-key", default=None, metavar="KEY",
+                       help="send 'authorization: Bearer KEY' (default: $SPECSERVE_API_KEY)")
+
+
+def security_from_args(args: argparse.Namespace) -> Any:
+    """The server's `engine.security.Security` from the flags and
+    $SPECSERVE_API_KEY; a bad file or key exits with one line naming it."""
+    from specserve.engine.security import Security, load_api_keys  # noqa: PLC0415 (grpc)
+
+    try:
+        security = Security(tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            tls_client_ca=args.tls_client_ca,
+                            api_keys=load_api_keys(args.api_key, args.api_key_file),
+                            reflection=args.reflection)
+        security.check()
+    except ValueError as exc:
+        raise SystemExit(f"specserve serve: {exc}") from None
+    return security
+
+
+def client_channel_from_args(args: argparse.Namespace, address: str) -> Any:
+    """A channel to ``address`` with the client security flags."""
+    from specserve.engine.security import API_KEY_ENV, client_channel  # noqa: PLC0415
+
+    try:
+        return client_channel(address, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key,
+                              api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
+    except ValueError as exc:
+        raise SystemExit(f"specserve {args.command}: {exc}") from None
 
 
 def interval_type(text: str) -> float:
@@ -444,6 +509,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_ports(args)
+    security = security_from_args(args)
     config = engine_config_from_args(args)
     check_models_early(config)
     from specserve.engine.async_engine import RestartPolicy  # noqa: PLC0415
@@ -455,7 +521,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         grace_period=args.grace_period, http_port=args.http_port,
                         served_model_name=args.served_model_name, replica_restart=restart,
-                        stats_interval=args.stats_interval, log_requests=args.log_requests)
+                        stats_interval=args.stats_interval, log_requests=args.log_requests,
+                        security=security)
     try:
         asyncio.run(serve_until_signal(server))
     except (ValueError, OSError) as exc:
@@ -485,7 +552,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     logprobs: list[Any] = []
     prompt_logprobs: list[Any] = []
     address = f"{args.host}:{args.port}"
-    with grpc.insecure_channel(address) as channel:
+    with client_channel_from_args(args, address) as channel:
         if args.wait_ready > 0:
             try:
                 wait_until_serving(channel, args.wait_ready, address)
@@ -584,7 +651,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from specserve.engine.grpc_convert import pb, pb_grpc  # noqa: PLC0415
 
     address = f"{args.host}:{args.port}"
-    with grpc.insecure_channel(address) as channel:
+    with client_channel_from_args(args, address) as channel:
         try:
             if args.wait_ready > 0:
                 wait_until_serving(channel, args.wait_ready, address)

@@ -9,7 +9,9 @@ module routes, runs requests and streams.
 Status codes follow the gRPC server's: 400 for bad input (OpenAI's error
 body, with the engine's reason), 404 for a model name the server does not
 serve, 429 when the waiting queue is full, 503 while loading or shutting
-down, 500 when the replica serving a request fails. A client that
+down, 500 when the replica serving a request fails, 401 without a valid API
+key (when the server has keys: /v1/* and /metrics; /health stays open). TLS
+and client certificates are the gRPC server's (`engine.security`). A client that
 disconnects gets its requests aborted; their KV blocks are freed at the next
 engine step.
 """
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -43,6 +45,7 @@ from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletio
                                               completion_chunk, completion_logprobs,
                                               completion_response, new_id, now, param_of,
                                               sampling_params, total_usage)
+from specserve.engine.security import UNAUTHENTICATED_MESSAGE
 
 logger = logging.getLogger(__name__)
 
@@ -387,11 +390,22 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param
 
 
+def api_key_dependency(server: Any) -> Callable[[Request], None]:
+    """A route dependency: 401 (OpenAI's body, as its API answers a bad key)
+    unless the request carries ``Authorization: Bearer <key>`` of ``server``'s."""
+    async def check(request: Request) -> None:
+        if not server.security.check_bearer(request.headers.get("authorization")):
+            raise OpenAIError(401, UNAUTHENTICATED_MESSAGE, code="invalid_api_key")
+
+    return check
+
+
 def build_app(front: OpenAIFrontEnd) -> FastAPI:
     """The routes over ``front``; every error answers with OpenAI's error body."""
     app = FastAPI(title="specserve", version=__version__,
                   description="OpenAI-compatible API of a specserve server")
     server = front.server
+    keyed = [Depends(api_key_dependency(server))]
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
@@ -407,15 +421,15 @@ def build_app(front: OpenAIFrontEnd) -> FastAPI:
         return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(),
                             status_code=exc.status_code)
 
-    @app.post("/v1/completions", response_model=CompletionResponse)
+    @app.post("/v1/completions", response_model=CompletionResponse, dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await front.generate(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await front.generate(body, request)
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, dependencies=keyed)
     async def models() -> ModelList:
         return front.model_list()
 
@@ -425,7 +439,7 @@ def build_app(front: OpenAIFrontEnd) -> FastAPI:
             return JSONResponse({"status": "serving"})
         return JSONResponse({"status": server.unavailable_reason()}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=keyed)
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
 
@@ -451,8 +465,13 @@ class HTTPServer:
         self.port = port
         self.front = OpenAIFrontEnd(server, model_name or default_served_model_name(
             server.config.model_config.model))
+        self.security = server.security
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._task: asyncio.Future | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.security.tls else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> int:
         """Listen (refusing a port in use with its number) and serve; returns the port."""
@@ -466,7 +485,8 @@ class HTTPServer:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         config = uvicorn.Config(build_app(self.front), log_config=None, access_log=False,
-                                lifespan="off", ws="none", timeout_graceful_shutdown=5)
+                                lifespan="off", ws="none", timeout_graceful_shutdown=5,
+                                **self.security.uvicorn_ssl())
         self._uvicorn = _EmbeddedUvicorn(config)
         self._task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))
         while not self._uvicorn.started:

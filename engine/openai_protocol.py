@@ -41,7 +41,8 @@ class OpenAIError(Exception):
 
     @property
     def type(self) -> str:
-        return {400: "invalid_request_error", 404: "not_found_error",
+        return {400: "invalid_request_error", 401: "invalid_request_error",
+                404: "not_found_error",
                 429: "rate_limit_error", 503: "service_unavailable"}.get(self.status,
                                                                        "server_error")
 

@@ -5,7 +5,9 @@ engine replicas behind `engine.async_engine.AsyncEngine`, and streamed back as
 deltas. The standard health service reports SERVING while at least one
 engine replica serves (once the models are loaded; a failed replica leaves
 the routing and is rebuilt, see `engine.async_engine`), NOT_SERVING while none
-does; server reflection is on. With ``http_port`` the OpenAI-compatible
+does; server reflection is on unless turned off. `engine.security` adds
+TLS (mutual with a client CA), API keys on every RPC but health, and a
+warning when the address is reachable from other machines without them. With ``http_port`` the OpenAI-compatible
 HTTP API (`engine.http_server`) runs beside it, on the same engines and loop.
 
 Status codes: INVALID_ARGUMENT for a bad prompt or parameter (with the
@@ -48,6 +50,7 @@ from specserve.engine.grpc_convert import (SERVICE_NAME, MalformedRequest, add_s
 from specserve.engine.metrics import ServerMetrics
 from specserve.engine.redact import redact
 from specserve.engine.request_checks import ServedModel, check_prompt, check_request
+from specserve.engine.security import ApiKeyInterceptor, Security
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +204,9 @@ class SpecServer:
                  http_port: int | None = None, served_model_name: str | None = None,
                  replica_restart: RestartPolicy | None = None,
                  stats_interval: float = DEFAULT_STATS_INTERVAL,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, security: Security | None = None) -> None:
         self.config = config
+        self.security = security or Security()
         self.host = host
         self.port = port
         self.metrics_port = metrics_port or 0
@@ -253,13 +257,10 @@ class SpecServer:
         """Listen (health NOT_SERVING), load the models, then report SERVING."""
         self._idle = asyncio.Event()
         self._idle.set()
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *grpc_options(self.config)])
-        add_servicer(GenerationServicer(self), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server = self._grpc_server()
         try:
-            bound = server.add_insecure_port(self.address)
+            bound = (server.add_secure_port(self.address, self.security.grpc_credentials())
+                     if self.security.tls else server.add_insecure_port(self.address))
         except RuntimeError:
             bound = 0
         if not bound:
@@ -293,6 +294,24 @@ class SpecServer:
             self._stats_task = asyncio.ensure_future(self._log_stats())
         logger.info("serving on %s", self.address)
 
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with its services, after the security settings are
+        checked (a bad TLS file is refused before anything listens)."""
+        sec = self.security
+        sec.check()
+        warning = sec.exposure_warning(self.host)
+        if warning:
+            logger.warning("%s", warning)
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), *grpc_options(self.config)],
+            interceptors=[ApiKeyInterceptor(sec.api_keys)] if sec.api_keys else None)
+        add_servicer(GenerationServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if sec.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
     async def _start_http_endpoints(self) -> None:
         """/metrics on metrics_port and the HTTP API on http_port, where asked for."""
         if self.metrics_port:
@@ -306,8 +325,7 @@ class SpecServer:
 
             self._http = HTTPServer(self, self.host, self.http_port, self.served_model_name)
             self.http_port = await self._http.start()
-            logger.info("OpenAI-compatible HTTP API on http://%s:%d/v1", self.host,
-                        self.http_port)
+            logger.info("OpenAI-compatible HTTP API on %s/v1", self._http.url)
 
     async def shutdown(self, grace_period: float | None = None,
                        abort_now: asyncio.Event | None = None) -> None:
@@ -381,7 +399,7 @@ class SpecServer:
 
         addresses = [("gRPC", self.address)]
         if self._http is not None:
-            addresses.append(("HTTP", f"http://{self.host}:{self.http_port}/v1 (model "
+            addresses.append(("HTTP", f"{self._http.url}/v1 (model "
                                       f"{self._http.front.model_name!r})"))
         if self.metrics_port:
             addresses.append(("metrics", f"http://{self.host}:{self.metrics_port}/metrics"))

@@ -31,11 +31,13 @@ Environment:
     SPECSERVE_RAY_LOG_TO_DRIVER    1 to show the actors' output here (default 0)
 
 On a Ray cluster (``ray_address``) every node must have specserve installed,
-at the same version as the driver.
+at the same version as the driver. A Ray started here (no ``ray_address``)
+listens on 127.0.0.1 only, its dashboard off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -60,6 +62,7 @@ ENV_COMPILED_GRAPH = "SPECSERVE_RAY_COMPILED_GRAPH"
 ENV_START_TIMEOUT = "SPECSERVE_RAY_START_TIMEOUT"
 ENV_CPU_THREADS = "SPECSERVE_RAY_CPU_THREADS"
 ENV_LOG_TO_DRIVER = "SPECSERVE_RAY_LOG_TO_DRIVER"
+LOOPBACK = "127.0.0.1"  # where a Ray started here listens (GCS, raylet, workers)
 
 
 class WorkerError(RuntimeError):
@@ -160,15 +163,38 @@ def _acquire_ray(config: EngineConfig) -> None:
                 # A local start: room for one CPU actor per replica even on a small machine.
                 kwargs["num_cpus"] = max(os.cpu_count() or 1,
                                          pc.data_parallel_size * pc.tensor_parallel_size)
+                kwargs["_node_ip_address"] = LOOPBACK
             owner = ThreadPoolExecutor(1, thread_name_prefix="specserve-ray")
             try:
-                owner.submit(ray.init, **kwargs).result()
+                owner.submit(_init_ray, kwargs, "_node_ip_address" in kwargs).result()
             except BaseException:
                 owner.shutdown()
                 raise
             _ray_owner = owner
             logger.info("started Ray (%s)", pc.ray_address or "local")
         _ray_users += 1
+
+
+def _init_ray(kwargs: dict[str, Any], local: bool) -> None:
+    """ray.init; a Ray started here (``local``) listens on loopback only."""
+    with _loopback_only() if local else contextlib.nullcontext():
+        ray.init(**kwargs)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Ray replaces a loopback node address by the machine's reachable one, and
+    then its processes listen on every interface, unless its cluster mode is
+    off (as on macOS); off while Ray starts, its GCS, raylet and workers bind
+    127.0.0.1 and nothing of it is reachable from another machine."""
+    from ray._private import ray_constants  # noqa: PLC0415
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _release_ray() -> None:
