@@ -320,3 +320,16 @@ def test_restart_policy_doubles_up_to_its_cap_and_checks_its_values():
                             ({"backoff": 5.0, "max_backoff": 1.0}, "cap")):
         with pytest.raises(ValueError, match=message):
             RestartPolicy(**kwargs)
+
+
+def test_the_serve_flags_of_the_restart_policy(capsys):
+    from specserve.engine.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--replica-restart-max", "0",
+                                      "--replica-restart-backoff", "0.5"])
+    assert (args.replica_restart_max, args.replica_restart_backoff) == (0, 0.5)
+    for flag, value in (("--replica-restart-max", "-1"), ("--replica-restart-max", "two"),
+                        ("--replica-restart-backoff", "0"), ("--replica-restart-backoff", "inf")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", flag, value])
+        assert f"argument {flag}: must be" in capsys.readouterr().err
