@@ -404,7 +404,7 @@ class EngineReplica:
                 engine = self._make_engine()
                 _probe(engine)
                 if self._halted():
-                    engine.shutdown()
+                    _shut_down_quietly(engine)
                     return False
                 self._install(engine)
             except Exception as exc:
