@@ -121,6 +121,7 @@ import numpy as np  # noqa: E402
 from benchmarks.chat_workload import ChatShape, plan_chat, run_chat  # noqa: E402
 from benchmarks.throughput_plot import git_commit, plot_title, write_plot  # noqa: E402
 from specserve.engine import cli  # noqa: E402
+from specserve.engine.security import client_channel  # noqa: E402
 from specserve.v1 import generation_pb2 as pb  # noqa: E402
 from specserve.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -446,15 +447,34 @@ class Progress:
             await asyncio.sleep(interval)
 
 
+# How the benchmark reaches a secured server (--tls-ca, --api-key); main sets it.
+CLIENT_SECURITY: dict[str, str | None] = {"tls_ca": None, "api_key": None}
+
+
+def grpc_channel(target: str, options: list | None = None) -> grpc.aio.Channel:
+    return client_channel(target, tls_ca=CLIENT_SECURITY["tls_ca"],
+                          api_key=CLIENT_SECURITY["api_key"], aio=True, options=options)
+
+
+def openai_client(url: str, **kwargs: Any) -> Any:
+    """An AsyncOpenAI client of the server's /v1, trusting --tls-ca."""
+    import ssl  # noqa: PLC0415
+
+    import openai  # noqa: PLC0415
+
+    if CLIENT_SECURITY["tls_ca"]:
+        kwargs["http_client"] = openai.DefaultAsyncHttpxClient(
+            verify=ssl.create_default_context(cafile=CLIENT_SECURITY["tls_ca"]))
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=CLIENT_SECURITY["api_key"] or "none",
+                              max_retries=0, **kwargs)
+
+
 @contextlib.asynccontextmanager
 async def senders(address: str, num_channels: int, model: str = ""):
     """One ``send(req, record, timeout, t0)`` per channel (gRPC) or client (HTTP)."""
     scheme, target = parse_endpoint(address)
     if scheme == "http":
-        from openai import AsyncOpenAI  # noqa: PLC0415
-
-        clients = [AsyncOpenAI(base_url=target + "/v1", api_key="none", max_retries=0)
-                   for _ in range(num_channels)]
+        clients = [openai_client(target) for _ in range(num_channels)]
         try:
             yield [lambda *a, c=c: send_one_http(c, model, *a) for c in clients]
         finally:
@@ -462,7 +482,7 @@ async def senders(address: str, num_channels: int, model: str = ""):
                 await client.close()
         return
     options = [("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(num_channels)]
+    channels = [grpc_channel(target, options) for _ in range(num_channels)]
     try:
         yield [lambda *a, s=pb_grpc.GenerationStub(ch): send_one(s, *a) for ch in channels]
     finally:
@@ -528,7 +548,7 @@ async def probe_server(address: str, timeout: float) -> tuple[pb.ModelInfo | Non
     scheme, target = parse_endpoint(address)
     if scheme == "http":
         return await probe_http(target, timeout)
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc_channel(target) as channel:
         try:
             info = await pb_grpc.GenerationStub(channel).GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=timeout)
@@ -540,8 +560,7 @@ async def probe_server(address: str, timeout: float) -> tuple[pb.ModelInfo | Non
 async def probe_http(url: str, timeout: float) -> tuple[pb.ModelInfo | None, str]:
     import openai  # noqa: PLC0415
 
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
-                                  timeout=timeout) as client:
+    async with openai_client(url, timeout=timeout) as client:
         try:
             models = (await client.models.list()).data
         except openai.APIStatusError as exc:
@@ -1052,6 +1071,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     server = p.add_argument_group(
         "a server of our own (without --endpoint): the flags of `specserve serve`")
+    p.add_argument("--tls-ca", metavar="PEM", default=None,
+                   help="--endpoint serves TLS: trust server certificates this CA signed")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("SPECSERVE_API_KEY"),
+                   help="--endpoint needs this API key (default: $SPECSERVE_API_KEY)")
     server.add_argument("--server-in-process", action="store_true",
                         help="run it on a thread of this process instead of a child process")
     server.add_argument("--server-start-timeout", type=float, default=600.0,
@@ -1105,6 +1128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    CLIENT_SECURITY.update(tls_ca=args.tls_ca, api_key=args.api_key)
     try:
         if args.compare_prefix_caching:
             result = compare_prefix_caching(args)

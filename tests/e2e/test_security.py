@@ -197,6 +197,22 @@ def test_specserve_generate_and_info_reach_the_secured_server(secured, pki, caps
     assert "fake-target" in capsys.readouterr().out
 
 
+def test_the_throughput_benchmark_reaches_the_secured_server(secured, pki, monkeypatch):
+    import asyncio
+
+    from benchmarks import throughput
+
+    endpoints = (secured.address, f"https://127.0.0.1:{secured.server.http_port}")
+    monkeypatch.setattr(throughput, "CLIENT_SECURITY", {"tls_ca": pki["ca"], "api_key": "sk-no"})
+    for endpoint in endpoints:
+        info, error = asyncio.run(throughput.probe_server(endpoint, 10))
+        assert info is None and ("UNAUTHENTICATED" in error or "401" in error)
+    throughput.CLIENT_SECURITY["api_key"] = KEY
+    for endpoint in endpoints:
+        info, error = asyncio.run(throughput.probe_server(endpoint, 10))
+        assert error == "" and info.target in ("fake-target", MODEL)
+
+
 # -- mutual TLS -------------------------------------------------------------------------------
 def test_mutual_tls_refuses_a_client_without_a_certificate(pki):
     srv = _start(Security(tls_cert=pki["server_cert"], tls_key=pki["server_key"],
