@@ -37,7 +37,10 @@ from starlette.exceptions import HTTPException
 
 from specserve import __version__
 from specserve.engine.async_engine import (EngineFailureError, EngineUnavailableError,
-                                           InvalidRequestError, QueueFullError, RequestStream)
+                                           InvalidRequestError, QueueFullError, RequestStream,
+                                           SlowReaderError)
+from specserve.engine.redact import redact
+from specserve.engine.request_checks import ServedModel, check_prompt, check_request
 from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,
                                               ChoiceState, CompletionRequest, CompletionResponse,
                                               ModelCard, ModelList, OpenAIError, bad_request,
@@ -68,12 +71,12 @@ def default_served_model_name(model_dir: str | None) -> str:
 
 def engine_error(exc: Exception) -> OpenAIError:
     """The HTTP answer to an engine exception (as the gRPC server maps them to codes)."""
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, (QueueFullError, SlowReaderError)):
         return OpenAIError(429, str(exc))
     if isinstance(exc, EngineUnavailableError):
         return OpenAIError(503, str(exc))
     if isinstance(exc, EngineFailureError):
-        return OpenAIError(500, str(exc))
+        return OpenAIError(500, redact(str(exc)))
     if isinstance(exc, (ValueError, InvalidRequestError)):
         return bad_request(str(exc), param_of(str(exc)))
     raise exc
@@ -271,7 +274,7 @@ class OpenAIFrontEnd:
             prompts, max_tokens = await self._chat_prompt(body)
         else:
             prompts, max_tokens = body.prompts(), COMPLETION_MAX_TOKENS
-        run = self._submit(body, prompts, max_tokens)
+        run = await self._submit(body, prompts, max_tokens)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         try:
             if not body.stream:
@@ -283,7 +286,7 @@ class OpenAIFrontEnd:
         except ClientGone:
             run.close()
             return Response(status_code=499)  # nobody reads it
-        except (InvalidRequestError, EngineFailureError) as exc:
+        except (InvalidRequestError, EngineFailureError, SlowReaderError) as exc:
             run.close()
             raise engine_error(exc) from None
         except BaseException:
@@ -301,14 +304,26 @@ class OpenAIFrontEnd:
         max_len = int(self.server.engine.model_info().get("max_model_len") or 0)
         return [ids], max(1, max_len - len(ids))  # up to the context, as OpenAI's default
 
-    def _submit(self, body: CompletionRequest | ChatCompletionRequest, prompts: list,
-                default_max_tokens: int) -> Run:
-        """Check every choice's parameters, then queue one engine request per choice."""
+    async def _submit(self, body: CompletionRequest | ChatCompletionRequest, prompts: list,
+                      default_max_tokens: int) -> Run:
+        """Check every choice's parameters and every prompt (`engine.request_checks`,
+        text tokenized on the tokenizer threads), then queue one engine request
+        per choice."""
         params = sampling_params(body, default_max_tokens=default_max_tokens).samples()
         engine, base = self.server.engine, new_id("http")
+        try:
+            model = ServedModel.from_info(engine.model_info())
+            checked = []
+            for prompt in prompts:
+                check_request(self.server.config.request_limits, model, prompt, params[0])
+                ids = await engine.prompt_token_ids(prompt)
+                check_prompt(ids, body.num_speculative_tokens, model)
+                checked.append(ids)
+        except (ValueError, EngineUnavailableError) as exc:
+            raise engine_error(exc) from None
         streams: list[RequestStream] = []
         try:
-            for prompt in prompts:
+            for prompt in checked:
                 for p in params:
                     streams.append(engine.add_request(f"{base}-{len(streams)}", prompt, p,
                                                       body.num_speculative_tokens))
@@ -335,7 +350,7 @@ class OpenAIFrontEnd:
                 choice.add(out)
                 if logprobs is not None:
                     (choice.add_chat_logprobs if chat else choice.add_completion_logprobs)(logprobs)
-        except (InvalidRequestError, EngineFailureError) as exc:
+        except (InvalidRequestError, EngineFailureError, SlowReaderError) as exc:
             raise engine_error(exc) from None
         finally:
             run.close()
@@ -368,7 +383,7 @@ class OpenAIFrontEnd:
                 usage = kind(id=rid, created=created, model=self.model_name, choices=[],
                              usage=total_usage(run.choices))
                 yield f"data: {usage.model_dump_json()}\n\n"
-        except (InvalidRequestError, EngineFailureError) as exc:
+        except (InvalidRequestError, EngineFailureError, SlowReaderError) as exc:
             yield f"data: {json.dumps(engine_error(exc).body())}\n\n"
         finally:
             run.close()
@@ -484,8 +499,11 @@ class HTTPServer:
         self.port = sock.getsockname()[1]
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        limits = self.front.server.config.connection_limits
         config = uvicorn.Config(build_app(self.front), log_config=None, access_log=False,
                                 lifespan="off", ws="none", timeout_graceful_shutdown=5,
+                                timeout_keep_alive=limits.http_keep_alive_timeout,
+                                limit_concurrency=limits.http_limit_concurrency,
                                 **self.security.uvicorn_ssl())
         self._uvicorn = _EmbeddedUvicorn(config)
         self._task = asyncio.ensure_future(self._uvicorn.serve(sockets=[sock]))

@@ -321,3 +321,18 @@ def test_a_full_queue_is_429_and_loading_is_503():
         gate.set()
         starter.join()
         srv.stop()
+
+
+def test_request_limits_apply_over_http(server, client):
+    """The gRPC server's checks (engine.request_checks), before anything is queued."""
+    max_len = client.models.list().data[0].model_extra["max_model_len"]
+    cases = [
+        (dict(prompt="x", stop=[f"s{i}" for i in range(17)]), "--max-stop-strings"),
+        (dict(prompt="x", stop=["s" * 257]), "--max-stop-string-length"),
+        (dict(prompt="x" * (32 * max_len + 1)), "--max-prompt-bytes"),
+        (dict(prompt="x", extra_body={"num_speculative_tokens": 99}), "num_speculative_tokens"),
+    ]
+    for kwargs, message in cases:
+        err = status_of(lambda: client.completions.create(model=MODEL, **kwargs))
+        assert err.status_code == 400 and message in err.body["message"], (kwargs, err.body)
+    assert no_requests_left(server)
