@@ -242,6 +242,7 @@ def test_requests_without_speculation_run_ahead_in_a_speculating_engine(pair, mo
 def adaptive_on_a_step_clock(pair, monkeypatch):
     """An adaptive engine whose clock moves 1 per launched step (on the CPU a
     launch computes the step); returns (llm, clock, cost samples as (k, t))."""
+    import time
     import types
 
     import specserve.engine.llm_engine as llm_engine
@@ -249,7 +250,8 @@ def adaptive_on_a_step_clock(pair, monkeypatch):
     llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
               kv_cache_memory=1 << 24, block_size=4, adaptive_speculation=True)
     engine, clock, samples = llm.engine, [0.0], []
-    monkeypatch.setattr(llm_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(llm_engine, "time", types.SimpleNamespace(perf_counter=lambda: clock[0],
+                                                                  monotonic=time.monotonic))
     launch = engine.executor.launch
     monkeypatch.setattr(engine.executor, "launch",
                         lambda so: clock.__setitem__(0, clock[0] + 1.0) or launch(so))
