@@ -1,9 +1,6 @@
 """The engine behind an asyncio front end: one thread per engine replica.
 
-`LLMEngine` is not thread-safe, so each replica's engine lives in a thread of
-its own and is touched by nothing else. The event loop talks to it through a
-thread-safe inbox (new requests and aborts), drained at the top of every step;
-the thread sleeps on a condition variable while it has nothing to do. Each
+Each replica's engine lives in a thread of its own (engine/replica.py). Each
 step's outputs go back to the event loop as one batch (one
 ``call_soon_threadsafe`` per step), where they are fanned out to per-request
 asyncio queues that the gRPC handlers read.
@@ -12,12 +9,9 @@ With ``num_replicas`` > 1 (data parallelism) every replica is its own engine
 built from the same configuration, and each new request goes to the serving
 replica with the fewest unfinished requests.
 
-A replica is starting, serving, failed or rebuilding (`ReplicaState`). A step
-that raises (a worker died, a device error) fails the replica at once: it
-leaves the routing, its requests end with `EngineFailureError`, its engine is
-shut down, and its thread builds a new one after a back-off (`RestartPolicy`),
-which serves once it has run a request through a whole step. While no replica
-serves, new requests get `EngineUnavailableError` at once.
+Only serving replicas get requests (a failed one is rebuilt: see
+engine/replica.py); while no replica serves, new requests get
+`EngineUnavailableError` at once.
 
 Text prompts are tokenized on a small pool of tokenizer threads (`tokenize`),
 so the front ends check and tokenize a request before it is queued. A stream
@@ -34,102 +28,22 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
-import itertools
 import logging
 import threading
 import time
-import traceback
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Callable, Iterable
 
+from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
+                                     InvalidRequestError, QueueFullError, SlowReaderError)
 from specserve.engine.outputs import FinishReason, RequestDelta, RequestMetrics
+from specserve.engine.replica import (GAUGES, AddRequest, EngineReplica, ReplicaState,
+                                      ReplicaStats, RestartPolicy, Reroute, add_counters,
+                                      stat_of)
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidRequestError(ValueError):
-    """The request is malformed or asks for something the engine cannot do."""
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are waiting; the client may retry later."""
-
-
-class EngineFailureError(RuntimeError):
-    """The engine failed while serving the request (e.g. a worker died)."""
-
-
-class EngineUnavailableError(RuntimeError):
-    """The engine is not running (still loading, or stopped)."""
-
-
-class SlowReaderError(RuntimeError):
-    """The client fell too far behind reading its stream; the request was aborted."""
-
-
-class ReplicaState(str, Enum):
-    """Where an engine replica is; only serving replicas get new requests."""
-
-    STARTING = "starting"
-    SERVING = "serving"
-    FAILED = "failed"
-    REBUILDING = "rebuilding"
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """When a failed replica is rebuilt: ``backoff`` seconds after it failed,
-    twice as long after each failed attempt (at most ``max_backoff``), at most
-    ``max_attempts`` attempts in a row (0: never). A rebuild that serves again
-    starts the count afresh."""
-
-    max_attempts: int = 5
-    backoff: float = 1.0
-    max_backoff: float = 30.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 0:
-            raise ValueError(f"replica restart attempts must be an integer >= 0, "
-                             f"got {self.max_attempts!r}")
-        if not self.backoff > 0:
-            raise ValueError(f"replica restart back-off must be > 0 seconds, got {self.backoff!r}")
-        if not self.max_backoff >= self.backoff:
-            raise ValueError(f"replica restart back-off cap ({self.max_backoff!r} s) is below "
-                             f"the first back-off ({self.backoff!r} s)")
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait before attempt ``attempt`` (counted from 0)."""
-        return min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 62))
-
-
-@dataclass
-class ReplicaStats:
-    """One replica for the metrics; its gauges are 0 while it does not serve."""
-
-    index: int
-    state: str
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_blocks_used: int = 0
-    kv_blocks_total: int = 0
-    failures_total: int = 0
-    restarts_total: int = 0
-
-
-# Engine statistics that only grow (kept across a replica's rebuilds), and those
-# that describe the present (counted for serving replicas only).
-_COUNTERS = ("draft_tokens_proposed_total", "draft_tokens_accepted_total",
-             "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
-             "prompt_tokens_total", "generation_tokens_total")
-_GAUGES = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
-# A counter per speculative position (a list): accepted draft tokens at each.
-_PER_POSITION = "spec_decode_num_accepted_tokens_per_pos"
-_PROBE_REQUEST_ID = "specserve-replica-probe"
-_PROBE_STEPS = 16
 
 
 @dataclass
@@ -153,376 +67,7 @@ class EngineStatsSnapshot:
     generation_tokens_total: int = 0
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    num_speculative_tokens: int | None
-    priority: int
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Reroute:
-    """Handed back by a replica that failed before it took the request."""
-
-    add: _Add
-
-
 _ABORTED = object()  # queued to a stream that the front end aborted itself
-
-
-class EngineReplica:
-    """One engine, the thread that drives it, and its rebuilds after a failure.
-
-    The thread builds the engine, serves until a step raises, then fails the
-    replica (`_fail`) and builds a new engine (`_rebuild`); ``state`` says
-    where it is, and is what the front end routes by.
-    """
-
-    def __init__(self, index: int, make_engine: Callable[[], Any],
-                 deliver: Callable[[int, list[tuple[str, Any]]], None],
-                 on_step: Callable[[float], None] | None = None, *,
-                 restart: RestartPolicy | None = None,
-                 on_state: Callable[[int, ReplicaState], None] | None = None) -> None:
-        self.index = index
-        self._make_engine = make_engine
-        self._deliver = deliver
-        self._on_step = on_step
-        self._on_state = on_state
-        self._restart = restart or RestartPolicy()
-        self._cond = threading.Condition()
-        self._inbox: deque[_Add | _Abort] = deque()
-        self._stopping = False
-        self._rebuilds_held = False
-        self._closed = False  # the thread has ended: nothing reads the inbox any more
-        self._thread = threading.Thread(target=self._run, name=f"specserve-engine-{index}",
-                                        daemon=True)
-        self.state = ReplicaState.STARTING
-        self.loaded = threading.Event()
-        self.load_error: BaseException | None = None
-        self.engine: Any = None
-        self.tokenizer: Any = None
-        self.model_info: dict = {}
-        # (the engine's latest get_stats() or None, counters of the engines it replaced),
-        # replaced whole: a reader on another thread never counts a counter twice.
-        self._published: tuple[Any, dict[str, int]] = (None, {})
-        self.num_unfinished = 0  # front end's count; touched on the event loop only
-        self.num_steps = 0
-        self.num_failures = 0
-        self.num_restarts = 0
-        self.gave_up = False  # every rebuild attempt after the last failure failed
-
-    # -- called from the event loop ------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def add(self, cmd: _Add) -> None:
-        self._post(cmd)
-
-    def abort(self, request_id: str) -> None:
-        self._post(_Abort(request_id))
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Ask the thread to finish (blocking until it did, or ``timeout``)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def hold_rebuilds(self) -> None:
-        """Build no new engine from now on (the server is draining)."""
-        with self._cond:
-            self._rebuilds_held = True
-            self._cond.notify()
-
-    @property
-    def stats(self) -> Any:
-        """The engine's latest get_stats() (None while no engine serves)."""
-        return self._published[0]
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """Every engine's counters (the current one's and the replaced ones') summed."""
-        stats, retired = self._published
-        counts = {name: retired.get(name, 0) + _stat(stats, name) for name in _COUNTERS}
-        counts[_PER_POSITION] = _plus(retired.get(_PER_POSITION, []),
-                                      getattr(stats, _PER_POSITION, None) or [])
-        return counts
-
-    def _post(self, cmd: _Add | _Abort) -> None:
-        with self._cond:
-            if not self._closed:
-                self._inbox.append(cmd)
-                self._cond.notify()
-                return
-        if isinstance(cmd, _Add):  # the thread is gone: the front end routes it elsewhere
-            self._deliver(self.index, [(cmd.request_id, _Reroute(cmd))])
-
-    # -- the engine thread -----------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            self._install(self._make_engine())
-        except BaseException as exc:  # reported by AsyncEngine.start
-            self.load_error = exc
-            self.loaded.set()
-            self._close()
-            return
-        self.loaded.set()
-        while True:
-            live: set[str] = set()
-            try:
-                failure = self._loop(live)
-            except BaseException as exc:  # a bug in the loop itself: a failure as well
-                failure = exc
-            if failure is None:  # stopping
-                self._retire(live)
-                break
-            self._fail(live, failure)
-            failure = None  # its traceback holds the failed engine
-            _collect_frozen()
-            if not self._rebuild():
-                break
-        self._close()
-
-    def _install(self, engine: Any) -> None:
-        """Serve with ``engine``; the first one also gives the front end the model's
-        information and a tokenizer."""
-        if self.tokenizer is None:
-            self.model_info = dict(engine.model_info())
-            # The front end tokenizes (Tokenize RPC) with a copy of its own: a Hugging
-            # Face fast tokenizer refuses concurrent use ("Already borrowed").
-            self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self._published = (engine.get_stats(), self._published[1])
-        self.engine = engine
-        self._set_state(ReplicaState.SERVING)
-
-    def _loop(self, live: set[str]) -> BaseException | None:
-        """Serve until stopped (None) or until a step fails (its exception)."""
-        engine = self.engine
-        while True:
-            with self._cond:
-                while not (self._inbox or self._stopping or engine.has_unfinished_requests()):
-                    self._cond.wait()
-                commands = list(self._inbox)
-                self._inbox.clear()
-                stopping = self._stopping
-            rejected = [ev for cmd in commands if (ev := self._apply(cmd, live)) is not None]
-            if rejected:  # tell those clients now, not after the step
-                self._deliver(self.index, rejected)
-            if stopping:
-                return None
-            events: list[tuple[str, Any]] = []
-            if engine.has_unfinished_requests():
-                start = time.perf_counter()
-                try:
-                    outputs = engine.step()
-                except Exception as exc:
-                    return exc
-                for out in outputs:
-                    events.append((out.request_id, out))
-                    if out.finished:
-                        live.discard(out.request_id)
-                self.num_steps += 1
-                if self._on_step is not None:
-                    self._on_step(time.perf_counter() - start)
-            try:
-                self._published = (engine.get_stats(), self._published[1])
-            except Exception:
-                logger.exception("engine replica %d: get_stats failed", self.index)
-            if events:
-                self._deliver(self.index, events)
-
-    def _apply(self, cmd: _Add | _Abort, live: set[str]) -> tuple[str, Exception] | None:
-        engine = self.engine
-        if isinstance(cmd, _Abort):
-            if cmd.request_id in live:
-                live.discard(cmd.request_id)
-                try:
-                    engine.abort_request(cmd.request_id)
-                except Exception:
-                    logger.exception("abort of %s failed", cmd.request_id)
-            return None
-        try:
-            engine.add_request(cmd.request_id, cmd.prompt, cmd.params,
-                               cmd.num_speculative_tokens, cmd.priority)
-        except ValueError as exc:
-            return cmd.request_id, InvalidRequestError(str(exc))
-        except Exception as exc:
-            logger.exception("engine replica %d: add_request(%s) failed", self.index, cmd.request_id)
-            return cmd.request_id, EngineFailureError(f"the engine failed to add the request: {exc}")
-        live.add(cmd.request_id)
-        return None
-
-    # -- failure and rebuild ---------------------------------------------------------
-    def _fail(self, live: set[str], exc: BaseException) -> None:
-        """A step failed: every request of this replica is affected (the step ran
-        them together). Leave the routing at once, end the requests, and let go
-        of the engine (its actors, its KV cache, its scheduler)."""
-        self.num_failures += 1
-        self._set_state(ReplicaState.FAILED)
-        logger.error("engine replica %d failed; ending its %d request(s)\n%s", self.index,
-                     len(live), _traceback_text(exc))
-        error = EngineFailureError(f"engine replica {self.index} failed ({_reason(exc)}); "
-                                   "the request was ended, retry it")
-        self._deliver(self.index, [(rid, error) for rid in live] + self._take_adds())
-        self._retire(live)
-        live.clear()
-
-    def _retire(self, live: Iterable[str]) -> None:
-        """Abort what the engine holds, keep its counters, and shut it down."""
-        engine, self.engine = self.engine, None
-        for rid in live:
-            try:
-                engine.abort_request(rid)
-            except Exception:
-                logger.exception("engine replica %d: abort of %s failed", self.index, rid)
-        self._published = (None, self.counters)
-        try:
-            engine.shutdown()
-        except Exception:
-            logger.exception("engine replica %d: shutdown failed", self.index)
-
-    def _rebuild(self) -> bool:
-        """Build a new engine after a back-off, attempt after attempt; True once it
-        serves, False when stopping or out of attempts."""
-        policy = self._restart
-        for attempt in range(policy.max_attempts):
-            if not self._back_off(policy.delay(attempt)):
-                return False
-            self._set_state(ReplicaState.REBUILDING)
-            logger.info("engine replica %d: rebuilding (attempt %d of %d)", self.index,
-                        attempt + 1, policy.max_attempts)
-            engine = None
-            try:
-                engine = self._make_engine()
-                _probe(engine)
-                if self._halted():
-                    _shut_down_quietly(engine)
-                    return False
-                self._install(engine)
-            except Exception as exc:
-                logger.error("engine replica %d: rebuild attempt %d failed\n%s", self.index,
-                             attempt + 1, _traceback_text(exc))
-                if engine is not None:
-                    _shut_down_quietly(engine)
-                self._set_state(ReplicaState.FAILED)
-                continue
-            self.num_restarts += 1
-            logger.info("engine replica %d is serving again", self.index)
-            _freeze_loaded()
-            return True
-        self.gave_up = True
-        logger.error("engine replica %d: %d rebuild attempt(s) failed; it stays out of service",
-                     self.index, policy.max_attempts)
-        return False
-
-    def _back_off(self, seconds: float) -> bool:
-        """Wait ``seconds`` (handing on any request that still reaches this replica);
-        False when stopping or rebuilds are held."""
-        deadline = time.monotonic() + seconds
-        while not self._halted():
-            adds = self._take_adds()
-            if adds:
-                self._deliver(self.index, adds)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return True
-            with self._cond:
-                if not (self._inbox or self._stopping or self._rebuilds_held):
-                    self._cond.wait(left)
-        return False
-
-    def _halted(self) -> bool:
-        with self._cond:
-            return self._stopping or self._rebuilds_held
-
-    def _take_adds(self) -> list[tuple[str, Any]]:
-        """Empty the inbox: requests go back to the front end to be routed elsewhere
-        (they reached this replica as it failed); aborts are moot."""
-        with self._cond:
-            commands = list(self._inbox)
-            self._inbox.clear()
-        return [(cmd.request_id, _Reroute(cmd)) for cmd in commands if isinstance(cmd, _Add)]
-
-    def _close(self) -> None:
-        """The thread ends: what is posted from now on is handed back at once."""
-        with self._cond:
-            self._closed = True
-        adds = self._take_adds()
-        if adds:
-            self._deliver(self.index, adds)
-
-    def _set_state(self, state: ReplicaState) -> None:
-        self.state = state
-        if self._on_state is not None:
-            self._on_state(self.index, state)
-
-
-def _probe(engine: Any) -> None:
-    """Run a one-token request through whole steps: a rebuilt engine serves only
-    once it has loaded and computed a step."""
-    engine.add_request(_PROBE_REQUEST_ID, [0],
-                       SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
-    for _ in range(_PROBE_STEPS):
-        if any(out.request_id == _PROBE_REQUEST_ID and out.finished for out in engine.step()):
-            return
-    raise EngineFailureError(f"the rebuilt engine did not finish a one-token request in "
-                             f"{_PROBE_STEPS} steps")
-
-
-def _traceback_text(exc: BaseException) -> str:
-    """The log's copy of a failure: text, not the exception (a log handler that
-    keeps records would keep its traceback, and the failed engine in it, alive)."""
-    return "".join(traceback.format_exception(exc)).rstrip()
-
-
-def _collect_frozen() -> None:
-    """The engines loaded at start were frozen out of the collector's sight
-    (`AsyncEngine.start`): a failed one, held in reference cycles, would never
-    be freed, nor the Ray handles in it (a compiled graph's helper actor ends
-    only with its handle). Thaw everything and collect it."""
-    gc.unfreeze()
-    gc.collect()
-
-
-def _freeze_loaded() -> None:
-    """As at start: what a rebuilt engine holds lives long, so out of the
-    collector's sight it goes (with whatever requests are in flight now, which
-    are freed when they end, as objects outside cycles always are)."""
-    gc.collect()
-    gc.freeze()
-
-
-def _shut_down_quietly(engine: Any) -> None:
-    try:
-        engine.shutdown()
-    except Exception:
-        logger.exception("shutting down a failed engine failed")
-
-
-def _reason(exc: BaseException) -> str:
-    """What failed, for the client: the exception's type and first line (Ray's
-    reports name processes and actors on the lines after; those stay in the log)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _plus(a: Any, b: Any) -> Any:
-    """Two counters' sum: numbers add, per-position lists add position by position."""
-    if isinstance(a, list):
-        return [x + y for x, y in itertools.zip_longest(a, b, fillvalue=0)]
-    return a + b
-
-
-def _stat(stats: Any, name: str) -> int:
-    return int(getattr(stats, name, 0) or 0) if stats is not None else 0
 
 
 class RequestStream:
@@ -721,7 +266,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, replica, lambda: self._prompt_length(prompt))
         self._streams[request_id] = stream
         replica.num_unfinished += 1
-        replica.add(_Add(request_id, prompt, params, num_speculative_tokens, priority))
+        replica.add(AddRequest(request_id, prompt, params, num_speculative_tokens, priority))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -808,13 +353,13 @@ class AsyncEngine:
         for replica in self.replicas:
             state, stats, counters = replica.state, replica.stats, replica.counters
             for name, value in counters.items():
-                setattr(snap, name, _plus(getattr(snap, name), value))
+                setattr(snap, name, add_counters(getattr(snap, name), value))
             view = ReplicaStats(replica.index, state.value, failures_total=replica.num_failures,
                                 restarts_total=replica.num_restarts)
             if state is ReplicaState.SERVING and stats is not None:
-                for name in _GAUGES:
-                    setattr(view, name, _stat(stats, name))
-                    setattr(snap, name, getattr(snap, name) + _stat(stats, name))
+                for name in GAUGES:
+                    setattr(view, name, stat_of(stats, name))
+                    setattr(snap, name, getattr(snap, name) + stat_of(stats, name))
                 ks.append(getattr(stats, "num_speculative_tokens", 0))
             snap.replicas.append(view)
         snap.num_speculative_tokens = sum(ks) / len(ks) if ks else 0.0
@@ -841,7 +386,7 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is None:  # aborted by the front end meanwhile
                 continue
-            if isinstance(item, _Reroute):
+            if isinstance(item, Reroute):
                 self._reroute(stream, item.add)
                 continue
             stream._put(item)
@@ -864,7 +409,7 @@ class AsyncEngine:
             "behind (--max-stream-buffer-tokens); the request was aborted: read the stream "
             "as fast as it arrives"))
 
-    def _reroute(self, stream: RequestStream, cmd: _Add) -> None:
+    def _reroute(self, stream: RequestStream, cmd: AddRequest) -> None:
         """A request that reached a replica as it failed goes to another one (or,
         with none serving, fails as the requests that replica held did)."""
         failed = stream.replica

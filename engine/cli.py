@@ -33,7 +33,7 @@ DEFAULT_HOST = "127.0.0.1"  # the same as engine.server's, without importing grp
 DEFAULT_PORT = 50051
 DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
-DEFAULT_REPLICA_RESTART_MAX = 5  # engine.async_engine.RestartPolicy's, without importing it here
+DEFAULT_REPLICA_RESTART_MAX = 5  # engine.replica.RestartPolicy's, without importing it here
 DEFAULT_REPLICA_RESTART_BACKOFF = 1.0
 DEFAULT_STATS_INTERVAL = 10.0  # engine.server's, without importing it here
 EMBEDDED_MODEL_NAME = "specserve-default"  # engine.http_server's, without importing it here
@@ -512,7 +512,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     security = security_from_args(args)
     config = engine_config_from_args(args)
     check_models_early(config)
-    from specserve.engine.async_engine import RestartPolicy  # noqa: PLC0415
+    from specserve.engine.replica import RestartPolicy  # noqa: PLC0415
     from specserve.engine.server import SpecServer, serve_until_signal  # noqa: PLC0415
 
     restart = RestartPolicy(max_attempts=args.replica_restart_max,

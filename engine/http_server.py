@@ -36,9 +36,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from specserve import __version__
-from specserve.engine.async_engine import (EngineFailureError, EngineUnavailableError,
-                                           InvalidRequestError, QueueFullError, RequestStream,
-                                           SlowReaderError)
+from specserve.engine.async_engine import RequestStream
+from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
+                                     InvalidRequestError, QueueFullError, SlowReaderError)
 from specserve.engine.redact import redact
 from specserve.engine.request_checks import ServedModel, check_prompt, check_request
 from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from specserve.config import RequestLimits
-from specserve.engine.async_engine import InvalidRequestError
+from specserve.engine.errors import InvalidRequestError
 from specserve.sampling_params import SamplingParams
 
 

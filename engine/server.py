@@ -39,10 +39,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specserve.engine.async_engine import (AsyncEngine, EngineFailureError, EngineStatsSnapshot,
-                                           EngineUnavailableError, InvalidRequestError,
-                                           QueueFullError, ReplicaState, RestartPolicy,
-                                           SlowReaderError)
+from specserve.engine.async_engine import AsyncEngine, EngineStatsSnapshot
+from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
+                                     InvalidRequestError, QueueFullError, SlowReaderError)
+from specserve.engine.replica import ReplicaState, RestartPolicy
 from specserve.config import EngineConfig
 from specserve.engine.grpc_convert import (SERVICE_NAME, MalformedRequest, add_servicer,
                                            model_info_to_proto, output_to_response,

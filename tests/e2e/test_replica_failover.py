@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.fault_load import metric, parse_metrics
 from specserve.config import EngineConfig
-from specserve.engine.async_engine import RestartPolicy
+from specserve.engine.replica import RestartPolicy
 from specserve.engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto
 from specserve.engine.server import BackgroundServer
 from tests.e2e.test_server_e2e import wait_until

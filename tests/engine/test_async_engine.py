@@ -11,8 +11,9 @@ import weakref
 
 import pytest
 
-from specserve.engine.async_engine import (AsyncEngine, EngineFailureError,
-                                           EngineUnavailableError, ReplicaState, RestartPolicy)
+from specserve.engine.async_engine import AsyncEngine
+from specserve.engine.errors import EngineFailureError, EngineUnavailableError
+from specserve.engine.replica import ReplicaState, RestartPolicy
 from specserve.engine.outputs import FinishReason
 from specserve.sampling_params import SamplingParams
 from tests.fake_engine import FakeEngine

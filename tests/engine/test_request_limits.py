@@ -14,7 +14,8 @@ import grpc
 import pytest
 
 from specserve.config import ConnectionLimits, EngineConfig, RequestLimits
-from specserve.engine.async_engine import AsyncEngine, SlowReaderError
+from specserve.engine.async_engine import AsyncEngine
+from specserve.engine.errors import SlowReaderError
 from specserve.engine.redact import redact
 from specserve.engine.request_checks import ServedModel, check_prompt, check_request
 from specserve.engine.server import BackgroundServer, grpc_options
