@@ -22,3 +22,13 @@ class EngineUnavailableError(RuntimeError):
 
 class SlowReaderError(RuntimeError):
     """The client fell too far behind reading its stream; the request was aborted."""
+
+
+_REJECTION_REASONS = ((QueueFullError, "queue_full"), (SlowReaderError, "slow_reader"),
+                      (EngineUnavailableError, "unavailable"), (ValueError, "invalid_argument"))
+
+
+def rejection_reason(exc: Exception) -> str | None:
+    """Why a request was turned away, as the metrics count it (None: not a
+    rejection, e.g. a replica that failed while serving it)."""
+    return next((reason for kind, reason in _REJECTION_REASONS if isinstance(exc, kind)), None)

@@ -38,7 +38,8 @@ from starlette.exceptions import HTTPException
 from specserve import __version__
 from specserve.engine.async_engine import RequestStream
 from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
-                                     InvalidRequestError, QueueFullError, SlowReaderError)
+                                     InvalidRequestError, QueueFullError, SlowReaderError,
+                                     rejection_reason)
 from specserve.engine.redact import redact
 from specserve.engine.request_checks import ServedModel, check_prompt, check_request
 from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,
@@ -72,9 +73,9 @@ def default_served_model_name(model_dir: str | None) -> str:
 def engine_error(exc: Exception) -> OpenAIError:
     """The HTTP answer to an engine exception (as the gRPC server maps them to codes)."""
     if isinstance(exc, (QueueFullError, SlowReaderError)):
-        return OpenAIError(429, str(exc))
+        return OpenAIError(429, str(exc), reason=rejection_reason(exc))
     if isinstance(exc, EngineUnavailableError):
-        return OpenAIError(503, str(exc))
+        return OpenAIError(503, str(exc), reason="unavailable")
     if isinstance(exc, EngineFailureError):
         return OpenAIError(500, redact(str(exc)))
     if isinstance(exc, (ValueError, InvalidRequestError)):
@@ -384,7 +385,10 @@ class OpenAIFrontEnd:
                              usage=total_usage(run.choices))
                 yield f"data: {usage.model_dump_json()}\n\n"
         except (InvalidRequestError, EngineFailureError, SlowReaderError) as exc:
-            yield f"data: {json.dumps(engine_error(exc).body())}\n\n"
+            error = engine_error(exc)
+            if error.reason is not None and self.server.metrics is not None:
+                self.server.metrics.requests_rejected.labels(reason=error.reason).inc()
+            yield f"data: {json.dumps(error.body())}\n\n"
         finally:
             run.close()
         yield "data: [DONE]\n\n"
@@ -422,13 +426,20 @@ def build_app(front: OpenAIFrontEnd) -> FastAPI:
     server = front.server
     keyed = [Depends(api_key_dependency(server))]
 
+    def rejected(reason: str | None) -> None:  # counted as the gRPC server counts them
+        metrics = front.server.metrics
+        if reason is not None and metrics is not None:
+            metrics.requests_rejected.labels(reason=reason).inc()
+
     @app.exception_handler(OpenAIError)
     async def _openai_error(_request: Request, exc: OpenAIError) -> JSONResponse:
+        rejected(exc.reason)
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        rejected("invalid_argument")
         return JSONResponse(bad_request(message, param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)

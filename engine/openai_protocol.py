@@ -32,12 +32,13 @@ class OpenAIError(Exception):
     """A request the server answers with ``status`` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.reason = reason  # a rejection's, as the metrics count it (engine/errors.py)
 
     @property
     def type(self) -> str:
@@ -52,7 +53,7 @@ class OpenAIError(Exception):
 
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, param=param)
+    return OpenAIError(400, message, param=param, reason="invalid_argument")
 
 
 def param_of(message: str) -> str | None:

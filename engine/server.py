@@ -41,7 +41,8 @@ from grpc_reflection.v1alpha import reflection
 
 from specserve.engine.async_engine import AsyncEngine, EngineStatsSnapshot
 from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
-                                     InvalidRequestError, QueueFullError, SlowReaderError)
+                                     InvalidRequestError, QueueFullError, SlowReaderError,
+                                     rejection_reason)
 from specserve.engine.replica import ReplicaState, RestartPolicy
 from specserve.config import EngineConfig
 from specserve.engine.grpc_convert import (SERVICE_NAME, MalformedRequest, add_servicer,
@@ -63,12 +64,10 @@ _DEADLINE_SLACK = 0.25  # seconds; see SpecServer._count_unfinished
 
 # A refused request's status and its reason in the rejection counter (an
 # InvalidRequestError is a ValueError).
-_REJECTIONS = (
-    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"),
-    (SlowReaderError, grpc.StatusCode.RESOURCE_EXHAUSTED, "slow_reader"),
-    (EngineUnavailableError, grpc.StatusCode.UNAVAILABLE, "unavailable"),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
-)
+_STATUS_OF_REJECTION = {"queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "slow_reader": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "unavailable": grpc.StatusCode.UNAVAILABLE,
+                        "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT}
 
 
 def replica_config(config: EngineConfig) -> EngineConfig:
@@ -155,8 +154,8 @@ class GenerationServicer:
 
     async def _reject(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """End the call with the status for ``exc``, counted by reason."""
-        code, reason = next((code, reason) for kind, code, reason in _REJECTIONS
-                            if isinstance(exc, kind))
+        reason = rejection_reason(exc)
+        code = _STATUS_OF_REJECTION[reason]
         if self._server.metrics is not None:
             self._server.metrics.requests_rejected.labels(reason=reason).inc()
         await context.abort(code, str(exc))

@@ -7,6 +7,7 @@ against the same server's gRPC ones."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -151,8 +152,18 @@ def test_vllm_extras_and_seeded_choices_equal_grpc(server, client):
         assert all(set(v) == {"logprob", "decoded_token"} for v in entry.values())
 
 
+def rejected_invalid(server) -> float:
+    """specserve_requests_rejected_total{reason="invalid_argument"} on the HTTP port."""
+    base = f"http://127.0.0.1:{server.server.http_port}"
+    body = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    found = re.search(r'specserve_requests_rejected_total\{[^}]*reason="invalid_argument"[^}]*\} '
+                      r'(\S+)', body)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_bad_requests_get_400_with_the_reason(server, client):
     max_len = server.server.engine.model_info()["max_model_len"]
+    rejected_before = rejected_invalid(server)
     cases = [
         (dict(prompt="x", top_p=7), "top_p", "top_p must be in"),
         (dict(prompt="x", max_tokens=0), "max_tokens", "max_tokens must be"),
@@ -172,6 +183,7 @@ def test_bad_requests_get_400_with_the_reason(server, client):
         assert err.status_code == 400, (kwargs, err)
         assert message in err.body["message"], (kwargs, err.body)
         assert err.body["type"] == "invalid_request_error" and err.body["param"] == param
+    assert rejected_invalid(server) == rejected_before + len(cases)  # counted as over gRPC
     err = status_of(lambda: client.completions.create(model="gpt-4", prompt="x"))
     assert err.status_code == 404 and MODEL in err.body["message"]
     err = status_of(lambda: client.chat.completions.create(
