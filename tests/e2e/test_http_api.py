@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -21,6 +20,7 @@ from specserve.config import EngineConfig
 from specserve.engine.grpc_convert import pb, pb_grpc, sampling_params_to_proto
 from specserve.engine.server import BackgroundServer
 from specserve.sampling_params import SamplingParams
+from tests.e2e.test_server_e2e import wait_until
 from tests.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -35,15 +35,6 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% en
 def client_of(srv: BackgroundServer, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server.http_port}/v1", api_key="none",
                          max_retries=0, **kwargs)
-
-
-def wait_until(cond, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def no_requests_left(srv: BackgroundServer) -> bool:
