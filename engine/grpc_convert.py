@@ -141,10 +141,6 @@ def parse_generate_request(req: "pb.GenerateRequest", request_id: str) -> Parsed
     else:
         raise ValueError("the prompt is missing: set either text or token_ids")
     params = sampling_params_from_proto(req.sampling_params)
-    if params.n != 1:
-        raise ValueError(f"invalid sampling parameter: n={params.n}: gRPC serves one sample per "
-                         "request; send n requests (sample j with seed + j) or use the HTTP "
-                         "API's n")
     k = req.num_speculative_tokens if req.HasField("num_speculative_tokens") else None
     if k is not None and k < 0:
         raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {k}")

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from specserve import __version__
 from specserve.engine.async_engine import RequestStream
+from specserve.engine.request_group import RequestGroup
 from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
                                      InvalidRequestError, QueueFullError, SlowReaderError,
                                      rejection_reason)
@@ -160,74 +161,13 @@ class EventStream(StreamingResponse):
             self._on_close()
 
 
-class Run:
-    """One HTTP request's engine requests (a choice each): merged outputs, and
-    every request aborted on close unless it finished."""
+class Run(RequestGroup):
+    """One HTTP request's engine requests, a choice each."""
 
     def __init__(self, server: Any, streams: list[RequestStream],
                  choices: list[ChoiceState]) -> None:
-        self.server = server
-        self.streams = streams
         self.choices = choices
-        self.arrival = time.monotonic()
-        self._first_token: list[float | None] = [None] * len(streams)
-        self._closed = False
-        self._pumps: list[asyncio.Future] = []
-        server._call_started()
-        self.outputs = self._merged()
-
-    async def _merged(self) -> AsyncIterator[tuple[int, Any]]:
-        if len(self.streams) == 1:
-            async for out in self.streams[0]:
-                yield 0, self._seen(0, out)
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(index: int, stream: RequestStream) -> None:
-            try:
-                async for out in stream:
-                    queue.put_nowait((index, out))
-            except Exception as exc:
-                queue.put_nowait((index, exc))
-            queue.put_nowait((index, None))
-
-        self._pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
-        try:
-            left = len(self._pumps)
-            while left:
-                index, item = await queue.get()
-                if item is None:
-                    left -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield index, self._seen(index, item)
-        finally:
-            self._stop_pumps()
-
-    def _stop_pumps(self) -> None:
-        for task in self._pumps:
-            task.cancel()
-
-    def _seen(self, index: int, out: Any) -> Any:
-        if self._first_token[index] is None and out.new_token_ids:
-            self._first_token[index] = time.monotonic()
-        metrics = self.server.metrics
-        if out.finished and metrics is not None:
-            metrics.observe_request(self.arrival, self._first_token[index], time.monotonic(),
-                                    self.streams[index].num_tokens, out.finish_reason.value,
-                                    out.metrics)
-        return out
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop_pumps()
-        for stream in self.streams:
-            if not stream.finished:
-                self.server.engine.abort(stream.request_id)
-        self.server._call_ended()
+        super().__init__(server, streams)
 
 
 class OpenAIFrontEnd:

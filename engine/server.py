@@ -40,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specserve.engine.async_engine import AsyncEngine, EngineStatsSnapshot
+from specserve.engine.request_group import RequestGroup
 from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
                                      InvalidRequestError, QueueFullError, SlowReaderError,
                                      rejection_reason)
@@ -111,21 +112,16 @@ class GenerationServicer:
                 raise InvalidRequestError(request.message)
             if not srv.accepting:
                 raise EngineUnavailableError(srv.unavailable_reason())
-            stream = await self._submit(request, request_id)
+            streams = await self._submit(request, request_id)
         except (ValueError, QueueFullError, EngineUnavailableError) as exc:
             await self._reject(context, exc)
 
-        srv._call_started()
-        first_token = None
+        group = RequestGroup(srv, streams, arrival)  # n samples: their messages interleave
         try:
-            async for out in stream:
-                if first_token is None and out.new_token_ids:
-                    first_token = time.monotonic()
-                yield output_to_response(out)
-                if out.finished and srv.metrics is not None:
-                    srv.metrics.observe_request(arrival, first_token, time.monotonic(),
-                                                stream.num_tokens, out.finish_reason.value,
-                                                out.metrics)
+            async for index, out in group.outputs:
+                resp = output_to_response(out)
+                resp.request_id, resp.index = request_id, index
+                yield resp
         except (InvalidRequestError, SlowReaderError) as exc:
             await self._reject(context, exc)
         except EngineFailureError as exc:
@@ -133,12 +129,11 @@ class GenerationServicer:
                 srv.metrics.requests_failed.inc()
             await context.abort(grpc.StatusCode.INTERNAL, redact(str(exc)))
         finally:
-            if not stream.finished:  # cancelled, deadline passed, or the write failed
-                srv.engine.abort(request_id)
-                srv._count_unfinished(context)
-            srv._call_ended()
+            if not all(s.finished for s in streams):  # cancelled, deadline passed, or the
+                srv._count_unfinished(context)       # write failed: close() aborts them
+            group.close()
 
-    async def _submit(self, request: pb.GenerateRequest, request_id: str) -> Any:
+    async def _submit(self, request: pb.GenerateRequest, request_id: str) -> list[Any]:
         """Check, tokenize (on the tokenizer threads) and check the request against
         the served model, then queue it: a bad request is refused before it waits
         for any engine step."""
@@ -149,8 +144,19 @@ class GenerationServicer:
                       request_id=request.request_id, priority=parsed.priority)
         ids = await srv.engine.prompt_token_ids(parsed.prompt)
         check_prompt(ids, parsed.num_speculative_tokens, model)
-        return srv.engine.add_request(request_id, ids, parsed.params,
-                                      parsed.num_speculative_tokens, parsed.priority)
+        samples = parsed.params.samples()  # n > 1: n engine requests, sample j seeded seed + j
+        streams: list[Any] = []
+        try:
+            for j, params in enumerate(samples):
+                rid = request_id if len(samples) == 1 else f"{request_id}-{j}"
+                streams.append(srv.engine.add_request(rid, ids, params,
+                                                      parsed.num_speculative_tokens,
+                                                      parsed.priority))
+        except (ValueError, QueueFullError, EngineUnavailableError):
+            for stream in streams:
+                srv.engine.abort(stream.request_id)
+            raise
+        return streams
 
     async def _reject(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         """End the call with the status for ``exc``, counted by reason."""

@@ -157,6 +157,25 @@ def test_vllm_extras_cross_the_wire(llm, stub):
         [lp.decoded_token for lp in want.outputs[0].logprobs]
 
 
+def test_n_samples_interleave_in_one_stream(llm, server, stub):
+    """n = 3 over gRPC: each message names its sample, each sample ends with
+    its own finish reason and usage, and sample j equals the offline API's
+    (seeded seed + j); every block is back afterwards."""
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=5, n=3, ignore_eos=True)
+    want = offline(llm, "def add(a, b):", params)
+    resps = list(stub.Generate(gen_request("def add(a, b):", params, request_id="multi"),
+                               timeout=60))
+    assert {r.index for r in resps} == {0, 1, 2} and all(r.request_id == "multi" for r in resps)
+    for j, sample in enumerate(want.outputs):
+        mine = [r for r in resps if r.index == j]
+        assert [t for r in mine for t in r.token_ids] == sample.token_ids
+        assert mine[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert mine[-1].usage.completion_tokens == 16
+        assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in mine[:-1])
+    assert len({tuple(s.token_ids) for s in want.outputs}) == 3
+    assert wait_until(lambda: server.get_stats().kv_blocks_used == 0)
+
+
 def test_logprobs_past_the_servers_limit_are_named(stub):
     for field in ("logprobs", "prompt_logprobs"):
         req = gen_request("x")
@@ -225,7 +244,7 @@ def test_bad_input_gets_a_status_while_a_stream_goes_on(llm, stub):
     ]
     for field, value in (("temperature", -1.0), ("top_p", 0.0), ("top_k", -2), ("min_p", 2.0),
                          ("max_tokens", 0), ("logprobs", 50), ("frequency_penalty", 9.0),
-                         ("prompt_logprobs", 21), ("min_tokens", 99), ("n", 2)):
+                         ("prompt_logprobs", 21), ("min_tokens", 99), ("n", 0)):
         req = gen_request("x")
         setattr(req.sampling_params, field, value)
         bad.append((req, grpc.StatusCode.INVALID_ARGUMENT, field))

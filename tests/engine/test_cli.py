@@ -40,7 +40,7 @@ def test_every_sampling_parameter_is_a_generate_flag():
     gen = parser._subparsers._group_actions[0].choices["generate"]
     for f in fields(SamplingParams):
         flag = "--" + f.name.replace("_", "-")
-        # n > 1 is refused over gRPC (one sample per request): generate has no --n
+        # generate prints one sample's stream: it has no --n (the wire has n)
         assert (flag in gen._option_string_actions) == (f.name not in cli.NOT_GENERATE_FLAGS)
 
 

@@ -98,7 +98,7 @@ def test_proto_sampling_message_names_every_engine_parameter():
     (request("hi", top_p=0.0), "top_p"),
     (request("hi", seed=-4), "seed"),
     (request("hi", logprobs=-2), "logprobs"),
-    (request("hi", n=2, temperature=1.0), "gRPC serves one sample"),
+    (request("hi", n=2, temperature=0.0), "n must be 1 when using greedy"),
     (request("hi", k=-1), "num_speculative_tokens"),
 ])
 def test_parse_rejects(req, message):
