@@ -13,6 +13,11 @@ for path in (ROOT, os.path.join(ROOT, "proto")):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+# A Ray head waits 30 s for its GCS to bind by default; on two loaded cores
+# (a test suite beside other jobs) that has run out. Every Ray the tests start,
+# in this process or a server child, waits longer.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 
 @pytest.fixture(scope="module")
 def channel(server):
