@@ -42,7 +42,8 @@ from specserve.engine.errors import (EngineFailureError, EngineUnavailableError,
                                      InvalidRequestError, QueueFullError, SlowReaderError,
                                      rejection_reason)
 from specserve.engine.redact import redact
-from specserve.engine.request_checks import ServedModel, check_prompt, check_request
+from specserve.engine.request_checks import (ServedModel, check_prompt, check_request,
+                                             max_request_bytes)
 from specserve.engine.openai_protocol import (ChatCompletionChunk, ChatCompletionRequest,
                                               ChoiceState, CompletionRequest, CompletionResponse,
                                               ModelCard, ModelList, OpenAIError, bad_request,
@@ -359,6 +360,51 @@ def api_key_dependency(server: Any) -> Callable[[Request], None]:
     return check
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI: a request body over ``limit`` bytes is answered 413 before it is
+    read whole, by its Content-Length or, sent without one, by counting."""
+
+    def __init__(self, app: Any, limit: int, metrics: Any = None) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:  # the app reads its body before it answers: nothing was sent
+            await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.requests_rejected.labels(reason="invalid_argument").inc()
+        body = json.dumps(OpenAIError(413, f"the request body exceeds {self.limit} bytes "
+                                           "(--max-receive-message-bytes)").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def build_app(front: OpenAIFrontEnd) -> FastAPI:
     """The routes over ``front``; every error answers with OpenAI's error body."""
     app = FastAPI(title="specserve", version=__version__,
@@ -451,7 +497,9 @@ class HTTPServer:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         limits = self.front.server.config.connection_limits
-        config = uvicorn.Config(build_app(self.front), log_config=None, access_log=False,
+        app = BodyLimit(build_app(self.front), max_request_bytes(self.front.server.config),
+                        self.front.server.metrics)
+        config = uvicorn.Config(app, log_config=None, access_log=False,
                                 lifespan="off", ws="none", timeout_graceful_shutdown=5,
                                 timeout_keep_alive=limits.http_keep_alive_timeout,
                                 limit_concurrency=limits.http_limit_concurrency,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NoReturn
 
-from specserve.config import RequestLimits
+from specserve.config import EngineConfig, RequestLimits
 from specserve.engine.errors import InvalidRequestError
 from specserve.sampling_params import SamplingParams
 
@@ -71,6 +71,13 @@ def check_prompt(ids: list[int], num_speculative_tokens: int | None,
     if k is not None and not 0 <= k <= model.num_speculative_tokens:
         _refuse(f"num_speculative_tokens={k} must be in [0, {model.num_speculative_tokens}] "
                 "(this server's k; a request can only lower it)")
+
+
+def max_request_bytes(config: EngineConfig) -> int:
+    """The largest request either front end receives, in bytes (README: Limits)."""
+    cl, rl = config.connection_limits, config.request_limits
+    prompt_bytes = rl.max_prompt_bytes or 32 * (config.model_config.max_model_len or 0)
+    return cl.max_receive_message_bytes or max(4 << 20, prompt_bytes + (1 << 20))
 
 
 def _check_stops(limits: RequestLimits, stop: list[str]) -> None:

@@ -51,7 +51,8 @@ from specserve.engine.grpc_convert import (SERVICE_NAME, MalformedRequest, add_s
                                            parse_generate_request, pb)
 from specserve.engine.metrics import ServerMetrics
 from specserve.engine.redact import redact
-from specserve.engine.request_checks import ServedModel, check_prompt, check_request
+from specserve.engine.request_checks import (ServedModel, check_prompt, check_request,
+                                             max_request_bytes)
 from specserve.engine.security import ApiKeyInterceptor, Security
 
 logger = logging.getLogger(__name__)
@@ -80,13 +81,11 @@ def replica_config(config: EngineConfig) -> EngineConfig:
 
 def grpc_options(config: EngineConfig) -> list[tuple[str, int]]:
     """The server's connection limits as gRPC channel arguments (README: Limits)."""
-    cl, rl = config.connection_limits, config.request_limits
-    prompt_bytes = rl.max_prompt_bytes or 32 * (config.model_config.max_model_len or 0)
+    cl = config.connection_limits
     options = [("grpc.keepalive_time_ms", _ms(cl.keepalive_time)),
                ("grpc.keepalive_timeout_ms", _ms(cl.keepalive_timeout)),
                ("grpc.max_concurrent_streams", cl.max_concurrent_streams),
-               ("grpc.max_receive_message_length", cl.max_receive_message_bytes
-                or max(4 << 20, prompt_bytes + (1 << 20)))]
+               ("grpc.max_receive_message_length", max_request_bytes(config))]
     if cl.max_connection_idle:
         options.append(("grpc.max_connection_idle_ms", _ms(cl.max_connection_idle)))
     if cl.max_connection_age:

@@ -227,8 +227,9 @@ class ConnectionLimits:
         "Most streams open at once on one gRPC connection (HTTP/2 SETTINGS); the client "
         "queues the rest.")})
     max_receive_message_bytes: int | None = field(default=None, metadata={"help": (
-        "Largest gRPC request accepted, in bytes; larger is refused with RESOURCE_EXHAUSTED "
-        "before it is parsed. Default: --max-prompt-bytes plus 1 MiB (at least 4 MiB).")})
+        "Largest request accepted, in bytes: a larger gRPC message is refused with "
+        "RESOURCE_EXHAUSTED before it is parsed, a larger HTTP body with 413 before it is "
+        "read. Default: --max-prompt-bytes plus 1 MiB (at least 4 MiB).")})
     http_keep_alive_timeout: float = field(default=5.0, metadata={"help": (
         "Seconds the HTTP API keeps an idle keep-alive connection open.")})
     http_limit_concurrency: int | None = field(default=None, metadata={"help": (

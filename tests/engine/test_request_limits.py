@@ -215,3 +215,44 @@ def test_a_malformed_request_is_invalid_argument_without_a_traceback(gated, capl
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in err.value.details()
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+def _asgi_call(app, body_chunks: list[bytes], content_length: int | None):
+    """Run one HTTP request through an ASGI app; returns (status, body)."""
+    headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers}
+    incoming = [{"type": "http.request", "body": c, "more_body": i < len(body_chunks) - 1}
+                for i, c in enumerate(body_chunks)]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+def test_http_bodies_over_the_limit_get_413_before_they_are_read_whole():
+    from specserve.engine.http_server import BodyLimit
+
+    read = []
+
+    async def app(scope, receive, send):  # reads its whole body, then answers 200
+        while True:
+            message = await receive()
+            read.append(len(message["body"]))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = BodyLimit(app, limit=100)
+    assert _asgi_call(limited, [b"x" * 100], 100) == (200, b"ok")
+    status, body = _asgi_call(limited, [b"x" * 101], 101)  # refused by its length
+    assert status == 413 and b"exceeds 100 bytes" in body and read == [100]
+    status, _ = _asgi_call(limited, [b"x" * 60, b"x" * 60, b"x" * 60], None)  # no length
+    assert status == 413 and read == [100, 60]  # stopped at the chunk that went over
