@@ -176,12 +176,6 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self.log_requests = False  # one line per finished request (request_logger)
         self.max_logprobs = mc.max_logprobs
-        # Requests whose prompt another one is computing right now wait for
-        # it (prefix caching then serves them its blocks): the prompt of n
-        # samples is computed once. Prompt -> the request computing it, and
-        # that request's id -> (its prompt, the sequences waiting).
-        self._prefilling: dict[tuple[int, ...], str] = {}
-        self._waiting_on: dict[str, tuple[tuple[int, ...], list[Sequence]]] = {}
         self._last_step_time = 0.0
         self._last_step_shape = (0, 0)  # (sequences, target tokens) of the last step read back
         self._last_finish = 0.0
@@ -215,8 +209,7 @@ class LLMEngine:
             priority=priority,
         )
         self.requests[request_id] = Request(seq, params, self.tokenizer)
-        if not self._wait_for_same_prompt(seq):
-            self.scheduler.add(seq)
+        self.scheduler.add(seq)
 
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
@@ -228,38 +221,7 @@ class LLMEngine:
         request.abort()
         if self.log_requests:
             request_logger.info(request_line(request_id, request.metrics, "aborted"))
-        self._release_waiting(request_id)
-        for _, waiting in self._waiting_on.values():
-            if request.seq in waiting:  # never given to the scheduler
-                waiting.remove(request.seq)
-                return
         self.scheduler.finish(request.seq, FinishReason.ABORTED)
-
-    def _wait_for_same_prompt(self, seq: Sequence) -> bool:
-        """Whether ``seq`` waits for another request computing the same
-        prompt (with prefix caching, for a prompt of at least one full block
-        besides its last token), rather than computing it alongside."""
-        cache = self.config.cache_config
-        if (not cache.enable_prefix_caching or seq.num_prompt_tokens <= cache.block_size
-                or seq.sampling_params.prompt_logprobs is not None):
-            return False
-        key = tuple(seq.prompt_token_ids)
-        leader = self._prefilling.get(key)
-        if leader is None:
-            self._prefilling[key] = seq.request_id
-            self._waiting_on[seq.request_id] = (key, [])
-            return False
-        self._waiting_on[leader][1].append(seq)
-        return True
-
-    def _release_waiting(self, leader: str) -> None:
-        """``leader`` has computed its prompt (or ended): the requests waiting
-        for it go to the scheduler, to find its blocks cached."""
-        key, waiting = self._waiting_on.pop(leader, (None, ()))
-        if key is not None:
-            del self._prefilling[key]
-        for seq in waiting:
-            self.scheduler.add(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -374,8 +336,6 @@ class LLMEngine:
                     self.adaptive.observe_acceptance(update.num_proposed, update.num_accepted)
             request.apply(update)
             applied.append((request, update))
-            if self._waiting_on:
-                self._release_waiting(request.request_id)  # its prompt is computed
             if request.finished:
                 del self.requests[request.request_id]
         return applied

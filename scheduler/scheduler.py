@@ -58,7 +58,10 @@ class Scheduler:
 
     With prefix caching (the allocator's), a sequence starts from the longest
     cached prefix of its full blocks and only the rest counts as prompt work;
-    each full block is cached as soon as the target has computed it.
+    each full block is cached as soon as the target has computed it. A
+    waiting sequence whose next block a running one is computing (the same
+    prompt: n samples, a burst of one system prompt) waits for it to be
+    cached rather than computing it again beside it.
     """
 
     def __init__(self, limits: SchedulerLimits, allocator: BlockAllocator) -> None:
@@ -73,6 +76,9 @@ class Scheduler:
         # and of them, those found cached.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Names of full blocks that running sequences compute and have not
+        # cached yet, each with how many sequences compute it.
+        self._in_flight: dict[bytes, int] = {}
         self._step_ids = itertools.count(1)
         # Launched steps not yet read back: step id -> (the scheduled sequences,
         # whether the next step was scheduled ahead of it).
@@ -96,6 +102,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        self._land(seq, seq.num_in_flight_blocks)
         self.allocator.free(seq.block_ids)
         seq.block_ids = []
         seq.status = SequenceStatus.FINISHED
@@ -135,10 +142,15 @@ class Scheduler:
             i += 1
 
         growth = self._growth_blocks(self.running) if self.waiting else 0
-        while (not preempted and self.waiting and budget > 0
+        w = 0
+        while (not preempted and w < len(self.waiting) and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
-            seq = self.waiting[0]
+            seq = self.waiting[w]
             self._reuse_cached_prefix(seq)
+            if self._next_block_in_flight(seq):  # computed now by another: cached soon
+                self._release_cached_prefix(seq)
+                w += 1
+                continue
             prompt = self.allocator.blocks_needed(seq.num_tokens, len(seq.block_ids))
             growth += self._growth_blocks([seq]) - prompt
             if self.running and self.allocator.num_free_blocks - prompt < (
@@ -154,7 +166,8 @@ class Scheduler:
                 self.prefix_cache_hits += seq.num_computed_tokens
                 if not seq.num_preemptions:
                     seq.num_cached_prompt_tokens = seq.num_computed_tokens
-            self.waiting.pop(0)
+                self._take_off(seq)
+            self.waiting.pop(w)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_running_key)
             scheduled.append(work)
@@ -284,6 +297,36 @@ class Scheduler:
         seq.num_computed_tokens = len(blocks) * bs
         seq.num_draft_computed_tokens = drafted * bs
 
+    def _next_block_in_flight(self, seq: Sequence) -> bool:
+        """Whether the first full block ``seq`` did not find cached is one a
+        running sequence is computing now."""
+        b = seq.num_cached_blocks
+        return b < len(seq.block_hashes) and seq.block_hashes[b] in self._in_flight
+
+    def _take_off(self, seq: Sequence) -> None:
+        """An admitted sequence computes its full blocks of known tokens past
+        its cached ones: others with the same names wait for them."""
+        if _wants_prompt_logprobs(seq):  # computes its prompt whatever is cached
+            return
+        bs = self.allocator.block_size
+        full = (seq.num_prompt_tokens + seq.num_output_tokens) // bs
+        extend_hashes(seq.block_hashes, seq.token_slice, bs, full)
+        for name in seq.block_hashes[seq.num_cached_blocks:full]:
+            self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        seq.num_in_flight_blocks = max(full, seq.num_cached_blocks)
+
+    def _land(self, seq: Sequence, upto: int) -> None:
+        """Blocks ``num_cached_blocks .. upto`` of ``seq`` are no longer being
+        computed by it (cached now, or dropped with its blocks)."""
+        for name in seq.block_hashes[seq.num_cached_blocks:min(upto, seq.num_in_flight_blocks)]:
+            left = self._in_flight[name] - 1
+            if left:
+                self._in_flight[name] = left
+            else:
+                del self._in_flight[name]
+        if upto >= seq.num_in_flight_blocks:
+            seq.num_in_flight_blocks = 0
+
     def _release_cached_prefix(self, seq: Sequence) -> None:
         """Undo ``_reuse_cached_prefix`` for a sequence that stays waiting."""
         if seq.block_ids:
@@ -301,6 +344,7 @@ class Scheduler:
                    seq.num_prompt_tokens + seq.num_output_tokens) // bs
         if full > seq.num_cached_blocks:
             extend_hashes(seq.block_hashes, seq.token_slice, bs, full)
+            self._land(seq, full)
             for i in range(seq.num_cached_blocks, full):
                 a.cache(seq.block_ids[i], seq.block_hashes[i])
             seq.num_cached_blocks = full
@@ -312,6 +356,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1
         self.running.remove(seq)
+        self._land(seq, seq.num_in_flight_blocks)
         self.allocator.free(seq.block_ids)
         seq.reset_for_recompute()
         bisect.insort(self.waiting, seq, key=_waiting_key)

@@ -59,6 +59,7 @@ class Sequence:
     num_cached_blocks: int = 0
     num_draft_cached_blocks: int = 0
     num_cached_prompt_tokens: int = 0  # found cached when it first started
+    num_in_flight_blocks: int = 0  # it computes its blocks up to here (scheduler's record)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -212,3 +212,33 @@ def test_a_waiting_sequence_that_cannot_start_lets_go_of_its_cached_blocks():
     s.finish(hog)
     s.finish(late)
     assert s.allocator.num_free_blocks == 4
+
+
+def test_a_prompt_being_computed_is_waited_for_not_computed_twice():
+    """Three requests of one prompt at once (n samples): one computes it, the
+    others wait one step, then find all its full blocks cached; a request of
+    another prompt is not held up by them."""
+    s = make()
+    same = [seq(f"s{i}", range(1, 11)) for i in range(3)]
+    other = seq("other", range(50, 60))
+    for q in (*same, other):
+        s.add(q)
+    first = run_step(s)
+    assert [w.request_id for w in first.sequences] == ["s0", "other"]
+    second = run_step(s)
+    later = [w for w in second.sequences if w.request_id in ("s1", "s2")]
+    assert [w.num_computed_tokens for w in later] == [8, 8]
+    assert s._in_flight == {}
+
+
+def test_a_computing_sequence_that_stops_lets_the_waiting_ones_go():
+    s = make(budget=4)  # chunks of 4: the leader computes its blocks over 3 steps
+    lead, follow = seq("lead", range(1, 11)), seq("follow", range(1, 11))
+    s.add(lead)
+    s.add(follow)
+    run_step(s)
+    assert follow.status is SequenceStatus.WAITING and s._in_flight
+    s.finish(lead)
+    assert s._in_flight == {}
+    (w,) = run_step(s).sequences
+    assert w.request_id == "follow" and w.num_computed_tokens == 4  # its first block, cached
