@@ -86,3 +86,35 @@ def test_launching_a_step_does_not_wait_for_the_device(pair):
     assert kinds == {"prompt", "decode", "speculating"}
     assert llm.engine.get_stats().kv_blocks_used == 0
     llm.shutdown()
+
+
+def test_fp8_weights_and_kv_cache_graphed_equal_eager_and_speculate_exactly(pair):
+    """The FP8 GEMV and the FP8 KV stores are Triton kernels on CUDA (the CPU
+    runs their torch twins): graphs replay them as eager does, and an FP8
+    model speculates exactly with respect to itself."""
+    fp8 = dict(quantization="fp8", draft_quantization="fp8", kv_cache_dtype="fp8")
+    eager, _ = _run(pair, 0, enforce_eager=True, **fp8)
+    graphed, used = _run(pair, 0, **fp8)
+    assert used
+    spec, _ = _run(pair, 3, **fp8)
+    assert graphed == eager
+    assert spec == eager
+
+
+def test_a_cached_prefix_gives_the_tokens_computed_afresh(pair):
+    target, draft = pair
+    shared = "The same long system prompt, read by every request. " * 6
+    prompts = [shared + p for p in PROMPTS]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    runs = {}
+    for caching in (False, True):
+        llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+                  device="cuda", num_kv_blocks=512, enable_prefix_caching=caching)
+        first = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        again = llm.generate(prompts, params)
+        runs[caching] = (first, [o.outputs[0].token_ids for o in again])
+        if caching:
+            assert all(o.metrics.cached_prompt_tokens > 0 for o in again)
+        llm.shutdown()
+    assert runs[True] == runs[False]
+    assert runs[False][0] == runs[False][1]
