@@ -72,7 +72,8 @@ import triton.language as tl
 from specserve.workers.attention.backend import AttentionBackend, check_window_and_cap
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.kernels.batch_invariant import batch_invariant
-from specserve.workers.kernels.fp8 import FP8, e4m3_round
+from specserve.workers.kernels.e4m3 import e4m3_round
+from specserve.workers.kernels.fp8 import FP8
 
 _LOG2E = 1.4426950408889634
 _MAX_ROWS_SMALL = 64  # largest M tile for one-tile-per-sequence (decode / verify)
@@ -222,8 +223,9 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
     k = tl.load(k_ptr + t * stride_k + cols, mask=ok)
     v = tl.load(v_ptr + t * stride_v + cols, mask=ok)
     if KV_FP8:
-        k = e4m3_round(tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0))
-        v = e4m3_round(tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0))
+        # Divided, correctly rounded, as kv_cache.to_cache does.
+        k = e4m3_round(tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -448.0, 448.0))
+        v = e4m3_round(tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0))
     tl.store(k_cache_ptr + slot * ROW + cols, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
     tl.store(v_cache_ptr + slot * ROW + cols, v.to(v_cache_ptr.dtype.element_ty), mask=ok)
 

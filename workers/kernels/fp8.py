@@ -20,38 +20,16 @@ from __future__ import annotations
 
 import torch
 
+from specserve.workers.kernels.e4m3 import FP8_MAX, MIN_SCALE, e4m3_round  # noqa: F401 (re-exported)
 from specserve.workers.kernels.gemv import gemv_config
 from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-_MIN_SCALE = 1e-12  # an all-zero row or token keeps a finite scale
 
 if triton_available():
     import triton
-    import triton.language as tl
 
     from specserve.workers.kernels.gemv import _gemv_kernel
-
-    @triton.jit
-    def e4m3_round(x):
-        """float32 ``x`` (within +-448) rounded to the nearest E4M3 value,
-        ties to even, as torch's conversion does; the cast to FP8 is then
-        exact. (Done here rather than left to the cast: Triton's CPU
-        interpreter drops the carry when rounding up to the next power of
-        two, 1.99 -> 1.0.) Normal values keep 3 mantissa bits; below 2**-6
-        the step is 2**-9."""
-        bits = x.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-        scaled = tl.abs(x) * 512.0
-        low = tl.floor(scaled)
-        frac = scaled - low
-        odd = low - 2.0 * tl.floor(low * 0.5)
-        up = (frac > 0.5) | ((frac == 0.5) & (odd == 1.0))
-        small = tl.where(up, low + 1.0, low) / 512.0
-        small = tl.where(bits < 0, -small, small)  # the sign of a zero too
-        return tl.where(tl.abs(x) < 0.015625, small, normal)
-
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
     """Whether FP8 matmuls run on ``device``, and if not, why."""
@@ -72,7 +50,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8 values, float32 scales [rows, 1]): each row of ``x`` scaled so
     its largest magnitude maps to the format's largest value."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
@@ -82,10 +60,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     (from ``quantize_rows``), plus ``bias``; in ``x``'s dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    xq, x_scale = quantize_rows(x2)
     if _gemv_fits(x2, weight):
-        out = _fp8_gemv(xq, x_scale, weight, weight_scale, bias, x.dtype)
+        out = _fp8_gemv(x2, weight, weight_scale, bias)
     else:
+        xq, x_scale = quantize_rows(x2)
         out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                                bias=None, out_dtype=out_dtype)
@@ -101,16 +79,15 @@ def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and n % gemv_config(n, k)[0] == 0)
 
 
-def _fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-              weight_scale: torch.Tensor, bias: torch.Tensor | None,
-              dtype: torch.dtype) -> torch.Tensor:
+def _fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
     n, k = weight.shape
     # Half the bytes of a 16-bit row: twice the K per tile for the same load width.
     block_n, block_k, num_warps, num_stages = gemv_config(n, k)
     block_k = min(2 * block_k, triton.next_power_of_2(k))
-    out = torch.empty((1, n), dtype=dtype, device=xq.device)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(n // block_n,)](
-        xq, weight, out, k, weight.stride(0), x_scale, weight_scale,
+        x.contiguous(), weight, out, k, weight.stride(0), weight_scale,
         bias if bias is not None else out, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, SCALED=True, HAS_BIAS=bias is not None,
         num_warps=num_warps, num_stages=num_stages)

@@ -20,7 +20,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from specserve.workers.kernels.fp8 import e4m3_round
+    from specserve.workers.kernels.e4m3 import e4m3_round
 
     @triton.jit
     def _rotate_kernel(qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
@@ -64,9 +64,10 @@ if triton_available():
             kv_head = tl.where(is_v, heads - num_heads - num_kv_heads, heads - num_heads)
             row = slot * (num_kv_heads * HEAD_DIM) + kv_head[:, None] * HEAD_DIM + dims[None, :]
             if FP8_CACHE:
-                inv = 1.0 / tl.where(is_v, v_scale, k_scale)[:, None]
-                z1 = e4m3_round(tl.clamp(y1.to(tl.float32) * inv, -448.0, 448.0))
-                z2 = e4m3_round(tl.clamp(y2.to(tl.float32) * inv, -448.0, 448.0))
+                # Divided, correctly rounded, as kv_cache.to_cache does.
+                scale = tl.where(is_v, v_scale, k_scale)[:, None]
+                z1 = e4m3_round(tl.clamp(tl.math.div_rn(y1.to(tl.float32), scale), -448.0, 448.0))
+                z2 = e4m3_round(tl.clamp(tl.math.div_rn(y2.to(tl.float32), scale), -448.0, 448.0))
             else:
                 z1, z2 = y1, y2
             k_ok = is_k[:, None] & dmask[None, :]
