@@ -29,4 +29,4 @@ class LocalExecutor(Executor):
         return self.worker.runner.finish(handle)
 
     def shutdown(self) -> None:
-        self.worker.runner = None
+        self.worker.release()

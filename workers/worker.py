@@ -12,6 +12,7 @@ seeded alike, so every rank samples the same tokens with no traffic.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -145,11 +146,21 @@ class Worker:
         return (self.device.type == "cuda" and not self.config.parallel_config.enforce_eager
                 and target.attention_backend.supports_cuda_graphs)
 
+    def release(self) -> None:
+        """Drop the models, KV cache and graphs and hand their device memory
+        back, so that another engine in this process can take it."""
+        self.runner = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _blocks_that_fit(self, bytes_per_block: int) -> int:
         cc = self.config.cache_config
         if self.device.type != "cuda":
             return cc.kv_cache_memory // bytes_per_block
         free, total = torch.cuda.mem_get_info(self.device)
+        # Memory this process's allocator holds but no tensor uses is free too.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         budget = int(total * cc.gpu_memory_utilization) - (total - free) - _CUDA_ACTIVATION_RESERVE
         return max(0, budget) // bytes_per_block
 

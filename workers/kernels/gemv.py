@@ -25,6 +25,9 @@ if triton_available():
 
     from specserve.workers.kernels.e4m3 import e4m3_round
 
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # kernels read globals only as constexprs
+    _MIN_SCALE = tl.constexpr(MIN_SCALE)
+
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, K, stride_w, w_scale_ptr, bias_ptr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -41,7 +44,7 @@ if triton_available():
             for k0 in range(0, K, BLOCK_K):
                 x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
                 peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
-            x_scale = tl.maximum(tl.math.div_rn(tl.max(peak, axis=0), FP8_MAX), MIN_SCALE)
+            x_scale = tl.maximum(tl.math.div_rn(tl.max(peak, axis=0), _FP8_MAX), _MIN_SCALE)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
@@ -53,7 +56,7 @@ if triton_available():
                 w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
             x = x.to(tl.float32)
             if SCALED:
-                x = e4m3_round(tl.clamp(tl.math.div_rn(x, x_scale), -FP8_MAX, FP8_MAX))
+                x = e4m3_round(tl.clamp(tl.math.div_rn(x, x_scale), -_FP8_MAX, _FP8_MAX))
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
         if SCALED:
