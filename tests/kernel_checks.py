@@ -81,6 +81,21 @@ def check_fp8_gemv(device: str, dtype: torch.dtype, n: int, k: int, bias: bool) 
     _close(fp8.fp8_linear(x, wq, w_scale, b), want, dtype, f"fp8 gemv {n}x{k}")
 
 
+def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, k: int) -> None:
+    """The one-launch row quantizer gives exactly what torch's ops give on
+    the CPU (correctly rounded division, ties to even), zero rows too."""
+    g = torch.Generator().manual_seed(rows * k)
+    x = (torch.randn(rows, k, generator=g) * torch.logspace(-3, 3, rows)[:, None]).to(dtype)
+    x[0, : k // 2] = 0.0
+    if rows > 2:
+        x[2] = 0.0
+    want_q, want_scale = fp8.quantize_rows_torch(x)  # on the CPU: exact division
+    got_q, got_scale = fp8.quantize_rows(x.to(device))
+    assert torch.equal(got_scale.cpu(), want_scale), f"quantize_rows scales ({dtype}, {rows}x{k})"
+    assert torch.equal(got_q.cpu().view(torch.uint8), want_q.view(torch.uint8)), \
+        f"quantize_rows values ({dtype}, {rows}x{k})"
+
+
 def check_rotary_store(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int,
                        head_dim: int) -> None:
     """The fused store leaves q as ``rotate_qk`` does and puts k and v in
@@ -103,6 +118,16 @@ def check_rotary_store(device: str, dtype: torch.dtype, tokens: int, heads: int,
     assert torch.equal(cache, want_cache), "fused store: cache differs from rotate_qk + store"
 
 
+def _byte_differences(got: torch.Tensor, want: torch.Tensor) -> str:
+    """How many bytes of two FP8 caches differ, and the first few (index,
+    got, want), so that a mismatch seen on a GPU says where to look."""
+    a, b = got.cpu().view(torch.uint8).flatten(), want.cpu().view(torch.uint8).flatten()
+    where = (a != b).nonzero().flatten()
+    first = [(i, got.cpu().flatten()[i].float().item(), want.cpu().flatten()[i].float().item())
+             for i in where[:6].tolist()]
+    return f"{len(where)} of {len(a)} bytes differ; first (index, got, want): {first}"
+
+
 def check_fp8_kv_store(device: str, dtype: torch.dtype) -> None:
     """The fused store into an FP8 cache writes what ``to_cache`` makes of
     ``rotate_qk``'s keys and values (power-of-two scales: exact either way)."""
@@ -121,8 +146,9 @@ def check_fp8_kv_store(device: str, dtype: torch.dtype) -> None:
     want[1, slots] = indexable(to_cache(v, fp8.FP8, scales[1]))
     assert rotary.store_fits(qkv, cache, kv_heads, head_dim)
     rotary.rotate_q_store_kv(qkv, cos, sin, heads, kv_heads, head_dim, cache, slots, scales)
-    assert torch.equal(indexable(cache).view(2, 16, kv_heads, head_dim), want), \
-        f"fused FP8 store differs from to_cache ({dtype})"
+    got = indexable(cache).view(2, 16, kv_heads, head_dim)
+    assert torch.equal(got, want), \
+        f"fused FP8 store differs from to_cache ({dtype}): {_byte_differences(got, want)}"
 
 
 def check_fp8_attention(device: str, dtype: torch.dtype = torch.float32) -> None:
@@ -143,7 +169,8 @@ def check_fp8_attention(device: str, dtype: torch.dtype = torch.float32) -> None
         got_cache = cache.clone()
         out = TritonPagedBackend(num_splits=splits).forward(q, k, v, got_cache, meta, 0.125,
                                                             kv_scale=scales)
-        assert torch.equal(indexable(got_cache), indexable(ref_cache)), "FP8 KV store differs"
+        assert torch.equal(indexable(got_cache), indexable(ref_cache)), \
+            f"FP8 KV store differs ({dtype}, splits {splits}): {_byte_differences(got_cache, ref_cache)}"
         worst = max(relative_errors(out, ref, query_lens))
         assert worst < 2e-2, f"FP8-cache attention: relative error {worst:.2e}"
 
@@ -207,6 +234,8 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
             check_gemv(device, dtype, n, k)
         for n, k, bias in ((32, 64, False), (48, 688, True), (256, 2048, False)):
             check_fp8_gemv(device, dtype, n, k, bias)
+        for rows, k in ((1, 64), (4, 688), (3, 5000)):
+            check_quantize_rows(device, dtype, rows, k)
 
 
 if __name__ == "__main__":

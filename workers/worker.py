@@ -111,10 +111,13 @@ class Worker:
                 raise ValueError(f"kv_cache_dtype 'fp8': {why}")
         per_block = sum(kv_cache_bytes_per_block(s.num_layers, cc.block_size, s.num_kv_heads,
                                                  s.head_dim, cache_dtype) for s in shapes)
-        num_blocks = cc.num_kv_blocks or self._blocks_that_fit(per_block)
-        if num_blocks < 1:
-            raise ValueError(f"the KV cache budget fits no block of {per_block} bytes; "
-                             "raise kv_cache_memory or gpu_memory_utilization")
+        num_blocks = cc.num_kv_blocks
+        if not num_blocks:
+            budget, why = self._kv_budget()
+            num_blocks = max(0, budget) // per_block
+            if num_blocks < 1:
+                raise ValueError(f"the KV cache budget fits no block of {per_block} bytes: {why}; "
+                                 "raise kv_cache_memory or gpu_memory_utilization")
         graphs = self._use_cuda_graphs(target)
         # With CUDA graphs one more block is allocated: the padding rows' block.
         caches = [allocate_kv_caches(s.num_layers, num_blocks + graphs, cc.block_size,
@@ -154,15 +157,22 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _blocks_that_fit(self, bytes_per_block: int) -> int:
+    def _kv_budget(self) -> tuple[int, str]:
+        """Bytes the KV cache may take, and how that was reckoned (for the
+        error that says why no block fits)."""
         cc = self.config.cache_config
         if self.device.type != "cuda":
-            return cc.kv_cache_memory // bytes_per_block
+            return cc.kv_cache_memory, f"kv_cache_memory is {cc.kv_cache_memory} bytes"
         free, total = torch.cuda.mem_get_info(self.device)
         # Memory this process's allocator holds but no tensor uses is free too.
         free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        budget = int(total * cc.gpu_memory_utilization) - (total - free) - _CUDA_ACTIVATION_RESERVE
-        return max(0, budget) // bytes_per_block
+        allowed = int(total * cc.gpu_memory_utilization)
+        gib = 2**30
+        why = (f"gpu_memory_utilization {cc.gpu_memory_utilization} of {total / gib:.1f} GiB is "
+               f"{allowed / gib:.1f} GiB; {(total - free) / gib:.1f} GiB are in use (the models, "
+               f"other engines or processes) and {_CUDA_ACTIVATION_RESERVE / gib:.0f} GiB are "
+               "kept for activations")
+        return allowed - (total - free) - _CUDA_ACTIVATION_RESERVE, why
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)

@@ -310,3 +310,9 @@ def test_engine_with_adaptive_k_is_lossless(tmp_path):
     # Which k it picks depends on measured step times; the tokens may not.
     assert 0 <= engine.get_stats().num_speculative_tokens <= 4
     assert engine.get_stats().kv_blocks_used == 0
+
+
+def test_a_kv_budget_too_small_for_one_block_says_how_it_was_reckoned(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match=r"fits no block of \d+ bytes: kv_cache_memory is 100 bytes"):
+        LLM(model=target, draft_model=draft, dtype="float32", kv_cache_memory=100, block_size=4)

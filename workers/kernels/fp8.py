@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from specserve.workers.kernels.e4m3 import FP8_MAX, MIN_SCALE, e4m3_round  # noqa: F401 (re-exported)
+from specserve.workers.kernels.e4m3 import FP8_MAX, MIN_SCALE
 from specserve.workers.kernels.gemv import gemv_config
 from specserve.workers.kernels.triton_support import triton_available, use_triton
 
@@ -28,8 +28,32 @@ FP8 = torch.float8_e4m3fn
 
 if triton_available():
     import triton
+    import triton.language as tl
 
+    from specserve.workers.kernels.e4m3 import e4m3_round
     from specserve.workers.kernels.gemv import _gemv_kernel
+
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # compiled kernels read globals only as constexprs
+    _MIN_SCALE = tl.constexpr(MIN_SCALE)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr):
+        """One row per program: its largest magnitude, then the row over its
+        scale in E4M3, divided correctly rounded as torch's CPU ops do."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        peak = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0)
+            peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
+        scale = tl.maximum(tl.math.div_rn(tl.max(peak, axis=0), _FP8_MAX), _MIN_SCALE)
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            ok = k0 + cols < K
+            x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+            q = e4m3_round(tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX))
+            tl.store(q_ptr + row * K + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
     """Whether FP8 matmuls run on ``device``, and if not, why."""
@@ -48,7 +72,23 @@ def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8 values, float32 scales [rows, 1]): each row of ``x`` scaled so
-    its largest magnitude maps to the format's largest value."""
+    its largest magnitude maps to the format's largest value. On the GPU one
+    launch (a decode step quantizes the input of every linear layer, and the
+    eight torch ops this takes cost more than the FP8 GEMV saves)."""
+    if use_triton(x) and x.dim() == 2 and x.stride(-1) == 1:
+        rows, k = x.shape
+        q = torch.empty((rows, k), dtype=FP8, device=x.device)
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        if rows:
+            _quantize_rows_kernel[(rows,)](x, q, scale, k, x.stride(0),
+                                           BLOCK=min(2048, triton.next_power_of_2(k)),
+                                           num_warps=8 if k >= 4096 else 4)
+        return q, scale
+    return quantize_rows_torch(x)
+
+
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows`` in torch ops: the CPU's path and the kernel's reference."""
     xf = x.float()
     scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
@@ -60,10 +100,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     (from ``quantize_rows``), plus ``bias``; in ``x``'s dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    xq, x_scale = quantize_rows(x2)
     if _gemv_fits(x2, weight):
-        out = _fp8_gemv(x2, weight, weight_scale, bias)
+        out = _fp8_gemv(xq, x_scale, weight, weight_scale, bias, x.dtype)
     else:
-        xq, x_scale = quantize_rows(x2)
         out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                                bias=None, out_dtype=out_dtype)
@@ -79,15 +119,16 @@ def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and n % gemv_config(n, k)[0] == 0)
 
 
-def _fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
+def _fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+              weight_scale: torch.Tensor, bias: torch.Tensor | None,
+              dtype: torch.dtype) -> torch.Tensor:
     n, k = weight.shape
     # Half the bytes of a 16-bit row: twice the K per tile for the same load width.
     block_n, block_k, num_warps, num_stages = gemv_config(n, k)
     block_k = min(2 * block_k, triton.next_power_of_2(k))
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, n), dtype=dtype, device=xq.device)
     _gemv_kernel[(n // block_n,)](
-        x.contiguous(), weight, out, k, weight.stride(0), weight_scale,
+        xq, weight, out, k, weight.stride(0), x_scale, weight_scale,
         bias if bias is not None else out, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, SCALED=True, HAS_BIAS=bias is not None,
         num_warps=num_warps, num_stages=num_stages)

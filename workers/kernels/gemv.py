@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from specserve.workers.kernels.batch_invariant import batch_invariant
-from specserve.workers.kernels.e4m3 import FP8_MAX, MIN_SCALE
 from specserve.workers.kernels.invariant_matmul import invariant_linear
 from specserve.workers.kernels.triton_support import triton_available, use_triton
 
@@ -23,28 +22,15 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from specserve.workers.kernels.e4m3 import e4m3_round
-
-    _FP8_MAX = tl.constexpr(FP8_MAX)  # kernels read globals only as constexprs
-    _MIN_SCALE = tl.constexpr(MIN_SCALE)
-
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, K, stride_w, w_scale_ptr, bias_ptr,
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, K, stride_w, x_scale_ptr, w_scale_ptr, bias_ptr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """out[n] = sum_k w[n, k] x[k] (float32 sums); HAS_BIAS: + bias[n].
-        SCALED: FP8 weights with row scales, and x quantized to E4M3 per token
-        here, as ``fp8.quantize_rows`` does, so one launch does what took a
-        handful (the token's K values are re-read from L2 by each program)."""
+        """out[n] = sum_k w[n, k] x[k] (float32 sums); SCALED: FP8 operands
+        times x's scale and row n's (workers/kernels/fp8.py); HAS_BIAS: + bias[n]."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
         rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
-        if SCALED:
-            peak = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
-                peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
-            x_scale = tl.maximum(tl.math.div_rn(tl.max(peak, axis=0), _FP8_MAX), _MIN_SCALE)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
@@ -54,13 +40,10 @@ if triton_available():
                 ok = k0 + k < K
                 x = tl.load(x_ptr + k0 + k, mask=ok, other=0.0)
                 w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
-            x = x.to(tl.float32)
-            if SCALED:
-                x = e4m3_round(tl.clamp(tl.math.div_rn(x, x_scale), -_FP8_MAX, _FP8_MAX))
-            acc += w.to(tl.float32) * x[None, :]
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if SCALED:
-            y = y * x_scale * tl.load(w_scale_ptr + n)
+            y = y * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + n)
         if HAS_BIAS:
             y += tl.load(bias_ptr + n).to(tl.float32)
         tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
@@ -102,7 +85,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     block_n, block_k, num_warps, num_stages = config or gemv_config(*weight.shape)
     n, k = weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(n // block_n,)](x, weight, out, k, weight.stride(0), x, x,
+    _gemv_kernel[(n // block_n,)](x, weight, out, k, weight.stride(0), x, x, x,
                                   BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
                                   SCALED=False, HAS_BIAS=False,
                                   num_warps=num_warps, num_stages=num_stages)
