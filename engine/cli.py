@@ -35,6 +35,7 @@ DEFAULT_WAIT_READY = 60.0
 DEFAULT_GRACE_PERIOD = 30.0
 DEFAULT_REPLICA_RESTART_MAX = 5  # engine.replica.RestartPolicy's, without importing it here
 DEFAULT_REPLICA_RESTART_BACKOFF = 1.0
+DEFAULT_REPLICA_HEALTH_CHECK_INTERVAL = 10.0
 DEFAULT_STATS_INTERVAL = 10.0  # engine.server's, without importing it here
 EMBEDDED_MODEL_NAME = "specserve-default"  # engine.http_server's, without importing it here
 
@@ -253,6 +254,16 @@ def count_type(text: str) -> int:
     return value
 
 
+def interval_type(text: str) -> float:
+    """An argparse type for a number of seconds >= 0 (0: off)."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass
+    return seconds_type(text)
+
+
 def seconds_type(text: str) -> float:
     """An argparse type for a positive number of seconds."""
     try:
@@ -300,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                        default=DEFAULT_REPLICA_RESTART_BACKOFF, metavar="SECONDS",
                        help="wait before the first rebuild of a failed replica, doubled after "
                             "each failed attempt (up to 30 s)")
+    serve.add_argument("--replica-health-check-interval", type=interval_type,
+                       default=DEFAULT_REPLICA_HEALTH_CHECK_INTERVAL, metavar="SECONDS",
+                       help="an idle replica checks that its workers live after this many "
+                            "seconds without work (a Ray actor that died between requests is "
+                            "then rebuilt before a request reaches it); 0 turns it off")
     serve.add_argument("--log-level", default="info",
                        choices=("debug", "info", "warning", "error"), help="logging level")
     _add_operating_flags(serve)
@@ -517,7 +533,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     restart = RestartPolicy(max_attempts=args.replica_restart_max,
                             backoff=args.replica_restart_backoff,
-                            max_backoff=max(30.0, args.replica_restart_backoff))
+                            max_backoff=max(30.0, args.replica_restart_backoff),
+                            health_check_interval=args.replica_health_check_interval)
     server = SpecServer(config, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         grace_period=args.grace_period, http_port=args.http_port,
                         served_model_name=args.served_model_name, replica_restart=restart,

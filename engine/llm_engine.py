@@ -478,6 +478,10 @@ class LLMEngine:
             "eos_token_ids": sorted(self.eos_token_ids),
         }
 
+    def check_health(self) -> None:
+        """Raise if a worker is gone (see ``Executor.check_health``)."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         self.executor.shutdown()
 

@@ -44,14 +44,17 @@ class ReplicaState(str, Enum):
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """When a failed replica is rebuilt: ``backoff`` seconds after it failed,
-    twice as long after each failed attempt (at most ``max_backoff``), at most
-    ``max_attempts`` attempts in a row (0: never). A rebuild that serves again
-    starts the count afresh."""
+    """How a replica's failure is found and when it is rebuilt. A step that
+    raises fails it; so does a health check (``Executor.check_health``) after
+    ``health_check_interval`` idle seconds (0: none). It is rebuilt
+    ``backoff`` seconds after it failed, twice as long after each failed
+    attempt (at most ``max_backoff``), at most ``max_attempts`` attempts in a
+    row (0: never). A rebuild that serves again starts the count afresh."""
 
     max_attempts: int = 5
     backoff: float = 1.0
     max_backoff: float = 30.0
+    health_check_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 0:
@@ -59,6 +62,9 @@ class RestartPolicy:
                              f"got {self.max_attempts!r}")
         if not self.backoff > 0:
             raise ValueError(f"replica restart back-off must be > 0 seconds, got {self.backoff!r}")
+        if not self.health_check_interval >= 0:
+            raise ValueError(f"replica health-check interval must be >= 0 seconds, "
+                             f"got {self.health_check_interval!r}")
         if not self.max_backoff >= self.backoff:
             raise ValueError(f"replica restart back-off cap ({self.max_backoff!r} s) is below "
                              f"the first back-off ({self.backoff!r} s)")
@@ -244,13 +250,23 @@ class EngineReplica:
     def _loop(self, live: set[str]) -> BaseException | None:
         """Serve until stopped (None) or until a step fails (its exception)."""
         engine = self.engine
+        interval = self._restart.health_check_interval or None
         while True:
             with self._cond:
+                idle_too_long = False
                 while not (self._inbox or self._stopping or engine.has_unfinished_requests()):
-                    self._cond.wait()
+                    if not self._cond.wait(interval):
+                        idle_too_long = True
+                        break
                 commands = list(self._inbox)
                 self._inbox.clear()
                 stopping = self._stopping
+            if idle_too_long:  # a worker that died between requests is found now
+                try:
+                    engine.check_health()
+                except Exception as exc:
+                    return exc
+                continue
             rejected = [ev for cmd in commands if (ev := self._apply(cmd, live)) is not None]
             if rejected:  # tell those clients now, not after the step
                 self._deliver(self.index, rejected)

@@ -58,6 +58,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.num_steps = 0
         self.idle_checks = 0
+        self.health_checks = 0
+        self.dead = False  # set by a test: the next health check raises
         self.shut_down = False
         self.proposed = self.accepted = 0
         self.thread_ids: set[int] = set()
@@ -88,6 +90,11 @@ class FakeEngine:
         self._touch()
         if self.requests.pop(request_id, None) is not None:
             self.aborted.append(request_id)
+
+    def check_health(self):
+        self.health_checks += 1
+        if self.dead:
+            raise RuntimeError("a worker of this engine is gone")
 
     def has_unfinished_requests(self):
         self._touch()

@@ -34,6 +34,11 @@ class Executor(ABC):
     def finish(self, handle: object) -> ModelRunnerOutput:
         return handle  # type: ignore[return-value]
 
+    def check_health(self) -> None:
+        """Raise if a worker is gone. Cheap; called while the replica is idle,
+        so that a worker that died between requests is found before a request
+        is given to it. In-process workers cannot be gone on their own."""
+
     @abstractmethod
     def shutdown(self) -> None:
         """Release devices and processes; safe to call twice."""

@@ -63,6 +63,7 @@ ENV_START_TIMEOUT = "SPECSERVE_RAY_START_TIMEOUT"
 ENV_CPU_THREADS = "SPECSERVE_RAY_CPU_THREADS"
 ENV_LOG_TO_DRIVER = "SPECSERVE_RAY_LOG_TO_DRIVER"
 LOOPBACK = "127.0.0.1"  # where a Ray started here listens (GCS, raylet, workers)
+_HEALTH_CHECK_TIMEOUT = 60.0  # seconds an idle actor has to answer a ping
 
 
 class WorkerError(RuntimeError):
@@ -108,6 +109,10 @@ class RayWorker:
 
         return (f"rank {self.rank} on {socket.gethostname()} (pid {os.getpid()}, "
                 f"{torch.get_num_threads()} torch threads)")
+
+    def ping(self) -> None:
+        """Answered on the actor's main thread (a compiled graph runs on another):
+        the driver's health check of an idle replica."""
 
     def meeting_address(self) -> str:
         """Where the replica's ranks meet to form their process group (rank 0's node)."""
@@ -327,6 +332,20 @@ class RayExecutor(Executor):
             outputs = self._get([w.execute_model.remote(scheduler_output) for w in self.workers],
                                 what)
         return outputs[0]
+
+    def check_health(self, timeout: float = _HEALTH_CHECK_TIMEOUT) -> None:
+        if self._closed:
+            raise WorkerError("the Ray executor was shut down")
+        if self._failure is not None:
+            raise WorkerError(self._failure)
+        refs = [w.ping.remote() for w in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for rank, ref in enumerate(refs):
+            if ref not in ready:
+                self._failure = (f"Ray worker rank {rank} did not answer a health check "
+                                 f"within {timeout:.0f} s")
+                raise WorkerError(self._failure)
+        self._get(refs, "idle (a health check)")
 
     def shutdown(self) -> None:
         """Tear the compiled graph down (its shared-memory channels with it), then

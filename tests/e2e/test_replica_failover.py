@@ -187,3 +187,38 @@ def test_fault_load_with_a_killed_ray_actor_on_gpus():
     report = fault_load(requests=300, concurrency=32, kill_at=0.3, recover_timeout=600,
                         serve_args=("--device", "cuda", "--num-kv-blocks", "1024"))
     check_fault_load(report, 1024)
+
+
+@pytest.mark.timeout(600)
+def test_a_ray_actor_killed_while_idle_is_replaced_before_a_request_reaches_it():
+    """No request is in flight when the actor dies: the idle replica's health
+    check finds it, the replica is rebuilt, and then every request succeeds."""
+    pytest.importorskip("ray")
+    import os
+    import signal
+
+    from benchmarks.fault_load import ServerProcess, run_burst, load_prompts
+
+    server = ServerProcess(["--executor", "ray", "--data-parallel-size", "2", "--device", "cpu",
+                            "--num-kv-blocks", "128", "--max-num-seqs", "8",
+                            "--replica-restart-backoff", "0.5",
+                            "--replica-health-check-interval", "0.5", "--log-level", "warning"],
+                           env={"SPECSERVE_RAY_CPU_THREADS": "1"}).start()
+    try:
+        os.kill(server.ray_worker_pids()[0], signal.SIGKILL)
+
+        def replica_counts(name):
+            return [metric(server.metrics(), name, replica=str(i)) for i in (0, 1)]
+
+        assert wait_until(lambda: sum(replica_counts("specserve_replica_failures_total")) == 1,
+                          timeout=120), server.output()
+        assert wait_until(lambda: sum(replica_counts("specserve_replica_restarts_total")) == 1,
+                          timeout=240), server.output()
+        with grpc.insecure_channel(server.address) as channel:
+            burst = run_burst(pb_grpc.GenerationStub(channel), load_prompts(), 8, 120.0)
+        assert burst == {"finished": 8, "unexpected": 0}
+        assert metric(server.metrics(), "specserve_requests_failed_total") == 0
+        assert server.terminate() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.kill_session()

@@ -136,6 +136,36 @@ def test_a_failed_replica_leaves_the_routing_and_is_rebuilt():
         ReplicaState.SERVING, ReplicaState.FAILED, ReplicaState.REBUILDING, ReplicaState.SERVING]
 
 
+def test_an_idle_replica_whose_worker_died_is_rebuilt_before_a_request_reaches_it():
+    factory = Factory()
+    policy = RestartPolicy(max_attempts=3, backoff=0.01, max_backoff=0.04,
+                           health_check_interval=0.02)
+
+    async def body(engine):
+        first = factory.built[1][0]
+        assert await until(lambda: first.health_checks > 0)  # idle replicas check themselves
+        first.dead = True  # no request is in flight: only a health check can find it
+        assert await until(lambda: engine.replicas[1].num_restarts == 1)
+        assert engine.replicas[1].num_failures == 1 and first.shut_down
+        assert engine.replicas[0].num_failures == 0
+        streams = [engine.add_request(f"r{i}", "x", params(2)) for i in range(4)]
+        assert {s.replica.index for s in streams} == {0, 1}
+        for stream in streams:
+            assert [o.finish_reason for o in await drain(stream)][-1] is FinishReason.LENGTH
+
+    run(body, factory, restart=policy)
+
+
+def test_with_no_health_checks_an_idle_replica_is_not_disturbed():
+    factory = Factory()
+
+    async def body(engine):
+        await asyncio.sleep(0.2)
+        assert all(e.health_checks == 0 for es in factory.built.values() for e in es)
+
+    run(body, factory, restart=RestartPolicy(health_check_interval=0))
+
+
 def test_the_client_message_keeps_only_the_first_line_of_the_error():
     GatedEngine.gate.set()  # the gated step raises at once
     factory = Factory(GatedEngine)
@@ -318,7 +348,8 @@ def test_restart_policy_doubles_up_to_its_cap_and_checks_its_values():
     assert [policy.delay(a) for a in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
     assert RestartPolicy(max_attempts=10**6).delay(10**6) == 30.0
     for kwargs, message in (({"max_attempts": -1}, "attempts"), ({"backoff": 0}, "back-off"),
-                            ({"backoff": 5.0, "max_backoff": 1.0}, "cap")):
+                            ({"backoff": 5.0, "max_backoff": 1.0}, "cap"),
+                            ({"health_check_interval": -1}, "health-check")):
         with pytest.raises(ValueError, match=message):
             RestartPolicy(**kwargs)
 
@@ -327,10 +358,15 @@ def test_the_serve_flags_of_the_restart_policy(capsys):
     from specserve.engine.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--replica-restart-max", "0",
-                                      "--replica-restart-backoff", "0.5"])
+                                      "--replica-restart-backoff", "0.5",
+                                      "--replica-health-check-interval", "0"])
     assert (args.replica_restart_max, args.replica_restart_backoff) == (0, 0.5)
+    assert args.replica_health_check_interval == 0
+    assert build_parser().parse_args(["serve"]).replica_health_check_interval == 10.0
     for flag, value in (("--replica-restart-max", "-1"), ("--replica-restart-max", "two"),
-                        ("--replica-restart-backoff", "0"), ("--replica-restart-backoff", "inf")):
+                        ("--replica-restart-backoff", "0"), ("--replica-restart-backoff", "inf"),
+                        ("--replica-health-check-interval", "-1"),
+                        ("--replica-health-check-interval", "never")):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", flag, value])
         assert f"argument {flag}: must be" in capsys.readouterr().err
