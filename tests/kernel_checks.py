@@ -31,6 +31,13 @@ def check_norm(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
     out, summed = norm._launch(x, r, w, 1e-5)
     _close(summed, x + r, dtype, "residual sum")
     _close(out, norm._torch_rms_norm(x + r, w, 1e-5), dtype, "add_rms_norm")
+    # Gemma's: scaled by 1 + w (w near 0), in float32, one rounding at the end
+    w0 = w - 1
+    got = norm._launch(x, None, w0, 1e-6, unit_offset=True)[0]
+    _close(got, norm._torch_rms_norm(x, w0, 1e-6, unit_offset=True), dtype, "gemma rms_norm")
+    out, summed = norm._launch(x, r, w0, 1e-6, unit_offset=True)
+    _close(out, norm._torch_rms_norm(x + r, w0, 1e-6, unit_offset=True), dtype,
+           "gemma add_rms_norm")
 
 
 def check_silu(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
@@ -38,6 +45,9 @@ def check_silu(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
     x = torch.randn(rows, 2 * cols, generator=g).to(device, dtype)
     gate, up = x.chunk(2, dim=-1)
     _close(activation.silu_and_mul(x), torch.nn.functional.silu(gate) * up, dtype, "silu_and_mul")
+    want = torch.nn.functional.gelu(3 * gate, approximate="tanh") * up  # 3x: both tails
+    _close(activation.gelu_tanh_and_mul(torch.cat([3 * gate, up], dim=-1)), want, dtype,
+           "gelu_tanh_and_mul")
 
 
 def check_rotary(device: str, dtype: torch.dtype, tokens: int, heads: int, kv_heads: int,

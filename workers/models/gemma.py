@@ -6,9 +6,9 @@ projection), tensor-parallel layers and public interface are reused
 Gemma changes, each exactly as Hugging Face computes it:
 
 * the MLP is GeGLU, ``gelu(gate) * up`` (the tanh approximation);
-* RMSNorm scales by ``1 + w`` (here the fused norm kernels with a float32
-  ``1 + w``: bit-identical to Hugging Face in float32; in 16 bits the
-  normalised value is rounded once more before the scale);
+* RMSNorm scales by ``1 + w``, in float32 with one rounding at the end, as
+  Hugging Face computes it (one fused kernel on the GPU, the residual add
+  included where there is one);
 * the embedding is multiplied by sqrt(hidden_size) rounded to the model
   dtype (the tied LM head reads the unscaled embedding);
 * Gemma 2 and 3 norm each sub-layer's output too (input, post-attention,
@@ -28,7 +28,6 @@ the block table, read the blocks a local layer's window has left.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -38,6 +37,7 @@ from torch import nn
 
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.kernels import add_rms_norm, rms_norm
+from specserve.workers.kernels.activation import gelu_tanh_and_mul, invariant_tanh
 from specserve.workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
 from specserve.workers.kv_cache import head_dim_of
 from specserve.workers.models.llama import (LlamaAttention, LlamaForCausalLM, LlamaMLP,
@@ -49,13 +49,6 @@ from specserve.workers.parallel.layers import VocabParallelEmbedding
 # Hugging Face activation name -> F.gelu's ``approximate``.
 GELU_APPROXIMATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
-
-
-def invariant_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh from ``exp``, ``+`` and ``/`` alone: on the CPU ``torch.tanh``'s
-    vector body and scalar tail differ in the last bit, and where a row falls
-    between them moves with the batch size (see ``activation.py``)."""
-    return 1.0 - 2.0 / (torch.exp(2.0 * x) + 1.0)
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
@@ -74,11 +67,9 @@ class GemmaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        scale = 1.0 + self.weight.float()
         if residual is None:
-            return rms_norm(x, scale, self.eps).to(x.dtype)
-        normed, summed = add_rms_norm(x, residual, scale, self.eps)
-        return normed.to(x.dtype), summed
+            return rms_norm(x, self.weight, self.eps, unit_offset=True)
+        return add_rms_norm(x, residual, self.weight, self.eps, unit_offset=True)
 
 
 class GemmaMLP(LlamaMLP):
@@ -89,14 +80,11 @@ class GemmaMLP(LlamaMLP):
         self.approximate = GELU_APPROXIMATIONS[activation_of(config)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self._gelu(gate) * up)
-
-    def _gelu(self, x: torch.Tensor) -> torch.Tensor:
-        if self.approximate == "tanh" and batch_invariant():
-            inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
-            return 0.5 * x * (1.0 + invariant_tanh(inner))
-        return F.gelu(x, approximate=self.approximate)
+        gate_up = self.gate_up_proj(x)
+        if self.approximate == "tanh":
+            return self.down_proj(gelu_tanh_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate) * up)
 
 
 class GemmaAttention(LlamaAttention):
