@@ -122,15 +122,22 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = GemmaRMSNorm(size, eps)
             self.post_feedforward_layernorm = GemmaRMSNorm(size, eps)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor | None, meta: AttentionMetadata) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, kv_cache: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, the residual stream before it), as
+        Llama's layers do: the next norm adds them in the same kernel."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        attended = self.self_attn(hidden, cos, sin, kv_cache, meta)
         if not self.sandwich:  # Gemma: post_attention_layernorm is the MLP's pre-norm
-            normed, hidden = self.post_attention_layernorm(attended, hidden)
-            return hidden + self.mlp(normed)
-        normed, hidden = self.pre_feedforward_layernorm(
-            self.post_attention_layernorm(attended), hidden)
-        return hidden + self.post_feedforward_layernorm(self.mlp(normed))
+            normed, residual = self.post_attention_layernorm(attended, residual)
+            return self.mlp(normed), residual
+        normed, residual = self.pre_feedforward_layernorm(
+            self.post_attention_layernorm(attended), residual)
+        return self.post_feedforward_layernorm(self.mlp(normed)), residual
 
 
 class GemmaModel(nn.Module):
@@ -167,10 +174,14 @@ class GemmaModel(nn.Module):
         tables = self.rotary_emb(positions, hidden.dtype)
         local_tables = (tables if self.local_rotary_emb is None
                         else self.local_rotary_emb(positions, hidden.dtype))
+        residual = None
         for i, layer in enumerate(self.layers):
             cos, sin = local_tables if self.local_layers[i] else tables
-            hidden = layer(hidden, cos, sin, kv_caches[i] if kv_caches else None, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin,
+                                     kv_caches[i] if kv_caches else None, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
