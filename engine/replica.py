@@ -256,7 +256,8 @@ class EngineReplica:
                 idle_too_long = False
                 while not (self._inbox or self._stopping or engine.has_unfinished_requests()):
                     if not self._cond.wait(interval):
-                        idle_too_long = True
+                        # Work may have come as the wait ended: then it goes first.
+                        idle_too_long = not (self._inbox or self._stopping)
                         break
                 commands = list(self._inbox)
                 self._inbox.clear()

@@ -156,6 +156,23 @@ def test_an_idle_replica_whose_worker_died_is_rebuilt_before_a_request_reaches_i
     run(body, factory, restart=policy)
 
 
+def test_requests_that_arrive_as_an_idle_wait_ends_are_not_lost():
+    """A wait for work that times out (a health check is due) as a request
+    arrives: the request is served, not dropped with the check."""
+    factory = Factory()
+    policy = RestartPolicy(health_check_interval=0.0005)
+
+    async def body(engine):
+        for i in range(300):
+            stream = engine.add_request(f"r{i}", "x", params(1))
+            outs = await asyncio.wait_for(drain(stream), timeout=10)
+            assert outs[-1].finish_reason is FinishReason.LENGTH
+            await asyncio.sleep(0.0005 * (i % 3))
+        assert sum(e.health_checks for es in factory.built.values() for e in es) > 0
+
+    run(body, factory, restart=policy)
+
+
 def test_with_no_health_checks_an_idle_replica_is_not_disturbed():
     factory = Factory()
 
