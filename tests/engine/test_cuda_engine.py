@@ -118,3 +118,25 @@ def test_a_cached_prefix_gives_the_tokens_computed_afresh(pair):
         llm.shutdown()
     assert runs[True] == runs[False]
     assert runs[False][0] == runs[False][1]
+
+
+def test_sampled_draft_proposals_replayed_from_graphs_equal_the_step_loop(pair, monkeypatch):
+    """SPECSERVE_SAMPLED_DRAFT_GRAPHS=1: a sampled step's k draft steps, their
+    sampling included, replay one captured graph; the tokens and acceptance
+    are those of the step-by-step loop (float32, so no near-tie flips)."""
+    target, draft = pair
+    params = [SamplingParams(max_tokens=32, temperature=t, top_p=p, top_k=k, ignore_eos=True)
+              for t, p, k in ((0.8, 1.0, 0), (1.0, 0.9, 0), (0.7, 1.0, 5), (0.0, 1.0, 0))] * 3
+    runs = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("SPECSERVE_SAMPLED_DRAFT_GRAPHS", graphs)
+        llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+                  device="cuda", num_kv_blocks=512, seed=7)
+        outs = llm.generate(PROMPTS, params)
+        proposer = llm.engine.executor.worker.runner.proposer
+        runs[graphs] = [(o.outputs[0].token_ids, o.metrics.draft_tokens_accepted) for o in outs]
+        if graphs == "1":
+            assert proposer.graphed_sampled is not None and proposer.graphed_sampled._graphs
+        assert llm.engine.get_stats().kv_blocks_used == 0
+        llm.shutdown()
+    assert runs["1"] == runs["0"]

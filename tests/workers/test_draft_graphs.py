@@ -96,3 +96,60 @@ def test_start_up_forwards_of_every_tile_shape_run_on_the_padding_block(random_p
     runner._compile_eager_shapes(max_blocks_per_seq=64, pad_block=0)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:2], params)] == before
     llm.shutdown()
+
+
+SAMPLED = [SamplingParams(max_tokens=40, temperature=0.8, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=1.0, top_p=0.9, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=0.7, top_k=5, min_p=0.02, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=1.2, top_k=3, top_p=0.8, ignore_eos=True),
+           SamplingParams(max_tokens=40, temperature=0.9, ignore_eos=True)]
+
+
+def _generate_sampled(k_caps=None):
+    llm = LLM(num_speculative_tokens=4, dtype="float32", kv_cache_memory=1 << 24, block_size=4,
+              seed=5)
+    if k_caps is not None:
+        caps = itertools.cycle(k_caps)
+        llm.engine._choose_k = lambda: next(caps)
+    outs = llm.generate(PROMPTS, SAMPLED)
+    assert llm.engine.scheduler.allocator.num_used_blocks == 0
+    llm.shutdown()
+    return [(o.outputs[0].token_ids, o.metrics.draft_tokens_proposed,
+             o.metrics.draft_tokens_accepted) for o in outs]
+
+
+@pytest.mark.parametrize("k_caps", [None, [4, 0, 3, 0, 0, 2]])
+def test_sampled_one_program_proposals_equal_the_step_by_step_loop(monkeypatch, k_caps):
+    """Plain sampled rows (temperature, top-k, top-p, min-p, a greedy row
+    among them): the same draws from the same distributions, so the same
+    tokens and acceptance as the loop, drafts behind by skipped steps too."""
+    calls = []
+    real = draft_graphs.sampled_proposal
+    monkeypatch.setattr(draft_proposer, "sampled_proposal",
+                        lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    fused = _generate_sampled(k_caps)
+    assert len(calls) >= 8
+    monkeypatch.setattr(draft_proposer.DraftProposer, "_samples_in_one_program",
+                        lambda self, seqs, batch: False)
+    calls.clear()
+    loop = _generate_sampled(k_caps)
+    assert not calls
+    assert fused == loop
+    assert sum(acc for _, _, acc in fused) > 0.2 * sum(prop for _, prop, _ in fused)
+
+
+def test_seeded_or_penalised_sampled_steps_take_the_loop(monkeypatch):
+    calls = []
+    real = draft_graphs.sampled_proposal
+    monkeypatch.setattr(draft_proposer, "sampled_proposal",
+                        lambda *a, **kw: calls.append(a[6]) or real(*a, **kw))
+    llm = LLM(num_speculative_tokens=3, dtype="float32", kv_cache_memory=1 << 24, block_size=4)
+    for params in (SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.8, presence_penalty=0.5,
+                                  ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.8, min_tokens=12)):
+        calls.clear()
+        llm.generate(PROMPTS[:2], params)
+        assert not calls, params
+    llm.shutdown()
