@@ -127,11 +127,20 @@ class AdaptiveSpeculation:
             best = held
         interval = self._interval.get(bucket, self.explore_every)
         if n >= self._next_explore.get(bucket, self.explore_every):
+            self._best_before[bucket] = best
+            if best == 0 and not self._could_pay(curve):
+                # No k could beat k = 0 at this acceptance even at half its
+                # measured extra cost: re-measuring costs cannot change the
+                # choice. Only the acceptance is refreshed (the draft may
+                # improve with the text), with the cheapest k, rarely.
+                self._interval[bucket] = self.max_explore_every
+                self._next_explore[bucket] = n + self.max_explore_every
+                self.last_k = 1
+                return self.last_k
             # Now and then, re-measure the stalest k: costs drift with context
             # length and load. A k is re-measured twice in a row, because the
             # first such step pays the draft's catch-up on the steps it skipped.
             self._next_explore[bucket] = n + interval
-            self._best_before[bucket] = best
             self.last_k = min(range(self.max_k + 1), key=lambda k: self._seen.get((bucket, k), -1))
             self._repeat = 1
         elif self._repeat:
@@ -146,6 +155,17 @@ class AdaptiveSpeculation:
 
     def goodput(self, bucket: int, k: int) -> float:
         return expected_tokens(self.alpha, k) / self._estimated_cost(bucket, k)
+
+    def _could_pay(self, bucket: int) -> bool:
+        """Whether some k > 0 might beat k = 0: at an optimistic acceptance
+        (two standard errors above the estimate) and half the extra cost over
+        k = 0 that the cost line gives it."""
+        alpha = self.alpha
+        hopeful = min(1.0, alpha + 2.0 * (alpha * (1.0 - alpha) / self._tries) ** 0.5 + 1e-3)
+        base = self._estimated_cost(bucket, 0)
+        return any(expected_tokens(hopeful, k)
+                   / (base + 0.5 * max(0.0, self._estimated_cost(bucket, k) - base)) > 1.0 / base
+                   for k in range(1, self.max_k + 1))
 
     def _curve_bucket(self, bucket: int) -> int | None:
         """The bucket whose costs stand for this one's: itself once both ends

@@ -152,3 +152,25 @@ def test_cost_samples_only_from_one_shape_decode_steps():
     assert not _is_steady(SchedulerOutput([work(4), work(2)]))  # mixed k: no graph covers it
     assert not _is_steady(SchedulerOutput([work(4), work(4, catch_up=3)]))
     assert not _is_steady(SchedulerOutput([work(4), work(0, catch_up=0, chunk=5)]))
+
+
+def test_a_useless_draft_costs_little_even_where_speculating_is_dear():
+    """Batch 64 with a draft that never agrees, a k = 4 step 3.4x a plain
+    one: past the first steps that anchor the cost line, only rare one-step
+    refreshes of the acceptance at k = 1, since no k can pay."""
+    ctl = AdaptiveSpeculation(max_k=4)
+    chosen = drive(ctl, 64, cost=lambda k: 1.0 + 0.6 * k, alpha=0.0, steps=1200)
+    assert sum(1 for k in chosen if k) <= 5
+    assert all(k in (0, 1) for k in chosen[8:])
+    spent = sum(1.0 + 0.6 * k for k in chosen)
+    assert len(chosen) / spent >= 0.98  # tokens per unit time against k = 0's 1.0
+
+
+def test_a_draft_that_becomes_useful_is_taken_up_again():
+    """The acceptance refreshes notice a draft that starts to agree (the text
+    turned repetitive): k goes up within a refresh interval."""
+    ctl = AdaptiveSpeculation(max_k=4)
+    drive(ctl, 64, cost=lambda k: 1.0 + 0.2 * k, alpha=0.0, steps=300)
+    assert ctl.last_k == 0
+    later = drive(ctl, 64, cost=lambda k: 1.0 + 0.2 * k, alpha=0.9, steps=700)
+    assert later[-50:].count(4) + later[-50:].count(3) >= 40
