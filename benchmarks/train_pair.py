@@ -6,7 +6,7 @@ corpus is the Python standard library of the interpreter running this script
 (plus, on request, installed packages), so the data needs no download. The
 output is two ordinary Hugging Face model directories::
 
-    OUT/target/  config.json model.safetensors generation_config.json
+    OUT/target/  config.json model.safetensors (or shards of <= 15 MB and their index) generation_config.json
                  tokenizer.json tokenizer_config.json ...
     OUT/draft/   (same files)
     OUT/training_summary.json
@@ -253,6 +253,19 @@ PRESETS: dict[str, Preset] = {
         save_dtype="bfloat16", max_files=None,
         eval_windows=256, accept_prompts=64, prompt_len=64, accept_new_tokens=64,
     ),
+    # Issue 21's code-completion demo: a pair of about 31 MB in bfloat16, the
+    # most that still travels with the checkout and the device's packages
+    # (64 MiB a call), saved in shards of at most 15 MB (16 MB a returned file).
+    "demo": Preset(
+        name="demo", vocab_size=4096, seq_len=512,
+        target=ModelShape(384, 8, 6, 2, 1024),
+        draft=ModelShape(192, 2, 3, 1, 512),
+        batch_size=128, target_lr=2e-3, draft_lr=4e-3,
+        target_seconds=300.0, draft_seconds=120.0, warmup_steps=100, distill=1.0,
+        distill_topk=16, distill_gen=49152, distill_gen_frac=0.4, distill_corpus=True,
+        save_dtype="bfloat16", max_files=None,
+        eval_windows=256, accept_prompts=64, prompt_len=64, accept_new_tokens=64,
+    ),
     "bench": Preset(
         name="bench", vocab_size=8192, seq_len=512,
         target=ModelShape(768, 12, 12, 4, 2048),
@@ -463,6 +476,9 @@ def build_model(shape: ModelShape, vocab_size: int, max_positions: int,
     gc = model.generation_config
     gc.bos_token_id = gc.eos_token_id = gc.pad_token_id = eos_id
     return model
+
+
+_MAX_SHARD = "15MB"  # a weights file at most (the GPU machine returns files of <= 16 MB)
 
 
 def count_params(model) -> int:
@@ -1101,11 +1117,12 @@ def main(argv=None) -> dict:
     for role, model in (("target", target), ("draft", draft)):
         d = out / role
         model.to("cpu").to(save_dtype)
-        model.save_pretrained(d, safe_serialization=True)
+        model.save_pretrained(d, safe_serialization=True, max_shard_size=_MAX_SHARD)
         tokenizer.save_pretrained(d)
         for f in d.iterdir():
             f.chmod(0o644)
-        saved[role] = {"dir": str(d), "bytes": (d / "model.safetensors").stat().st_size,
+        saved[role] = {"dir": str(d),
+                       "bytes": sum(f.stat().st_size for f in d.glob("*.safetensors")),
                        "params": count_params(model), "dtype": str(save_dtype).replace("torch.", "")}
         print(f"saved {role}: {d} ({saved[role]['bytes'] / 1e6:.2f} MB, "
               f"{saved[role]['params'] / 1e6:.2f}M params)", flush=True)
