@@ -1,15 +1,17 @@
-"""The draft's greedy proposal of k tokens as one forward program.
+"""The draft's proposal of k tokens as one forward program.
 
-On a greedy speculating decode step, every sequence feeds the draft exactly
-two catch-up tokens (the scheduler widens a one-token catch-up) and takes k
-argmax proposals. Run step by step, each of the k draft forwards costs a
-host round trip: inputs built and copied, a replay, logits, an argmax. Here
-the positions, slots and lengths of every one-token step are derived on the
-device from the catch-up's, and each argmax is the next step's input, so the
-whole proposal is one captured CUDA graph per (batch bucket, k): the host
-copies one input buffer and launches one replay (cuda_graphs.CapturedGraphs
-does the capturing and padding). Off CUDA (or for a batch larger than the
-largest bucket) the same function runs eagerly.
+On a speculating decode step, every sequence feeds the draft exactly two
+catch-up tokens (the scheduler widens a one-token catch-up) and takes k
+proposals. Run step by step, each of the k draft forwards costs a host round
+trip: inputs built and copied, a replay, logits, a draw. Here the positions,
+slots and lengths of every one-token step are derived on the device from the
+catch-up's, and each proposal is the next step's input, so the whole
+proposal is one captured CUDA graph per (batch bucket, k): the host copies
+one input buffer and launches one replay (cuda_graphs.CapturedGraphs does
+the capturing and padding). Greedy steps take argmaxes; sampled steps of
+plain rows draw from the processed distributions with the step's uniforms,
+the settings and uniforms being static inputs too. Off CUDA (or for a batch
+larger than the largest bucket) the same functions run eagerly.
 """
 
 from __future__ import annotations
