@@ -153,3 +153,36 @@ def test_seeded_or_penalised_sampled_steps_take_the_loop(monkeypatch):
         llm.generate(PROMPTS[:2], params)
         assert not calls, params
     llm.shutdown()
+
+
+def test_the_sampled_graph_program_reads_its_static_inputs():
+    """GraphedSampledProposal's program run eagerly on the CPU (nothing is
+    captured here; the replay is checked on CUDA in test_cuda_engine.py): the
+    step's settings and uniforms reach each row, padding rows included, and
+    every proposal is drawn where its distribution has mass."""
+    import torch
+
+    from specserve.workers.draft_graphs import GraphedSampledProposal
+    from specserve.workers.sampler import SamplingTensors
+
+    llm = LLM(num_speculative_tokens=4, dtype="float32", kv_cache_memory=1 << 24, block_size=4)
+    proposer = llm.engine.executor.worker.runner.proposer
+    pad_block = llm.engine.scheduler.allocator.num_blocks - 1  # owned by no sequence here
+    graphs = GraphedSampledProposal(proposer.draft, proposer.forward.caches,
+                                    proposer.forward.block_size, 8, pad_block, 8, 4,
+                                    proposer.vocab_size, torch.device("cpu"), pool=object())
+    graphs._replay = lambda bucket, k: graphs._program(bucket, k)()
+    params = SamplingTensors.from_params(
+        [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.0),
+         SamplingParams(temperature=1.0, top_k=5)], [1, 1, 1], "cpu")
+    tokens, probs = graphs.propose_sampled([[5, 6], [7, 8], [9, 10]], [0, 0, 0],
+                                           [[1, 2], [3, 4], [5, 6]], 3, params,
+                                           torch.rand(3, 3, generator=torch.Generator().manual_seed(0)))
+    assert tokens.shape == (3, 3) and probs.shape == (3, 3, proposer.vocab_size)
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 3))
+    assert bool((probs.gather(-1, tokens.unsqueeze(-1)) > 0).all())
+    assert bool(((probs[1] > 0).sum(-1) == 1).all())  # the greedy row: one-hot
+    assert bool(((probs[2] > 0).sum(-1) <= 5).all())  # top-k 5
+    assert graphs.settings[:, 3].tolist() == [1.0, 1.0, 0.0] and graphs.top_k[3] == 0
+    assert graphs.uniforms[3].tolist() == [0.5] * 4  # the padding row of bucket 4
+    llm.shutdown()
