@@ -256,22 +256,22 @@ def count_type(text: str) -> int:
 
 def interval_type(text: str) -> float:
     """An argparse type for a number of seconds >= 0 (0: off)."""
-    try:
-        if float(text) == 0:
-            return 0.0
-    except ValueError:
-        pass
-    return seconds_type(text)
+    return _seconds(text, zero_ok=True)
 
 
 def seconds_type(text: str) -> float:
     """An argparse type for a positive number of seconds."""
+    return _seconds(text, zero_ok=False)
+
+
+def _seconds(text: str, zero_ok: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    if not (0 <= value if zero_ok else 0 < value) or not value < float("inf"):
+        bound = ">= 0 (0 turns it off)" if zero_ok else "> 0"
+        raise argparse.ArgumentTypeError(f"must be a number of seconds {bound}, got {text!r}")
     return value
 
 
@@ -427,17 +427,6 @@ def client_channel_from_args(args: argparse.Namespace, address: str) -> Any:
                               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
     except ValueError as exc:
         raise SystemExit(f"specserve {args.command}: {exc}") from None
-
-
-def interval_type(text: str) -> float:
-    """An argparse type for a number of seconds >= 0 (0: off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value
 
 
 def _add_address_flags(parser: argparse.ArgumentParser, wait: bool = False,
