@@ -8,6 +8,13 @@ L2); a CUDA graph of all layers' matmuls is replayed and timed. Prints, per
 shape and for a whole token's matmuls, the time and the bandwidth reached,
 for the sweep's best config and for the one the engine takes
 (``gemv_config``).
+
+    python benchmarks/gemv_kernels.py --fp8
+
+With --fp8, the FP8 path of a one-row linear (workers/kernels/fp8.py) per
+shape instead: the token's quantizer alone, the FP8 GEMV alone (wired tiles
+and the sweep's best) and both, against the 16-bit GEMV; bandwidth counts
+the FP8 weight bytes.
 """
 
 from __future__ import annotations
@@ -61,9 +68,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="llama-2-7b")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--fp8", action="store_true", help="time the FP8 one-row path instead")
     args = ap.parse_args()
     with open(os.path.join(HERE, "configs", args.config, "config.json")) as f:
         config = json.load(f)
+    if args.fp8:
+        fp8_rows(config, args.config)
+        return
     dev, dtype = torch.device("cuda"), torch.bfloat16
     rows, total = [], {"torch": 0.0, "triton": 0.0, "bytes": 0}
     for name, n, k, count in shapes(config):
@@ -113,6 +124,61 @@ def main() -> None:
     if args.out:
         with open(os.path.join(args.out, "gemv.json"), "w") as f:
             json.dump({"rows": rows, "total": total}, f, indent=2)
+
+
+def fp8_gemv(xq, x_scale, w, w_scale, cfg):
+    """The FP8 GEMV with tiles ``cfg`` (block_n, block_k, warps, stages)."""
+    from specserve.workers.kernels.gemv import _gemv_kernel
+
+    n, k = w.shape
+    out = torch.empty((1, n), dtype=torch.bfloat16, device=w.device)
+    _gemv_kernel[(n // cfg[0],)](xq, w, out, k, w.stride(0), x_scale, w_scale, out,
+                                 BLOCK_N=cfg[0], BLOCK_K=cfg[1], EVEN_K=k % cfg[1] == 0,
+                                 SCALED=True, HAS_BIAS=False, num_warps=cfg[2], num_stages=cfg[3])
+    return out
+
+
+def fp8_rows(config: dict, name: str) -> None:
+    from specserve.workers.kernels.fp8 import fp8_linear, quantize_rows
+
+    dev = torch.device("cuda")
+    sweep = list(itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (1, 3)))
+    print(f"\n== FP8 one-row linears, {name}, {torch.cuda.get_device_name()} ==")
+    print("shape    N x K  x count   16-bit us (GB/s)  quantize us  FP8 GEMV us (GB/s)  "
+          "best us (GB/s) config          quantize+GEMV us  vs 16-bit")
+    totals = [0.0, 0.0, 0.0]
+    for shape, n, k, count in shapes(config):
+        if shape == "lm_head":
+            continue
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(count)]
+        qs = [quantize_rows(w) for w in ws]
+        del ws
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=dev)
+        xq, xs = quantize_rows(x)
+        w16 = [torch.empty(n, k, dtype=torch.bfloat16, device=dev) for _ in range(count)]
+        t16 = time_graph(lambda: [gemv(x, w) for w in w16])
+        del w16
+        tq = time_graph(lambda: [quantize_rows(x) for _ in range(count)])
+        wired = gemv_config(n, k)
+        wired = (wired[0], min(2 * wired[1], 1 << (k - 1).bit_length()), wired[2], wired[3])
+        tg = time_graph(lambda: [fp8_gemv(xq, xs, q, s, wired) for q, s in qs])
+        best = (tg, wired)
+        for cfg in sweep:
+            if n % cfg[0] or cfg[1] > 1 << (k - 1).bit_length():
+                continue
+            t = time_graph(lambda: [fp8_gemv(xq, xs, q, s, cfg) for q, s in qs])
+            best = min(best, (t, cfg))
+        tall = time_graph(lambda: [fp8_linear(x, q, s) for q, s in qs])
+        nbytes = n * k * count
+        print(f"{shape:8s} {n:5d} x {k:5d} x{count:3d}  {t16 * 1e6:8.1f} ({2 * nbytes / t16 / 1e9:5.0f})"
+              f"  {tq * 1e6:10.1f}  {tg * 1e6:9.1f} ({nbytes / tg / 1e9:5.0f})  "
+              f"{best[0] * 1e6:8.1f} ({nbytes / best[0] / 1e9:5.0f}) {str(best[1]):16s}"
+              f"{tall * 1e6:10.1f}  {t16 / tall:6.2f}x")
+        totals = [totals[0] + t16, totals[1] + tall, totals[2] + best[0]]
+        del qs
+        torch.cuda.empty_cache()
+    print(f"all linears: 16-bit {totals[0] * 1e3:.3f} ms, FP8 quantize+GEMV {totals[1] * 1e3:.3f} ms "
+          f"({totals[0] / totals[1]:.2f}x), FP8 GEMV at best tiles {totals[2] * 1e3:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py [--config llama-2-7b] [--batch 1] [--steps 32]
     python benchmarks/profile_step.py --batch 176 --prompt-len 600 --steps 16
     python benchmarks/profile_step.py --batch 16 --prompt-len 512 --prefill --steps 4
+    python benchmarks/profile_step.py --quantization fp8 --enforce-eager --steps 8
     python benchmarks/profile_step.py --pair engine/default_models --k 4 --batch 16
     python benchmarks/profile_step.py --pair engine/default_models --batch 16 --adaptive
     python benchmarks/profile_step.py --pair engine/default_models --batch 4 --timeline --k 0
@@ -56,16 +57,21 @@ def main() -> None:
     ap.add_argument("--prompts", choices=("random", "code"), default="random",
                     help="timeline prompts: 128 random tokens, or the suite's code prompts")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    ap.add_argument("--quantization", choices=("fp8",), default=None,
+                    help="FP8 weights (target and, with --pair, draft)")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto")
     ap.add_argument("--prefill", action="store_true",
                     help="profile the steps that compute the prompts (--steps times) instead")
     args = ap.parse_args()
     kw = dict(dtype="bfloat16", max_num_seqs=max(8, args.batch), enforce_eager=args.enforce_eager,
               kv_reserve=0.0,
-              max_num_batched_tokens=max(4096, args.batch * args.prompt_len if args.prefill else 0))
+              max_num_batched_tokens=max(4096, args.batch * args.prompt_len if args.prefill else 0),
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if args.pair:
         llm = LLM(model=os.path.join(args.pair, "target"),
                   draft_model=os.path.join(args.pair, "draft"), num_speculative_tokens=args.k or 4,
-                  num_kv_blocks=4096, adaptive_speculation=args.adaptive, **kw)
+                  num_kv_blocks=4096, adaptive_speculation=args.adaptive,
+                  draft_quantization=args.quantization, **kw)
         name = f"{args.pair} k={args.k}"
     else:
         llm = LLM(model=dummy_model_dir(args.config, tempfile.mkdtemp()), load_format="dummy", **kw)
