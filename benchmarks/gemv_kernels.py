@@ -126,27 +126,15 @@ def main() -> None:
             json.dump({"rows": rows, "total": total}, f, indent=2)
 
 
-def fp8_gemv(xq, x_scale, w, w_scale, cfg):
-    """The FP8 GEMV with tiles ``cfg`` (block_n, block_k, warps, stages)."""
-    from specserve.workers.kernels.gemv import _gemv_kernel
-
-    n, k = w.shape
-    out = torch.empty((1, n), dtype=torch.bfloat16, device=w.device)
-    _gemv_kernel[(n // cfg[0],)](xq, w, out, k, w.stride(0), x_scale, w_scale, out,
-                                 BLOCK_N=cfg[0], BLOCK_K=cfg[1], EVEN_K=k % cfg[1] == 0,
-                                 SCALED=True, HAS_BIAS=False, num_warps=cfg[2], num_stages=cfg[3])
-    return out
-
-
 def fp8_rows(config: dict, name: str) -> None:
-    from specserve.workers.kernels.fp8 import fp8_linear, quantize_rows
+    from specserve.workers.kernels.fp8 import _fp8_gemv, fp8_gemv_config, fp8_linear, quantize_rows
 
     dev = torch.device("cuda")
     sweep = list(itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (1, 3)))
     print(f"\n== FP8 one-row linears, {name}, {torch.cuda.get_device_name()} ==")
     print("shape    N x K  x count   16-bit us (GB/s)  quantize us  FP8 GEMV us (GB/s)  "
-          "best us (GB/s) config          quantize+GEMV us  vs 16-bit")
-    totals = [0.0, 0.0, 0.0]
+          "best us (GB/s) config           scaled_mm us  quantize+GEMV us  vs 16-bit")
+    totals = dict(t16=0.0, all=0.0, gemv=0.0, best=0.0, quantize=0.0, scaled_mm=0.0)
     for shape, n, k, count in shapes(config):
         if shape == "lm_head":
             continue
@@ -159,26 +147,33 @@ def fp8_rows(config: dict, name: str) -> None:
         t16 = time_graph(lambda: [gemv(x, w) for w in w16])
         del w16
         tq = time_graph(lambda: [quantize_rows(x) for _ in range(count)])
-        wired = gemv_config(n, k)
-        wired = (wired[0], min(2 * wired[1], 1 << (k - 1).bit_length()), wired[2], wired[3])
-        tg = time_graph(lambda: [fp8_gemv(xq, xs, q, s, wired) for q, s in qs])
-        best = (tg, wired)
+        tg = time_graph(lambda: [_fp8_gemv(xq, xs, q, s, None, x.dtype) for q, s in qs])
+        best = (tg, fp8_gemv_config(n, k))
         for cfg in sweep:
             if n % cfg[0] or cfg[1] > 1 << (k - 1).bit_length():
                 continue
-            t = time_graph(lambda: [fp8_gemv(xq, xs, q, s, cfg) for q, s in qs])
+            t = time_graph(lambda: [_fp8_gemv(xq, xs, q, s, None, x.dtype, cfg) for q, s in qs])
             best = min(best, (t, cfg))
+        try:
+            tmm = time_graph(lambda: [torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.t(),
+                                                       out_dtype=torch.bfloat16) for q, s in qs])
+        except RuntimeError as e:  # one row may be refused
+            print(f"{shape}: _scaled_mm: {str(e).splitlines()[0]}")
+            tmm = float("nan")
         tall = time_graph(lambda: [fp8_linear(x, q, s) for q, s in qs])
         nbytes = n * k * count
-        print(f"{shape:8s} {n:5d} x {k:5d} x{count:3d}  {t16 * 1e6:8.1f} ({2 * nbytes / t16 / 1e9:5.0f})"
-              f"  {tq * 1e6:10.1f}  {tg * 1e6:9.1f} ({nbytes / tg / 1e9:5.0f})  "
-              f"{best[0] * 1e6:8.1f} ({nbytes / best[0] / 1e9:5.0f}) {str(best[1]):16s}"
-              f"{tall * 1e6:10.1f}  {t16 / tall:6.2f}x")
-        totals = [totals[0] + t16, totals[1] + tall, totals[2] + best[0]]
+        gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+        print(f"{shape:8s} {n:5d} x {k:5d} x{count:3d}  {t16 * 1e6:8.1f} ({2 * gbs(t16):5.0f})"
+              f"  {tq * 1e6:10.1f}  {tg * 1e6:9.1f} ({gbs(tg):5.0f})  {best[0] * 1e6:8.1f} "
+              f"({gbs(best[0]):5.0f}) {str(best[1]):17s}{tmm * 1e6:9.1f}  {tall * 1e6:10.1f}"
+              f"  {t16 / tall:6.2f}x")
+        for key, t in (("t16", t16), ("all", tall), ("gemv", tg), ("best", best[0]),
+                       ("quantize", tq), ("scaled_mm", tmm)):
+            totals[key] += t
         del qs
         torch.cuda.empty_cache()
-    print(f"all linears: 16-bit {totals[0] * 1e3:.3f} ms, FP8 quantize+GEMV {totals[1] * 1e3:.3f} ms "
-          f"({totals[0] / totals[1]:.2f}x), FP8 GEMV at best tiles {totals[2] * 1e3:.3f} ms")
+    print("all linears, ms per token: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in totals.items())
+          + f"; quantize+GEMV {totals['t16'] / totals['all']:.2f}x of 16-bit")
 
 
 if __name__ == "__main__":

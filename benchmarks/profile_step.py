@@ -106,7 +106,7 @@ def profile_decode(llm: LLM, prompts: list[list[int]], steps: int) -> None:
     # beside the later prompt chunks included; admission keeps no reserve
     # (kv_reserve=0), so that the whole batch runs at once.
     prompt_tokens = sum(map(len, prompts))
-    chunks = prompt_tokens // specserve.config.scheduler_config.max_num_batched_tokens
+    chunks = prompt_tokens // engine.config.scheduler_config.max_num_batched_tokens
     params = SamplingParams(
         max_tokens=(chunks + 16 + 2 * steps) * (1 + engine.num_speculative_tokens),
         temperature=0.0, ignore_eos=True)

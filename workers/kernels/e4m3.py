@@ -28,5 +28,8 @@ if triton_available():
         odd = low - 2.0 * tl.floor(low * 0.5)
         up = (frac > 0.5) | ((frac == 0.5) & (odd == 1.0))
         small = tl.where(up, low + 1.0, low) / 512.0
-        small = tl.where(bits < 0, -small, small)  # the sign of a zero too
+        # The sign bit copied, so a negative value that rounds to zero stays -0
+        # as in torch (on the GPU, Triton's negation is 0 - x: +0).
+        sign = bits & -2147483648
+        small = (small.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         return tl.where(tl.abs(x) < 0.015625, small, normal)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from specserve.workers.kernels.e4m3 import FP8_MAX, MIN_SCALE
-from specserve.workers.kernels.gemv import gemv_config
 from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 FP8 = torch.float8_e4m3fn
@@ -129,16 +128,27 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     n, k = weight.shape
     return (x.shape[0] == 1 and use_triton(x) and weight.stride(1) == 1
-            and n % gemv_config(n, k)[0] == 0)
+            and n % fp8_gemv_config(n, k)[0] == 0)
+
+
+def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) of the FP8 GEMV for an
+    [N, K] weight: 1024 one-byte values per row and tile, eight rows per
+    program (four for rows as many as gate_up's), a deeper pipeline for the
+    small square ones; the best of benchmarks/gemv_kernels.py --fp8's sweep
+    over Llama-2-7B's shapes on an H200, where the 16-bit tiles (doubled in
+    K) read 2.5 TB/s and these 3.0-3.3 (o_proj, 4096 x 4096, 2.4)."""
+    block_k = min(1024, triton.next_power_of_2(k))
+    if n >= 16384:
+        return 4, block_k, 4, 3
+    return 8, block_k, 8, (3 if n * k <= 4096 * 4096 else 1)
 
 
 def _fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
               weight_scale: torch.Tensor, bias: torch.Tensor | None,
-              dtype: torch.dtype) -> torch.Tensor:
+              dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     n, k = weight.shape
-    # Half the bytes of a 16-bit row: twice the K per tile for the same load width.
-    block_n, block_k, num_warps, num_stages = gemv_config(n, k)
-    block_k = min(2 * block_k, triton.next_power_of_2(k))
+    block_n, block_k, num_warps, num_stages = config or fp8_gemv_config(n, k)
     out = torch.empty((1, n), dtype=dtype, device=xq.device)
     _gemv_kernel[(n // block_n,)](
         xq, weight, out, k, weight.stride(0), x_scale, weight_scale,
