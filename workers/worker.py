@@ -70,6 +70,15 @@ def set_cpu_threads(num_threads: int) -> None:
                      torch.get_num_interop_threads())
 
 
+def draft_dummy_seed(target_dir: str, draft_dir: str, seed: int) -> int:
+    """The seed of the draft's dummy weights (``load_format=dummy``): a draft
+    of the target's own checkpoint is the target, so it gets the target's
+    weights, as it would reading real ones (every proposal is then accepted);
+    another checkpoint gets weights of its own."""
+    same = os.path.realpath(draft_dir) == os.path.realpath(target_dir)
+    return seed if same else seed + 1
+
+
 class Worker:
     def __init__(self, config: EngineConfig, device: torch.device | None = None,
                  target_tp: TensorParallel = SINGLE_RANK,
@@ -99,7 +108,8 @@ class Worker:
                     f"the draft {sc.draft_model} has a vocabulary of {draft_cfg.vocab_size} "
                     f"tokens, the target {mc.model} of {target_cfg.vocab_size}: they must share one")
             draft = load_model(sc.draft_model, dtype, self.device, mc.load_format,
-                               seed=mc.seed + 1, batch_invariant=invariant, tp=self.draft_tp,
+                               seed=draft_dummy_seed(mc.model, sc.draft_model, mc.seed),
+                               batch_invariant=invariant, tp=self.draft_tp,
                                quantization=sc.draft_quantization)
         shapes = [ModelShape.from_hf_config(c, tp.size)
                   for c, tp in ((target_cfg, self.target_tp), (draft_cfg, self.draft_tp))

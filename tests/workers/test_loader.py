@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import zlib
 
 import pytest
 import torch
@@ -220,3 +221,62 @@ def test_dummy_weights_in_bfloat16(tmp_path):
     model = load_model(make_checkpoint(tmp_path / "m"), torch.bfloat16, CPU, load_format="dummy")
     assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
     assert torch.isfinite(run_logits(model)).all()
+
+
+def _dummy_weights(model) -> dict[str, torch.Tensor]:
+    """The randomly drawn tensors of a dummy model (norms are ones, biases zeros)."""
+    return {k: v for k, v in state(model).items() if "norm" not in k and not k.endswith("bias")}
+
+
+def test_dummy_weights_follow_the_seed_on_the_cpu(tmp_path):
+    """Each seed its own weights, on the CPU too: its generator seeds from a
+    seed's low 32 bits only, where a seed kept in the high bits was lost (a
+    dummy draft, seeded apart from its target, then equalled it on the CPU
+    and not on CUDA)."""
+    path = make_checkpoint(tmp_path / "m")
+    zero = _dummy_weights(load_model(path, torch.float32, CPU, load_format="dummy"))
+    one = _dummy_weights(load_model(path, torch.float32, CPU, load_format="dummy", seed=1))
+    for name, tensor in zero.items():
+        assert not torch.equal(tensor, one[name]), name
+    for name in ("lm_head.weight", "model.layers.1.mlp.down_proj.weight"):
+        keys = {loader_module._dummy_key(seed, name) for seed in (0, 1, 7, 1 << 40)}
+        assert len(keys) == 4 and all(0 <= key < 1 << 32 for key in keys)
+        assert loader_module._dummy_key(0, name) == zlib.crc32(name.encode())  # seed 0 as before
+
+
+def test_dummy_draft_of_the_target_checkpoint_is_the_target(tmp_path):
+    """``draft_model`` naming the target's own directory gives the draft the
+    target's dummy weights (as real weights would), so a greedy draft has
+    every proposal accepted, here past a sliding window that is not a
+    multiple of the block size; a copy elsewhere is another model."""
+    import shutil
+
+    from specserve import LLM, SamplingParams
+    try:
+        from tests.pair_factory import make_tokenizer
+    except ModuleNotFoundError:
+        from pair_factory import make_tokenizer
+
+    target = str(tmp_path / "phi3")
+    os.makedirs(target)
+    make_checkpoint(target, arch="phi3", num_heads=4, num_kv_heads=4,
+                    vocab_size=make_tokenizer(target), sliding_window=47)
+    other = shutil.copytree(target, str(tmp_path / "copy"))
+    kwargs = dict(load_format="dummy", dtype="float32", kv_cache_memory=1 << 22, block_size=16,
+                  num_speculative_tokens=3)
+    llm = LLM(model=target, draft_model=os.path.join(target, "."), **kwargs)
+    runner = llm.engine.executor.worker.runner
+    drafted, targeted = _dummy_weights(runner.draft), _dummy_weights(runner.target)
+    for name, tensor in targeted.items():
+        assert torch.equal(drafted[name], tensor), name
+    prompts = [[3 + (7 * i) % 250 for i in range(60)], [5, 6, 7]]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    assert all(0 < o.metrics.draft_tokens_accepted == o.metrics.draft_tokens_proposed
+               for o in outs)
+    llm.shutdown()
+
+    llm = LLM(model=target, draft_model=other, **kwargs)
+    runner = llm.engine.executor.worker.runner
+    drafted, targeted = _dummy_weights(runner.draft), _dummy_weights(runner.target)
+    assert not any(torch.equal(drafted[name], t) for name, t in targeted.items())
+    llm.shutdown()

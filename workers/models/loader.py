@@ -321,7 +321,10 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
     """Small random weights; norms start at one, biases at zero. Each
     checkpoint tensor is drawn whole from a generator keyed by ``seed`` and its
     name, and each rank keeps its region: the same weights at any
-    tensor-parallel size."""
+    tensor-parallel size. The key is 32 bits (``_dummy_key``): the CPU
+    generator seeds its Mersenne Twister with the low 32 bits of a seed
+    only, so a seed kept in the high bits would change the weights on CUDA
+    and not on the CPU."""
     std = float(getattr(model.config, "initializer_range", 0.02) or 0.02)
     device = next(model.parameters()).device
     shapes = checkpoint_shapes(model.config)
@@ -334,12 +337,19 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
         if name.endswith("norm.weight"):
             whole = torch.ones(shapes[name], dtype=dtype, device=device)
         else:
-            generator = torch.Generator(device=device).manual_seed(
-                (seed << 32) + zlib.crc32(name.encode()))
+            generator = torch.Generator(device=device).manual_seed(_dummy_key(seed, name))
             whole = torch.empty(shapes[name], dtype=dtype, device=device)
             whole.normal_(0.0, std, generator=generator)
         for target in targets:
             target.dest().copy_(whole[target.region.source] if target.region.source else whole)
+
+
+def _dummy_key(seed: int, name: str) -> int:
+    """A 32-bit generator seed for a tensor's dummy weights: its name's CRC-32
+    started from the seed folded to 32 bits (for each name, distinct folded
+    seeds give distinct keys; seed 0 keys by the name's CRC-32 alone)."""
+    seed &= (1 << 64) - 1
+    return zlib.crc32(name.encode(), (seed ^ (seed >> 32)) & 0xFFFFFFFF)
 
 
 # ------------------------------------------------------------------- model --
