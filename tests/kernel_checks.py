@@ -244,7 +244,7 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
             check_gemv(device, dtype, n, k)
         for n, k, bias in ((32, 64, False), (48, 688, True), (256, 2048, False)):
             check_fp8_gemv(device, dtype, n, k, bias)
-        for rows, k in ((1, 64), (4, 688), (3, 5000), (2, 17000)):  # one pass and two
+        for rows, k in ((1, 64), (4, 688), (3, 5000), (2, 17000), (20, 1500)):
             check_quantize_rows(device, dtype, rows, k)
 
 

@@ -36,33 +36,30 @@ if triton_available():
     _MIN_SCALE = tl.constexpr(MIN_SCALE)
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr,
-                              ONE_PASS: tl.constexpr):
-        """One row per program: its largest magnitude, then the row over its
-        scale in E4M3, divided correctly rounded as torch's CPU ops do.
-        ONE_PASS (BLOCK covers the row): the row is read once and kept in
-        registers; a decode step waits on this kernel before each FP8 GEMV."""
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, ROW_BLOCK: tl.constexpr,
+                              CHUNK: tl.constexpr):
+        """Programs (row, part): each finds its row's largest magnitude (one
+        load where ROW_BLOCK covers the row), then divides every CHUNK-th
+        chunk of the row from its part on by the scale, correctly rounded as
+        torch's CPU ops do, into E4M3. A decode step's row is split over as
+        many parts as it has chunks, so no single program quantizes 11008
+        values alone (6.8 us on an H200, against 2.4 for 4096)."""
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        if ONE_PASS:
-            ok = cols < K
-            x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), _FP8_MAX), _MIN_SCALE)
+        part, parts = tl.program_id(1), tl.num_programs(1)
+        cols = tl.arange(0, ROW_BLOCK)
+        peak = tl.zeros((ROW_BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, ROW_BLOCK):
+            x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0)
+            peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
+        scale = tl.maximum(tl.math.div_rn(tl.max(peak, axis=0), _FP8_MAX), _MIN_SCALE)
+        if part == 0:
             tl.store(scale_ptr + row, scale)
+        chunk = tl.arange(0, CHUNK)
+        for k0 in range(part * CHUNK, K, parts * CHUNK):
+            ok = k0 + chunk < K
+            x = tl.load(x_ptr + row * stride_x + k0 + chunk, mask=ok, other=0.0).to(tl.float32)
             q = e4m3_round(tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX))
-            tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
-        else:
-            peak = tl.zeros((BLOCK,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK):
-                x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0)
-                peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
-            scale = tl.maximum(tl.math.div_rn(tl.max(peak, axis=0), _FP8_MAX), _MIN_SCALE)
-            tl.store(scale_ptr + row, scale)
-            for k0 in range(0, K, BLOCK):
-                ok = k0 + cols < K
-                x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-                q = e4m3_round(tl.clamp(tl.math.div_rn(x, scale), -_FP8_MAX, _FP8_MAX))
-                tl.store(q_ptr + row * K + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
+            tl.store(q_ptr + row * K + k0 + chunk, q.to(q_ptr.dtype.element_ty), mask=ok)
 
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -90,11 +87,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.empty((rows, k), dtype=FP8, device=x.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
         if rows:
-            block = triton.next_power_of_2(k)
-            one_pass = block <= 16384
-            _quantize_rows_kernel[(rows,)](x, q, scale, k, x.stride(0),
-                                           BLOCK=block if one_pass else 2048, ONE_PASS=one_pass,
-                                           num_warps=16 if k > 8192 else 8 if k >= 2048 else 4)
+            row_block = min(16384, triton.next_power_of_2(k))
+            # Few rows (decode): a part per 1024 values; many (prefill): a
+            # program per row, so that each row is read for its peak once.
+            chunk = min(1024, row_block) if rows <= 16 else min(4096, row_block)
+            parts = triton.cdiv(k, chunk) if rows <= 16 else 1
+            _quantize_rows_kernel[(rows, parts)](x, q, scale, k, x.stride(0),
+                                                 ROW_BLOCK=row_block, CHUNK=chunk,
+                                                 num_warps=8 if row_block >= 4096 else 4)
         return q, scale
     return quantize_rows_torch(x)
 
