@@ -40,6 +40,28 @@ def check_norm(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
            "gemma add_rms_norm")
 
 
+def check_norm_quantized(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
+    """The norm that quantizes its output for an FP8 projection gives, bit for
+    bit, quantize_rows of the output it gives unquantized (and the same sum)."""
+    g = torch.Generator().manual_seed(rows * 7 + cols)
+    x = (torch.randn(rows, cols, generator=g) * 3).to(device, dtype)
+    r = torch.randn(rows, cols, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(cols, generator=g)).to(device, dtype)
+    for residual in (None, r):
+        for weight, unit_offset in ((w, False), (w - 1, True)):
+            plain, summed = norm._launch(x, residual, weight, 1e-5, unit_offset=unit_offset)
+            got, got_summed = norm._launch(x, residual, weight, 1e-5, unit_offset=unit_offset,
+                                           quantize=True)
+            want_q, want_scale = fp8.quantize_rows_torch(plain.cpu().reshape(rows, cols))
+            what = f"quantizing norm ({dtype}, {rows}x{cols}, unit_offset={unit_offset})"
+            assert got.dtype == plain.dtype, what
+            assert torch.equal(got.scale.cpu(), want_scale), what + ": scales"
+            assert torch.equal(got.values.cpu().view(torch.uint8),
+                               want_q.view(torch.uint8)), what + ": values"
+            if residual is not None:
+                assert torch.equal(got_summed, summed), what + ": residual sum"
+
+
 def check_silu(device: str, dtype: torch.dtype, rows: int, cols: int) -> None:
     g = torch.Generator().manual_seed(rows + cols)
     x = torch.randn(rows, 2 * cols, generator=g).to(device, dtype)
@@ -235,6 +257,7 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
     for dtype in dtypes:
         for rows, cols in ((1, 64), (5, 96), (3, 4096)):
             check_norm(device, dtype, rows, cols)
+            check_norm_quantized(device, dtype, rows, cols)
             check_silu(device, dtype, rows, cols)
         for tokens, heads, kv_heads, head_dim in ((1, 4, 2, 64), (7, 8, 8, 32), (3, 32, 8, 128)):
             check_rotary(device, dtype, tokens, heads, kv_heads, head_dim)

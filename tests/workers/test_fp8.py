@@ -62,6 +62,37 @@ def test_a_model_quantized_at_load_keeps_16_bit_embeddings_and_norms(tmp_path):
     assert (a - b).norm() / a.norm() < 0.2  # two random layers of width 64, each rounded twice
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "mixtral"])
+def test_the_norm_before_an_fp8_projection_hands_it_quantized_rows(tmp_path, arch, monkeypatch):
+    """qkv_proj and gate_up_proj take rows their norm quantized (one launch
+    fewer each on the GPU), o_proj and down_proj quantize their own; the
+    logits are those of quantizing inside every projection. A mixture of
+    experts' router reads 16-bit rows."""
+    from specserve.workers.models import gemma, llama
+
+    model = load_model(make_checkpoint(tmp_path / "m", arch), torch.float32, "cpu",
+                       quantization="fp8")
+    names = {id(m): name.split(".")[-1] for name, m in model.named_modules()}
+    seen = {}
+    project = ParallelLinear.project
+
+    def recording(self, x, bias):
+        seen.setdefault(names[id(self)], set()).add(type(x).__name__)
+        return project(self, x, bias)
+
+    monkeypatch.setattr(ParallelLinear, "project", recording)
+    fused = run_logits(model)
+    assert seen["qkv_proj"] == {"QuantizedRows"} and seen["o_proj"] == {"Tensor"}
+    if arch != "mixtral":
+        assert seen["gate_up_proj"] == {"QuantizedRows"} and seen["down_proj"] == {"Tensor"}
+    for module in (llama, gemma):
+        monkeypatch.setattr(module, "takes_fp8", lambda *_: False)
+    seen.clear()
+    unfused = run_logits(model)
+    assert "QuantizedRows" not in set().union(*seen.values())
+    assert torch.equal(fused, unfused)
+
+
 def _fp8_checkpoint(src: str, dst: str, strategy: str,
                     kv_scales: dict[int, tuple[float, float]] | None = None
                     ) -> dict[str, torch.Tensor]:

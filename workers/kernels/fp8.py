@@ -18,12 +18,24 @@ target that decodes without speculation.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from specserve.workers.kernels.e4m3 import FP8_MAX, MIN_SCALE
 from specserve.workers.kernels.triton_support import triton_available, use_triton
 
 FP8 = torch.float8_e4m3fn
+
+
+class QuantizedRows(NamedTuple):
+    """Activations already quantized per row (by the norm in front of an FP8
+    projection, which has the row at hand): E4M3 ``values [T, K]``, float32
+    ``scale [T, 1]``, and the ``dtype`` the projection's output takes."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 if triton_available():
     import triton
@@ -106,22 +118,26 @@ def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear(x: torch.Tensor | QuantizedRows, weight: torch.Tensor,
+               weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [T, K]`` times an FP8 ``weight [N, K]`` with ``weight_scale [N, 1]``
-    (from ``quantize_rows``), plus ``bias``; in ``x``'s dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    xq, x_scale = quantize_rows(x2)
-    if _gemv_fits(x2, weight):
-        out = _fp8_gemv(xq, x_scale, weight, weight_scale, bias, x.dtype)
+    (from ``quantize_rows``), plus ``bias``; in ``x``'s dtype. ``x`` may come
+    quantized (``QuantizedRows``)."""
+    if isinstance(x, QuantizedRows):
+        shape, dtype = x.values.shape, x.dtype
+        xq, x_scale = x.values.reshape(-1, shape[-1]), x.scale.reshape(-1, 1)
     else:
-        out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
+        shape, dtype = x.shape, x.dtype
+        xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+    if _gemv_fits(xq, weight):
+        out = _fp8_gemv(xq, x_scale, weight, weight_scale, bias, dtype)
+    else:
+        out_dtype = dtype if xq.device.type == "cpu" else torch.bfloat16
         out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.t(),
                                bias=None, out_dtype=out_dtype)
         if bias is not None:
             out = out + bias.to(out_dtype)
-        out = out.to(x.dtype)
+        out = out.to(dtype)
     return out.reshape(*shape[:-1], weight.shape[0])
 
 

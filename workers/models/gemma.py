@@ -41,7 +41,7 @@ from specserve.workers.kernels.activation import gelu_tanh_and_mul, invariant_ta
 from specserve.workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
 from specserve.workers.kv_cache import head_dim_of
 from specserve.workers.models.llama import (LlamaAttention, LlamaForCausalLM, LlamaMLP,
-                                            layer_windows)
+                                            layer_windows, takes_fp8)
 from specserve.workers.models.rope import RotaryEmbedding, rope_parameters
 from specserve.workers.parallel.group import TensorParallel
 from specserve.workers.parallel.layers import VocabParallelEmbedding
@@ -66,10 +66,12 @@ class GemmaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quantize: bool = False):
         if residual is None:
-            return rms_norm(x, self.weight, self.eps, unit_offset=True)
-        return add_rms_norm(x, residual, self.weight, self.eps, unit_offset=True)
+            return rms_norm(x, self.weight, self.eps, unit_offset=True, quantize=quantize)
+        return add_rms_norm(x, residual, self.weight, self.eps, unit_offset=True,
+                            quantize=quantize)
 
 
 class GemmaMLP(LlamaMLP):
@@ -127,16 +129,19 @@ class GemmaDecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it), as
         Llama's layers do: the next norm adds them in the same kernel."""
+        fp8_qkv = takes_fp8(self.self_attn, "qkv_proj")
+        fp8_mlp = takes_fp8(self.mlp, "gate_up_proj")
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm(hidden, quantize=fp8_qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, quantize=fp8_qkv)
         attended = self.self_attn(hidden, cos, sin, kv_cache, meta)
         if not self.sandwich:  # Gemma: post_attention_layernorm is the MLP's pre-norm
-            normed, residual = self.post_attention_layernorm(attended, residual)
+            normed, residual = self.post_attention_layernorm(attended, residual,
+                                                             quantize=fp8_mlp)
             return self.mlp(normed), residual
         normed, residual = self.pre_feedforward_layernorm(
-            self.post_attention_layernorm(attended), residual)
+            self.post_attention_layernorm(attended), residual, quantize=fp8_mlp)
         return self.post_feedforward_layernorm(self.mlp(normed)), residual
 
 

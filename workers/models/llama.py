@@ -42,10 +42,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                quantize: bool = False):
+        """``quantize``: the normed rows as ``QuantizedRows``, for the FP8
+        projection they feed (``takes_fp8``)."""
         if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return add_rms_norm(x, residual, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, quantize=quantize)
+        return add_rms_norm(x, residual, self.weight, self.eps, quantize=quantize)
+
+
+def takes_fp8(module: nn.Module, projection: str) -> bool:
+    """Whether ``module``'s first projection (``qkv_proj``, ``gate_up_proj``)
+    is FP8, so that the norm before it hands over quantized rows. A mixture
+    of experts has no such projection: its router reads 16-bit rows."""
+    first = getattr(module, projection, None)
+    return bool(getattr(first, "is_fp8", False))
 
 
 # --------------------------------------------------------------- attention --
@@ -127,7 +138,7 @@ class LlamaAttention(nn.Module):
             norm_heads(qkv, self.q_norm, self.k_norm, self.attn.num_heads,
                        self.attn.num_kv_heads, self.attn.head_dim)
         out = self.attn(qkv, cos, sin, kv_cache, meta)
-        return self.o_proj(out.reshape(hidden.shape[0], self.q_size))
+        return self.o_proj(out.reshape(qkv.shape[0], self.q_size))
 
 
 class LlamaMLP(nn.Module):
@@ -160,12 +171,14 @@ class LlamaDecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it): the
         next norm adds them, so each residual add is fused into a norm."""
+        fp8_qkv = takes_fp8(self.self_attn, "qkv_proj")
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, self.input_layernorm(hidden, quantize=fp8_qkv)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, quantize=fp8_qkv)
         hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(
+            hidden, residual, quantize=takes_fp8(self.mlp, "gate_up_proj"))
         return self.mlp(hidden), residual
 
 

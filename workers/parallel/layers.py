@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.workers.kernels import linear
-from specserve.workers.kernels.fp8 import fp8_linear, quantize_rows
+from specserve.workers.kernels.fp8 import QuantizedRows, fp8_linear, quantize_rows
 from specserve.workers.parallel.group import SINGLE_RANK, TensorParallel
 
 
@@ -55,7 +55,14 @@ class ParallelLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", scale.float().reshape(-1, 1).contiguous())
 
-    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def is_fp8(self) -> bool:
+        """Whether this projection takes FP8 activations (``QuantizedRows``
+        too, which the norm in front of it can hand over)."""
+        return self.weight_scale is not None
+
+    def project(self, x: torch.Tensor | QuantizedRows,
+                bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight_scale is None:
             return linear(x, self.weight, bias)
         return fp8_linear(x, self.weight, self.weight_scale, bias)
