@@ -6,9 +6,9 @@
 
 Batch-1 decode tokens/s of one prompt, greedy and sampled (temperature 0.8,
 top-p 0.95), target-only (k = 0) and speculating (k = ``--k``); on CUDA the
-sampled speculating row is run twice, with the draft's sampled proposals
-replayed from captured graphs (``SPECSERVE_SAMPLED_DRAFT_GRAPHS=1``) and
-without. Decode rate: tokens after the first over the time after it. With
+sampled rows are run twice: eagerly, and with the draft's sampled proposals
+and the target's distributions and rejection sampler replayed from captured
+graphs (``SPECSERVE_SAMPLED_DRAFT_GRAPHS=1``, ``SPECSERVE_SAMPLED_TARGET_GRAPHS=1``). Decode rate: tokens after the first over the time after it. With
 dummy weights the draft is useless (nothing is accepted), so the speculating
 rows show what a sampled step costs against a greedy one, not a speed-up.
 Prints one table; ``--json`` writes the figures.
@@ -28,7 +28,7 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "proto")]  # checkout: proto/specserv
 
 from specserve import LLM, SamplingParams  # noqa: E402
 
-GRAPHS_ENV = "SPECSERVE_SAMPLED_DRAFT_GRAPHS"
+GRAPHS_ENVS = ("SPECSERVE_SAMPLED_DRAFT_GRAPHS", "SPECSERVE_SAMPLED_TARGET_GRAPHS")
 
 
 def decode_rate(llm: LLM, prompt: list[int], params: SamplingParams, k: int,
@@ -44,7 +44,8 @@ def decode_rate(llm: LLM, prompt: list[int], params: SamplingParams, k: int,
 
 def measure(models: dict, device: str, k: int, max_tokens: int, repeats: int,
             graphs: str) -> dict[str, float]:
-    os.environ[GRAPHS_ENV] = graphs
+    for name in GRAPHS_ENVS:
+        os.environ[name] = graphs
     llm = LLM(device=device, num_speculative_tokens=k, **models)
     vocab = llm.engine.vocab_size
     prompt = [3 + (7 * i) % (vocab - 3) for i in range(64)]
@@ -83,7 +84,8 @@ def main() -> None:
         rows = measure(models, args.device, args.k, args.max_tokens, args.repeats, "0")
         if args.device.startswith("cuda"):
             with_graphs = measure(models, args.device, args.k, args.max_tokens, args.repeats, "1")
-            rows[f"sampled k={args.k}, draft graphs"] = with_graphs[f"sampled k={args.k}"]
+            for k in (0, args.k):
+                rows[f"sampled k={k}, sampling graphs"] = with_graphs[f"sampled k={k}"]
     greedy = {k: rows[f"greedy k={k}"] for k in (0, args.k)}
     print("| decode, batch 1 | tok/s | of greedy at the same k |")
     print("| --- | --- | --- |")

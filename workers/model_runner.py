@@ -12,6 +12,7 @@ step (sampling_batch.py).
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from specserve.workers.random_draws import TAG_ACCEPT, TAG_TARGET, keyed_gumbel_
 from specserve.workers.rejection_sampler import greedy_verify, gumbel_verify, rejection_sample
 from specserve.workers.sampler import compute_logprobs, logits_to_probs
 from specserve.workers.sampling_batch import Rows, SamplingBatch, merge_rows
+from specserve.workers.sampling_graphs import ENV_SAMPLED_TARGET_GRAPHS, GraphedSampledAcceptance
 from specserve.workers.synthetic_acceptance import coin_keys, synthetic_verify
 
 # Prompt positions scored per LM-head call: bounds the [rows, V] logits of a long prompt chunk.
@@ -83,6 +85,9 @@ class ModelRunner:
         # sampling request's row: where a PENDING_TOKEN input comes from.
         self._sampled: torch.Tensor | None = None
         self._sampled_rows: dict[str, int] = {}
+        # A sampled step's distributions and rejection sampler as one replay
+        # (sampling_graphs.py), where every row is plain; opt-in on CUDA.
+        self.sampled_graphs: GraphedSampledAcceptance | None = None
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int, pad_block: int,
                            max_num_speculative_tokens: int) -> None:
@@ -94,6 +99,10 @@ class ModelRunner:
         if self.proposer is not None:
             self.proposer.capture_graphs(max_batch, max_blocks_per_seq, pad_block,
                                          max_num_speculative_tokens, pool)
+        if os.environ.get(ENV_SAMPLED_TARGET_GRAPHS) == "1":
+            self.sampled_graphs = GraphedSampledAcceptance(
+                max_batch, max_num_speculative_tokens if self.proposer is not None else 0,
+                self.vocab_size, self.device, pool)
         self._compile_eager_shapes(max_blocks_per_seq, pad_block)
 
     @torch.inference_mode()
@@ -265,6 +274,9 @@ class ModelRunner:
         if batch.greedy:
             return greedy_verify(draft_tokens, ks, target_logits.argmax(dim=-1))
         S, K1, V = target_logits.shape
+        if self._accepts_in_graph(batch):
+            return self.sampled_graphs.accept(target_logits, draft_tokens, ks, draft_probs,
+                                              batch.params, batch.uniforms)
         params = batch.params.repeat_rows(K1)
         logits = batch.penalise(target_logits.reshape(S * K1, V), params,
                                 _draft_prefixes(draft_tokens, K1))
@@ -281,6 +293,13 @@ class ModelRunner:
                                            batch.keys)))
         return (merge_rows([(r, out) for r, (out, _) in parts], S),
                 merge_rows([(r, num) for r, (_, num) in parts], S))
+
+    def _accepts_in_graph(self, batch: SamplingBatch) -> bool:
+        """A sampled step of plain rows only (no seed, penalty or min_tokens
+        mask) that a captured acceptance graph takes."""
+        return (self.sampled_graphs is not None and batch.seeded is None
+                and not batch.params.any_penalties and batch.params.stop_mask is None
+                and self.sampled_graphs.can_run(len(batch.seqs), batch.K))
 
     def _logprob_tensors(self, batch: SamplingBatch, target_logits, out):
         """(rows wanting logprobs, token logprobs, top ids, top logprobs) on

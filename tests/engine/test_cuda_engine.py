@@ -140,3 +140,27 @@ def test_sampled_draft_proposals_replayed_from_graphs_equal_the_step_loop(pair, 
         assert llm.engine.get_stats().kv_blocks_used == 0
         llm.shutdown()
     assert runs["1"] == runs["0"]
+
+
+def test_sampled_acceptance_replayed_from_graphs_equals_the_eager_path(pair, monkeypatch):
+    """SPECSERVE_SAMPLED_TARGET_GRAPHS=1: a sampled step's target
+    distributions and rejection sampler replay one captured graph, at k = 0
+    and speculating; the tokens and acceptance are those of the eager path
+    (float32, so no near-tie flips)."""
+    target, draft = pair
+    params = [SamplingParams(max_tokens=32, temperature=t, top_p=p, top_k=k, ignore_eos=True)
+              for t, p, k in ((0.8, 1.0, 0), (1.0, 0.9, 0), (0.7, 1.0, 5), (0.0, 1.0, 0))] * 3
+    runs = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("SPECSERVE_SAMPLED_TARGET_GRAPHS", graphs)
+        llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
+                  device="cuda", num_kv_blocks=512, seed=7)
+        runs[graphs] = [[(o.outputs[0].token_ids, o.metrics.draft_tokens_accepted)
+                         for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
+                        for k in (0, 3)]
+        runner = llm.engine.executor.worker.runner
+        if graphs == "1":
+            assert {k for _, k in runner.sampled_graphs._graphs} >= {0, 3}
+        assert llm.engine.get_stats().kv_blocks_used == 0
+        llm.shutdown()
+    assert runs["1"] == runs["0"]
