@@ -24,7 +24,8 @@ import torch
 from specserve.workers.attention.metadata import AttentionMetadata
 from specserve.workers.cuda_graphs import CapturedGraphs, batch_buckets
 from specserve.workers.models.llama import LlamaForCausalLM
-from specserve.workers.sampler import SamplingTensors, logits_to_probs, sample_from_probs
+from specserve.workers.sampler import (SamplingTensors, filters_on, logits_to_probs,
+                                       sample_from_probs)
 
 CATCH_UP = 2  # draft tokens each sequence feeds before proposing
 
@@ -220,12 +221,8 @@ class GraphedSampledProposal(GraphedGreedyProposal):
         self._load_settings(None, None, bucket)
 
     def _program(self, bucket: int, k: int) -> Callable[[], None]:
-        s, ones = self.settings[:, :bucket], torch.ones(bucket, device=self.device)
-        params = SamplingTensors(
-            temperature=s[0], top_p=s[1], min_p=s[2], top_k=self.top_k[:bucket],
-            repetition_penalty=ones, presence_penalty=ones * 0, frequency_penalty=ones * 0,
-            all_greedy=False, any_top_k=True, any_top_p=True, any_min_p=True,
-            any_penalties=False, any_greedy=True)
+        s = self.settings[:, :bucket]
+        params = filters_on(s[0], s[1], s[2], self.top_k[:bucket])
         return lambda: sampled_proposal(
             self.model, self.caches, self.block_size, self.input_ids[:CATCH_UP * bucket],
             self.first[:bucket], self.block_tables[:bucket], k, self.tokens, self.probs,

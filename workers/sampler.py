@@ -265,6 +265,20 @@ def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     )
 
 
+def filters_on(temperature: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+               top_k: torch.Tensor) -> SamplingTensors:
+    """Rows of settings with every filter switched on and no penalties, for a
+    captured sampling program: top-k 0, top-p 1 and min-p 0 leave a row's
+    distribution bit for bit as skipping the filter does, so one program
+    serves any mix of settings."""
+    ones = torch.ones_like(temperature)
+    return SamplingTensors(
+        temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
+        repetition_penalty=ones, presence_penalty=ones * 0, frequency_penalty=ones * 0,
+        all_greedy=False, any_top_k=True, any_top_p=True, any_min_p=True,
+        any_penalties=False, any_greedy=True)
+
+
 def logits_to_probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """The distribution each row samples from, float32 [N, V], rows summing to 1.
 

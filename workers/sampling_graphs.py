@@ -26,7 +26,7 @@ import torch
 from specserve.workers.cuda_graphs import batch_buckets, capture_graph
 from specserve.workers.random_draws import TAG_ACCEPT, TAG_TARGET
 from specserve.workers.rejection_sampler import rejection_sample
-from specserve.workers.sampler import SamplingTensors, logits_to_probs
+from specserve.workers.sampler import SamplingTensors, filters_on, logits_to_probs
 
 ENV_SAMPLED_TARGET_GRAPHS = "SPECSERVE_SAMPLED_TARGET_GRAPHS"
 _MAX_STATIC_BYTES = 256 << 20  # the static logits and draft distributions, at most
@@ -117,12 +117,8 @@ class GraphedSampledAcceptance:
         return out
 
     def _program(self, bucket: int, k: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        s, ones = self.settings[:, :bucket], torch.ones(bucket, device=self.device)
-        params = SamplingTensors(
-            temperature=s[0], top_p=s[1], min_p=s[2], top_k=self.top_k[:bucket],
-            repetition_penalty=ones, presence_penalty=ones * 0, frequency_penalty=ones * 0,
-            all_greedy=False, any_top_k=True, any_top_p=True, any_min_p=True,
-            any_penalties=False, any_greedy=True)
+        s = self.settings[:, :bucket]
+        params = filters_on(s[0], s[1], s[2], self.top_k[:bucket])
         return lambda: sampled_acceptance(
             self.logits[:bucket, :k + 1], self.proposed[:bucket, :k],
             self.num_proposed[:bucket] if k else None, self.draft_probs[:bucket, :k], params,

@@ -11,6 +11,9 @@ from tests.pair_factory import make_pair
 pytestmark = pytest.mark.cuda
 
 PROMPTS = ["def add(a, b):", "import os\n", "class Point:", "x"] * 3
+# Temperature, top-p, top-k and a greedy row in one batch, a row per prompt.
+MIXED_SAMPLING = [SamplingParams(max_tokens=32, temperature=t, top_p=p, top_k=k, ignore_eos=True)
+                  for t, p, k in ((0.8, 1.0, 0), (1.0, 0.9, 0), (0.7, 1.0, 5), (0.0, 1.0, 0))] * 3
 
 
 @pytest.fixture(scope="module")
@@ -120,47 +123,28 @@ def test_a_cached_prefix_gives_the_tokens_computed_afresh(pair):
     assert runs[False][0] == runs[False][1]
 
 
-def test_sampled_draft_proposals_replayed_from_graphs_equal_the_step_loop(pair, monkeypatch):
-    """SPECSERVE_SAMPLED_DRAFT_GRAPHS=1: a sampled step's k draft steps, their
-    sampling included, replay one captured graph; the tokens and acceptance
-    are those of the step-by-step loop (float32, so no near-tie flips)."""
+@pytest.mark.parametrize("env, ks", [("SPECSERVE_SAMPLED_DRAFT_GRAPHS", (3,)),
+                                     ("SPECSERVE_SAMPLED_TARGET_GRAPHS", (0, 3))])
+def test_sampling_replayed_from_graphs_equals_the_eager_path(pair, monkeypatch, env, ks):
+    """With a sampled step's k draft steps, their sampling included
+    (SPECSERVE_SAMPLED_DRAFT_GRAPHS=1), or the target's distributions and
+    rejection sampler (SPECSERVE_SAMPLED_TARGET_GRAPHS=1) replayed from one
+    captured graph, the tokens and acceptance are those of the eager path
+    (float32, so no near-tie flips), speculating and at k = 0."""
     target, draft = pair
-    params = [SamplingParams(max_tokens=32, temperature=t, top_p=p, top_k=k, ignore_eos=True)
-              for t, p, k in ((0.8, 1.0, 0), (1.0, 0.9, 0), (0.7, 1.0, 5), (0.0, 1.0, 0))] * 3
     runs = {}
     for graphs in ("0", "1"):
-        monkeypatch.setenv("SPECSERVE_SAMPLED_DRAFT_GRAPHS", graphs)
-        llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
-                  device="cuda", num_kv_blocks=512, seed=7)
-        outs = llm.generate(PROMPTS, params)
-        proposer = llm.engine.executor.worker.runner.proposer
-        runs[graphs] = [(o.outputs[0].token_ids, o.metrics.draft_tokens_accepted) for o in outs]
-        if graphs == "1":
-            assert proposer.graphed_sampled is not None and proposer.graphed_sampled._graphs
-        assert llm.engine.get_stats().kv_blocks_used == 0
-        llm.shutdown()
-    assert runs["1"] == runs["0"]
-
-
-def test_sampled_acceptance_replayed_from_graphs_equals_the_eager_path(pair, monkeypatch):
-    """SPECSERVE_SAMPLED_TARGET_GRAPHS=1: a sampled step's target
-    distributions and rejection sampler replay one captured graph, at k = 0
-    and speculating; the tokens and acceptance are those of the eager path
-    (float32, so no near-tie flips)."""
-    target, draft = pair
-    params = [SamplingParams(max_tokens=32, temperature=t, top_p=p, top_k=k, ignore_eos=True)
-              for t, p, k in ((0.8, 1.0, 0), (1.0, 0.9, 0), (0.7, 1.0, 5), (0.0, 1.0, 0))] * 3
-    runs = {}
-    for graphs in ("0", "1"):
-        monkeypatch.setenv("SPECSERVE_SAMPLED_TARGET_GRAPHS", graphs)
+        monkeypatch.setenv(env, graphs)
         llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
                   device="cuda", num_kv_blocks=512, seed=7)
         runs[graphs] = [[(o.outputs[0].token_ids, o.metrics.draft_tokens_accepted)
-                         for o in llm.generate(PROMPTS, params, num_speculative_tokens=k)]
-                        for k in (0, 3)]
+                         for o in llm.generate(PROMPTS, MIXED_SAMPLING, num_speculative_tokens=k)]
+                        for k in ks]
         runner = llm.engine.executor.worker.runner
         if graphs == "1":
-            assert {k for _, k in runner.sampled_graphs._graphs} >= {0, 3}
+            captured = (runner.proposer.graphed_sampled if "DRAFT" in env
+                        else runner.sampled_graphs)._graphs
+            assert {k for _, k in captured} >= set(ks)
         assert llm.engine.get_stats().kv_blocks_used == 0
         llm.shutdown()
     assert runs["1"] == runs["0"]

@@ -11,17 +11,10 @@ import torch
 from specserve import LLM, SamplingParams
 from specserve.workers.sampler import SamplingTensors
 from specserve.workers.sampling_graphs import GraphedSampledAcceptance
+from tests.workers.test_draft_graphs import PROMPTS, SAMPLED
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-PROMPTS = ["def fibonacci(n):", "import os\n", "class Point:", "for i in range(10):\n    ",
-           "x = [", "return"]
-SAMPLED = [SamplingParams(max_tokens=32, temperature=0.8, ignore_eos=True),
-           SamplingParams(max_tokens=32, temperature=1.0, top_p=0.9, ignore_eos=True),
-           SamplingParams(max_tokens=32, temperature=0.7, top_k=5, min_p=0.02, ignore_eos=True),
-           SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True),
-           SamplingParams(max_tokens=32, temperature=1.2, top_k=3, top_p=0.8, ignore_eos=True),
-           SamplingParams(max_tokens=32, temperature=0.9, ignore_eos=True)]
 
 
 def _generate(graphed: bool, params, k: int | None = None):
