@@ -238,19 +238,23 @@ def check_engine() -> None:
     target, draft = make_pair(tempfile.mkdtemp())
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    outputs = {}
-    for mode in ("0", "1"):
-        os.environ["TRITON_INTERPRET"] = mode  # read per call by workers.kernels
-        llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3, dtype="float32",
-                  kv_cache_memory=1 << 22, block_size=4)
-        if mode == "1":
-            runner = llm.engine.executor.worker.runner
-            for model in (runner.target, runner.draft):
-                model.set_attention_backend(TritonPagedBackend())
-        outputs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        # Alone, a one-token prompt and the draft's proposals are one-row forwards.
-        outputs[mode] += [o.outputs[0].token_ids for o in llm.generate([[15]], params)]
-    assert outputs["1"] == outputs["0"], outputs
+    # 16-bit weights; FP8 weights (the norms hand their projections quantized
+    # rows, one-row products through the FP8 GEMV) with an FP8 KV cache.
+    for options in ({}, dict(quantization="fp8", draft_quantization="fp8",
+                             kv_cache_dtype="fp8")):
+        outputs = {}
+        for mode in ("0", "1"):
+            os.environ["TRITON_INTERPRET"] = mode  # read per call by workers.kernels
+            llm = LLM(model=target, draft_model=draft, num_speculative_tokens=3,
+                      dtype="float32", kv_cache_memory=1 << 22, block_size=4, **options)
+            if mode == "1":
+                runner = llm.engine.executor.worker.runner
+                for model in (runner.target, runner.draft):
+                    model.set_attention_backend(TritonPagedBackend())
+            outputs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            # Alone, a one-token prompt and the draft's proposals are one-row forwards.
+            outputs[mode] += [o.outputs[0].token_ids for o in llm.generate([[15]], params)]
+        assert outputs["1"] == outputs["0"], (options, outputs)
 
 
 def check_all(device: str, dtypes: list[torch.dtype]) -> None:
