@@ -12,7 +12,10 @@ log-likelihood of each next token, how often the two agree on the most
 likely token, and the mean KL(16-bit || FP8). With dummy weights the text
 means nothing to the model, so only agreement and KL say anything. For the
 embedded pair it then runs the engine at k = 4 (greedy) and reports the
-acceptance rate of a 16-bit and an FP8 draft against the 16-bit target.
+acceptance rate of a 16-bit and an FP8 draft against the 16-bit target, and
+scores the prompts once more through the engine's paged cache (prompt
+logprobs) with FP8 weights, an FP8 KV cache (scales of 1.0, as an
+uncalibrated checkpoint gets) and both, against the 16-bit engine.
 """
 
 from __future__ import annotations
@@ -93,6 +96,31 @@ def acceptance(sequences: list[list[int]], max_tokens: int, **kw) -> float:
     return sum(o.metrics.draft_tokens_accepted for o in outs) / max(proposed, 1)
 
 
+def engine_scores(sequences: list[list[int]], **kw) -> list[list]:
+    """The target's logprob of each prompt token after the first, and its
+    most likely token there, read through the engine (the paged KV cache)."""
+    llm = LLM(dtype="float32", **kw)
+    outs = llm.generate(sequences, SamplingParams(max_tokens=1, temperature=0.0,
+                                                  prompt_logprobs=1, ignore_eos=True))
+    llm.shutdown()
+    return [[(lp.logprob, lp.top_token_ids[0]) for lp in o.prompt_logprobs[1:]] for o in outs]
+
+
+def engine_rows(sequences: list[list[int]]) -> list[tuple[str, dict]]:
+    base = engine_scores(sequences)
+    rows = []
+    for name, kw in (("FP8 weights", dict(quantization="fp8")),
+                     ("FP8 KV cache", dict(kv_cache_dtype="fp8")),
+                     ("FP8 weights + KV cache", dict(quantization="fp8", kv_cache_dtype="fp8"))):
+        other = engine_scores(sequences, **kw)
+        pairs = [(a, b) for sa, sb in zip(base, other) for a, b in zip(sa, sb)]
+        n = len(pairs)
+        rows.append((name, {"tokens": n, "nll_16bit": -sum(a[0] for a, _ in pairs) / n,
+                            "nll_fp8": -sum(b[0] for _, b in pairs) / n,
+                            "top1_agreement": sum(a[1] == b[1] for a, b in pairs) / n}))
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -125,6 +153,13 @@ def main() -> None:
         quant = acceptance(prompts, args.max_tokens, draft_quantization="fp8")
         print(f"\nacceptance at k = 4, greedy, {len(prompts)} prompts x {args.max_tokens} tokens, "
               f"16-bit target: 16-bit draft {base:.3f}, FP8 draft {quant:.3f}")
+        print("\nthe embedded target through the engine's paged cache (prompt logprobs), "
+              "against the 16-bit engine:")
+        print(f"{'variant':28} {'tokens':>7} {'NLL 16-bit':>11} {'NLL FP8':>9} {'dNLL':>8} "
+              f"{'top-1 agree':>12}")
+        for name, r in engine_rows(sequences):
+            print(f"{name:28} {r['tokens']:7d} {r['nll_16bit']:11.4f} {r['nll_fp8']:9.4f} "
+                  f"{r['nll_fp8'] - r['nll_16bit']:+8.4f} {r['top1_agreement']:12.4f}")
 
 
 if __name__ == "__main__":
