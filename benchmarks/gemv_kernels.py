@@ -9,7 +9,14 @@ shape and for a whole token's matmuls, the time and the bandwidth reached,
 for the sweep's best config and for the one the engine takes
 (``gemv_config``).
 
+    python benchmarks/gemv_kernels.py --rows 2,5,8
     python benchmarks/gemv_kernels.py --fp8
+
+With --rows, the products of a few rows (a batch-1 verification of k + 1
+tokens) instead: cuBLAS (what the engine takes today) against an
+experimental few-row kernel (one weight read for every row, the sweep's
+best tiles), and the one-row GEMV's time for the same weights: a k+1-token
+verification should cost close to a one-token decode (issue 18).
 
 With --fp8, the FP8 path of a one-row linear (workers/kernels/fp8.py) per
 shape instead: the token's quantizer alone, the FP8 GEMV alone (wired tiles
@@ -69,11 +76,16 @@ def main() -> None:
     ap.add_argument("--config", default="llama-2-7b")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     ap.add_argument("--fp8", action="store_true", help="time the FP8 one-row path instead")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated row counts: time few-row products instead")
     args = ap.parse_args()
     with open(os.path.join(HERE, "configs", args.config, "config.json")) as f:
         config = json.load(f)
     if args.fp8:
         fp8_rows(config, args.config)
+        return
+    if args.rows:
+        few_rows(config, args.config, [int(r) for r in args.rows.split(",")])
         return
     dev, dtype = torch.device("cuda"), torch.bfloat16
     rows, total = [], {"torch": 0.0, "triton": 0.0, "bytes": 0}
@@ -124,6 +136,93 @@ def main() -> None:
     if args.out:
         with open(os.path.join(args.out, "gemv.json"), "w") as f:
             json.dump({"rows": rows, "total": total}, f, indent=2)
+
+
+def _few_rows_kernel():
+    """An experiment, not yet the engine's: ``x [M, K] @ w[N, K].T`` for a
+    few rows M (up to BLOCK_M) reading each weight tile once for all of them,
+    the one-row GEMV's structure with a row dimension (float32 products
+    summed per row, reduced at the end)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, w_ptr, out_ptr, M, K, stride_x, stride_w, stride_o,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_K: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        k = tl.arange(0, BLOCK_K)
+        rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
+        xs = x_ptr + m[:, None] * stride_x
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(rows + (k0 + k)[None, :])
+                x = tl.load(xs + (k0 + k)[None, :], mask=m[:, None] < M, other=0.0)
+            else:
+                ok = k0 + k < K
+                w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
+                x = tl.load(xs + (k0 + k)[None, :], mask=(m[:, None] < M) & ok[None, :],
+                            other=0.0)
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        y = tl.sum(acc, axis=2)
+        tl.store(out_ptr + m[:, None] * stride_o + n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=m[:, None] < M)
+
+    return kernel
+
+
+def few_rows_gemv(kernel, x: torch.Tensor, w: torch.Tensor, cfg) -> torch.Tensor:
+    """``x @ w.T`` for x of at most 8 rows, tiles ``cfg`` (rows per program,
+    K per tile, warps, stages)."""
+    (m, k), n = x.shape, w.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    kernel[(n // cfg[0],)](x, w, out, m, k, x.stride(0), w.stride(0), out.stride(0),
+                           BLOCK_M=next_power_of_2(m), BLOCK_N=cfg[0],
+                           BLOCK_K=cfg[1], EVEN_K=k % cfg[1] == 0, num_warps=cfg[2],
+                           num_stages=cfg[3])
+    return out
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def few_rows(config: dict, name: str, row_counts: list[int]) -> None:
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    kernel = _few_rows_kernel()
+    sweep = list(itertools.product((4, 8, 16), (128, 256, 512), (4, 8), (1, 3)))
+    print(f"\n== few-row products, {name}, {torch.cuda.get_device_name()}, bf16 ==")
+    print("rows shape    N x K  x count   one-row GEMV us   cuBLAS us (GB/s)   "
+          "few-row kernel best us (GB/s) config     vs cuBLAS  vs one row")
+    for shape, n, k, count in shapes(config):
+        if shape == "lm_head":
+            continue
+        ws = [torch.randn(n, k, dtype=dtype, device=dev) * 0.02 for _ in range(count)]
+        x1 = torch.randn(1, k, dtype=dtype, device=dev)
+        t1 = time_graph(lambda: [gemv(x1, w) for w in ws])
+        nbytes = 2 * n * k * count
+        for m in row_counts:
+            x = torch.randn(m, k, dtype=dtype, device=dev)
+            tb = time_graph(lambda: [F.linear(x, w) for w in ws])
+            want = F.linear(x.float(), ws[0].float())
+            best = (float("inf"), None)
+            for cfg in sweep:
+                if n % cfg[0] or cfg[1] > next_power_of_2(k):
+                    continue
+                got = few_rows_gemv(kernel, x, ws[0], cfg).float()
+                if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+                    print(f"{shape} rows {m} {cfg}: wrong result")
+                    continue
+                t = time_graph(lambda: [few_rows_gemv(kernel, x, w, cfg) for w in ws])
+                best = min(best, (t, cfg))
+            print(f"{m:4d} {shape:8s} {n:5d} x {k:5d} x{count:3d}  {t1 * 1e6:12.1f}  "
+                  f"{tb * 1e6:9.1f} ({nbytes / tb / 1e9:5.0f})  {best[0] * 1e6:12.1f} "
+                  f"({nbytes / best[0] / 1e9:5.0f}) {str(best[1]):17s} {tb / best[0]:6.2f}x "
+                  f"{best[0] / t1:9.2f}x")
+        del ws
+        torch.cuda.empty_cache()
 
 
 def _dot_gemv_kernel():
