@@ -25,16 +25,13 @@ def steps(model) -> list[torch.Tensor]:
 def run_rank(rank: int, size: int, draft_size: int, address: str,
              cases: list[tuple[str, str, str]], out_dir: str) -> None:
     """``cases``: (name, checkpoint dir, load format); a name starting with
-    ``draft`` is loaded in the draft's group (``draft_size`` ranks), one
-    starting with ``fp8`` quantized to FP8 at load."""
+    ``draft`` is loaded in the draft's group (``draft_size`` ranks)."""
     torch.set_num_threads(1)
     target, draft = join_tensor_parallel(rank, size, draft_size, address, torch.device("cpu"))
     try:
         for name, path, load_format in cases:
             tp = draft if name.startswith("draft") else target
-            quantization = "fp8" if name.startswith("fp8") else None
-            model = load_model(path, torch.float32, "cpu", load_format, tp=tp,
-                               quantization=quantization)
+            model = load_model(path, torch.float32, "cpu", load_format, tp=tp)
             logits = steps(model)
             if tp.rank == 0:
                 torch.save(logits, os.path.join(out_dir, f"{name}.{rank}.pt"))
