@@ -41,7 +41,7 @@ from specserve.workers.kernels.activation import gelu_tanh_and_mul, invariant_ta
 from specserve.workers.kernels.batch_invariant import batch_invariant, batch_invariant_mode
 from specserve.workers.kv_cache import head_dim_of
 from specserve.workers.models.llama import (LlamaAttention, LlamaForCausalLM, LlamaMLP,
-                                            layer_windows, takes_fp8)
+                                            input_norm, layer_windows, takes_fp8)
 from specserve.workers.models.rope import RotaryEmbedding, rope_parameters
 from specserve.workers.parallel.group import TensorParallel
 from specserve.workers.parallel.layers import VocabParallelEmbedding
@@ -129,12 +129,9 @@ class GemmaDecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it), as
         Llama's layers do: the next norm adds them in the same kernel."""
-        fp8_qkv = takes_fp8(self.self_attn, "qkv_proj")
         fp8_mlp = takes_fp8(self.mlp, "gate_up_proj")
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden, quantize=fp8_qkv)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual, quantize=fp8_qkv)
+        hidden, residual = input_norm(self.input_layernorm, hidden, residual,
+                                      takes_fp8(self.self_attn, "qkv_proj"))
         attended = self.self_attn(hidden, cos, sin, kv_cache, meta)
         if not self.sandwich:  # Gemma: post_attention_layernorm is the MLP's pre-norm
             normed, residual = self.post_attention_layernorm(attended, residual,

@@ -51,6 +51,16 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps, quantize=quantize)
 
 
+def input_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+               quantize: bool = False):
+    """(normed rows, residual stream) at a decoder layer's input: the first
+    layer's input is the residual stream itself; later layers add theirs in
+    the norm."""
+    if residual is None:
+        return norm(hidden, quantize=quantize), hidden
+    return norm(hidden, residual, quantize=quantize)
+
+
 def takes_fp8(module: nn.Module, projection: str) -> bool:
     """Whether ``module``'s first projection (``qkv_proj``, ``gate_up_proj``)
     is FP8, so that the norm before it hands over quantized rows. A mixture
@@ -171,11 +181,8 @@ class LlamaDecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, the residual stream before it): the
         next norm adds them, so each residual add is fused into a norm."""
-        fp8_qkv = takes_fp8(self.self_attn, "qkv_proj")
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden, quantize=fp8_qkv)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual, quantize=fp8_qkv)
+        hidden, residual = input_norm(self.input_layernorm, hidden, residual,
+                                      takes_fp8(self.self_attn, "qkv_proj"))
         hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(
             hidden, residual, quantize=takes_fp8(self.mlp, "gate_up_proj"))
