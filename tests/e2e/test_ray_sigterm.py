@@ -27,7 +27,10 @@ from tests.subprocess_env import ROOT, child_env  # noqa: E402
 SERVE = ["--executor", "ray", "--data-parallel-size", "2", "--device", "cpu",
          "--num-kv-blocks", "256", "--max-num-seqs", "4", "--grace-period", "4",
          "--log-level", "warning"]
-STREAMS = 16  # 8 running (4 per replica), 8 waiting when the signal comes
+# 8 running (4 per replica), 24 waiting when the signal comes: more work than the
+# grace period holds (with 16, every stream finished within it in one CI run, so
+# the drain aborted none of them).
+STREAMS = 32
 
 
 @pytest.mark.timeout(300)
