@@ -19,9 +19,10 @@ best tiles), and the one-row GEMV's time for the same weights: a k+1-token
 verification should cost close to a one-token decode (issue 18).
 
 With --fp8, the FP8 path of a one-row linear (workers/kernels/fp8.py) per
-shape instead: the token's quantizer alone, the FP8 GEMV alone (wired tiles
-and the sweep's best) and both, against the 16-bit GEMV; bandwidth counts
-the FP8 weight bytes.
+shape instead: the token's quantizer alone, the FP8 GEMV alone (as wired,
+and the sweep's best tiles for each way of turning weight bytes into
+float32) and both, against the 16-bit GEMV; bandwidth counts the FP8 weight
+bytes.
 """
 
 from __future__ import annotations
@@ -225,49 +226,6 @@ def few_rows(config: dict, name: str, row_counts: list[int]) -> None:
         torch.cuda.empty_cache()
 
 
-def _dot_gemv_kernel():
-    """An experiment, not the engine's kernel: the FP8 one-row product on
-    tensor cores, the token as row 0 of a 16-column tile (the rest masked to
-    zero), so weight bytes go to the MMA as they are instead of being
-    converted to float32 for an FMA. A first sweep (16-64 rows, K tiles up to
-    512; RESULTS.md) read no faster overall than the FMA kernel; this one
-    sweeps deeper pipelines and wider K tiles. 64-row tiles are left out:
-    Hopper's FP8 wgmma accumulates with fewer bits (wrong at 1e-3)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(x_ptr, w_ptr, out_ptr, K, stride_w, x_scale_ptr, w_scale_ptr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.arange(0, BLOCK_K)
-        first = (tl.arange(0, 16) == 0)[None, :]
-        rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
-        acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(rows + (k0 + k)[None, :])
-                x = tl.load(x_ptr + k0 + k[:, None], mask=first, other=0.0)
-            else:
-                ok = k0 + k < K
-                w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
-                x = tl.load(x_ptr + k0 + k[:, None], mask=ok[:, None] & first, other=0.0)
-            acc = tl.dot(w, x, acc)
-        y = tl.sum(acc, axis=1) * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + n)
-        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
-
-    return kernel
-
-
-def dot_gemv(kernel, xq, x_scale, w, w_scale, cfg, dtype=torch.bfloat16) -> torch.Tensor:
-    n, k = w.shape
-    out = torch.empty((1, n), dtype=dtype, device=w.device)
-    kernel[(n // cfg[0],)](xq, w, out, k, w.stride(0), x_scale, w_scale, BLOCK_N=cfg[0],
-                           BLOCK_K=cfg[1], EVEN_K=k % cfg[1] == 0, num_warps=cfg[2],
-                           num_stages=cfg[3])
-    return out
-
-
 def best_config(run, sweep, n: int, k: int, want: torch.Tensor, label: str):
     """(seconds, config) of the fastest config of ``sweep`` whose result is
     ``want`` (relative 1e-3); ``run(cfg)`` launches one layer's product for a
@@ -285,18 +243,19 @@ def best_config(run, sweep, n: int, k: int, want: torch.Tensor, label: str):
 
 
 def fp8_rows(config: dict, name: str) -> None:
-    from specserve.workers.kernels.fp8 import _fp8_gemv, fp8_gemv_config, fp8_linear, quantize_rows
+    from specserve.workers.kernels.fp8 import (DEQUANT_MODES, GEMV_DEQUANT, _fp8_gemv,
+                                               fp8_gemv_config, fp8_linear, quantize_rows)
 
     dev = torch.device("cuda")
-    sweep = list(itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (1, 3)))
-    dot_kernel = _dot_gemv_kernel()
-    dot_sweep = list(itertools.product((16, 32), (256, 512, 1024), (4, 8), (3, 5, 7)))
+    sweep = list(itertools.product((4, 8, 16), (1024, 2048), (4, 8), (1, 3)))
     print(f"\n== FP8 one-row linears, {name}, {torch.cuda.get_device_name()} ==")
-    print("shape    N x K  x count   16-bit us (GB/s)  quantize us  FP8 GEMV us (GB/s)  "
-          "best us (GB/s) config           tensor cores, best us (GB/s) config  "
-          "scaled_mm us  quantize+GEMV us  vs 16-bit")
-    totals = dict(t16=0.0, all=0.0, gemv=0.0, best=0.0, best_tensor_cores=0.0, quantize=0.0,
-                  scaled_mm=0.0)
+    print(f"wired: tiles fp8_gemv_config, dequantization {GEMV_DEQUANT!r}; per mode: the "
+          f"sweep's best tiles")
+    print("shape    N x K  x count   16-bit us (GB/s)  quantize us  wired us (GB/s)  "
+          + "  ".join(f"{m + ', best us (GB/s) tiles':36s}" for m in DEQUANT_MODES)
+          + "  scaled_mm us  quantize+wired us  vs 16-bit")
+    totals = dict(t16=0.0, all=0.0, wired=0.0, quantize=0.0, scaled_mm=0.0,
+                  **{m: 0.0 for m in DEQUANT_MODES})
     for shape, n, k, count in shapes(config):
         if shape == "lm_head":
             continue
@@ -311,20 +270,14 @@ def fp8_rows(config: dict, name: str) -> None:
         tq = time_graph(lambda: [quantize_rows(x) for _ in range(count)])
         tg = time_graph(lambda: [_fp8_gemv(xq, xs, q, s, None, x.dtype) for q, s in qs])
         want = (xq.float() @ qs[0][0].float().t()) * xs * qs[0][1].t()
-
-        def fma(cfg, timed=False):
-            if timed:
-                return time_graph(lambda: [_fp8_gemv(xq, xs, q, s, None, x.dtype, cfg)
-                                           for q, s in qs])
-            return _fp8_gemv(xq, xs, qs[0][0], qs[0][1], None, torch.float32, cfg)
-
-        def dot(cfg, timed=False):
-            if timed:
-                return time_graph(lambda: [dot_gemv(dot_kernel, xq, xs, q, s, cfg) for q, s in qs])
-            return dot_gemv(dot_kernel, xq, xs, qs[0][0], qs[0][1], cfg, torch.float32)
-
-        best = min((tg, fp8_gemv_config(n, k)), best_config(fma, sweep, n, k, want, shape))
-        best_dot = best_config(dot, dot_sweep, n, k, want, f"{shape} tensor cores")
+        best = {}
+        for mode in DEQUANT_MODES:
+            def run(cfg, timed=False, mode=mode):
+                if timed:
+                    return time_graph(lambda: [_fp8_gemv(xq, xs, q, s, None, x.dtype, cfg, mode)
+                                               for q, s in qs])
+                return _fp8_gemv(xq, xs, qs[0][0], qs[0][1], None, torch.float32, cfg, mode)
+            best[mode] = best_config(run, sweep, n, k, want, f"{shape} {mode}")
         try:
             tmm = time_graph(lambda: [torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.t(),
                                                        out_dtype=torch.bfloat16) for q, s in qs])
@@ -335,12 +288,12 @@ def fp8_rows(config: dict, name: str) -> None:
         nbytes = n * k * count
         gbs = lambda t: nbytes / t / 1e9  # noqa: E731
         print(f"{shape:8s} {n:5d} x {k:5d} x{count:3d}  {t16 * 1e6:8.1f} ({2 * gbs(t16):5.0f})"
-              f"  {tq * 1e6:10.1f}  {tg * 1e6:9.1f} ({gbs(tg):5.0f})  {best[0] * 1e6:8.1f} "
-              f"({gbs(best[0]):5.0f}) {str(best[1]):17s}{best_dot[0] * 1e6:8.1f} "
-              f"({gbs(best_dot[0]):5.0f}) {str(best_dot[1]):17s}{tmm * 1e6:9.1f}  "
-              f"{tall * 1e6:10.1f}  {t16 / tall:6.2f}x")
-        for key, t in (("t16", t16), ("all", tall), ("gemv", tg), ("best", best[0]),
-                       ("best_tensor_cores", best_dot[0]), ("quantize", tq), ("scaled_mm", tmm)):
+              f"  {tq * 1e6:10.1f}  {tg * 1e6:8.1f} ({gbs(tg):5.0f})  "
+              + "  ".join(f"{best[m][0] * 1e6:8.1f} ({gbs(best[m][0]):5.0f}) {str(best[m][1]):19s}"
+                          for m in DEQUANT_MODES)
+              + f"  {tmm * 1e6:9.1f}  {tall * 1e6:10.1f}  {t16 / tall:6.2f}x")
+        for key, t in (("t16", t16), ("all", tall), ("wired", tg), ("quantize", tq),
+                       ("scaled_mm", tmm), *((m, best[m][0]) for m in DEQUANT_MODES)):
             totals[key] += t
         del qs
         torch.cuda.empty_cache()

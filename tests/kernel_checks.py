@@ -111,6 +111,30 @@ def check_fp8_gemv(device: str, dtype: torch.dtype, n: int, k: int, bias: bool) 
     want = (xq.float() @ wq.float().t()) * x_scale * w_scale.t()
     want = (want + b.float() if bias else want).to(dtype)
     _close(fp8.fp8_linear(x, wq, w_scale, b), want, dtype, f"fp8 gemv {n}x{k}")
+    got = {mode: fp8._fp8_gemv(xq, x_scale, wq, w_scale, b, dtype, dequant=mode)
+           for mode in fp8.DEQUANT_MODES}
+    _close(got["words"], want, dtype, f"fp8 gemv {n}x{k}, weights as words")
+    assert torch.equal(got["bits"], got["convert"]), f"fp8 gemv {n}x{k}: bits != convert"
+
+
+def check_fp8_gemv_subnormals(device: str) -> None:
+    """E4M3 subnormal weights (below 2^-6) count in every dequantization:
+    the bit placement makes them float32 subnormals, which a flush to zero
+    would drop."""
+    n, k = 16, 1024
+    w = torch.zeros(n, k)
+    w[:, 0] = 448.0  # each row's scale is 1
+    w[:, 1:8] = torch.tensor([2.0 ** -9, -2.0 ** -9, 3 * 2.0 ** -9, 2.0 ** -7, -7 * 2.0 ** -9,
+                              5 * 2.0 ** -9, 2.0 ** -6])
+    wq, w_scale = fp8.quantize_rows(w.to(device))
+    x = torch.zeros(1, k)
+    x[0, 0], x[0, 1:8] = 2.0 ** -9, 448.0  # the peak scales x by 1 too
+    xq, x_scale = fp8.quantize_rows(x.to(device))
+    want = (xq.float().cpu() @ wq.float().cpu().t()) * x_scale.cpu() * w_scale.cpu().t()
+    assert want[0, 0] != 448.0 * 2.0 ** -9  # the subnormals change the sum
+    for mode in fp8.DEQUANT_MODES:
+        got = fp8._fp8_gemv(xq, x_scale, wq, w_scale, None, torch.float32, dequant=mode)
+        assert torch.equal(got.cpu(), want), f"fp8 gemv subnormals, {mode}: {got} != {want}"
 
 
 def check_quantize_rows(device: str, dtype: torch.dtype, rows: int, k: int) -> None:
@@ -273,6 +297,7 @@ def check_all(device: str, dtypes: list[torch.dtype]) -> None:
             check_fp8_gemv(device, dtype, n, k, bias)
         for rows, k in ((1, 64), (4, 688), (3, 5000), (2, 17000), (20, 1500)):
             check_quantize_rows(device, dtype, rows, k)
+    check_fp8_gemv_subnormals(device)
 
 
 if __name__ == "__main__":

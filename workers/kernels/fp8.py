@@ -18,6 +18,7 @@ target that decodes without speculation.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -42,10 +43,72 @@ if triton_available():
     import triton.language as tl
 
     from specserve.workers.kernels.e4m3 import e4m3_round
-    from specserve.workers.kernels.gemv import _gemv_kernel
 
     _FP8_MAX = tl.constexpr(FP8_MAX)  # compiled kernels read globals only as constexprs
     _MIN_SCALE = tl.constexpr(MIN_SCALE)
+    # An E4M3 byte's sign and its seven other bits, moved to bits 31 and
+    # 26..20 of a word, are the float32 2^-120 times its value (E4M3
+    # subnormals become float32 subnormals); the activations are scaled by
+    # 2^60 (exact) so that no product or sum is subnormal, and the sum by
+    # 2^60 again: every product and partial sum is the hardware conversion's
+    # times exactly 2^-60, so the result is the same bit for bit.
+    _E4M3_BITS = tl.constexpr(-0x78100000)  # 0x87F00000 as an int32
+    _UP = tl.constexpr(2.0 ** 60)
+
+    @triton.jit
+    def _e4m3_as_scaled_float(b):
+        """int32 words holding an E4M3 byte's sign at bit 31 and its other
+        bits at 26..20 -> float32 2^-120 times its value, in integer ops (no
+        conversion unit)."""
+        return (b & _E4M3_BITS).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp8_gemv_kernel(x_ptr, w_ptr, out_ptr, K, stride_w, x_scale_ptr, w_scale_ptr, bias_ptr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, DEQUANT: tl.constexpr):
+        """out[n] = s_x s_w[n] sum_k w[n, k] x[k] (+ bias[n]) over E4M3 x and
+        w, float32 sums. DEQUANT 0: the weight bytes through the hardware's
+        conversion (two conversions a byte, E4M3 to half to float32, on the
+        SM's slow conversion unit); 1: ``w_ptr`` as int8, each byte's bits
+        placed into a float32 (``_e4m3_as_scaled_float``); 2: ``w_ptr`` as
+        int32 words of four bytes, each byte shifted into place."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if DEQUANT == 2:
+            k = tl.arange(0, BLOCK_K // 4)
+            rows = w_ptr + n.to(tl.int64)[:, None] * (stride_w // 4)
+            acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ok = k0 + 4 * k < K
+                words = tl.load(rows + (k0 // 4 + k)[None, :], mask=ok[None, :], other=0)
+                for j in tl.static_range(4):
+                    x = tl.load(x_ptr + k0 + 4 * k + j, mask=ok, other=0.0).to(tl.float32)
+                    top = words << (24 - 8 * j)  # byte j in bits 31..24
+                    acc += _e4m3_as_scaled_float(top >> 4) * (x * _UP)[None, :]
+        else:
+            k = tl.arange(0, BLOCK_K)
+            rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    x = tl.load(x_ptr + k0 + k)
+                    w = tl.load(rows + (k0 + k)[None, :])
+                else:
+                    ok = k0 + k < K
+                    x = tl.load(x_ptr + k0 + k, mask=ok, other=0.0)
+                    w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
+                if DEQUANT == 1:
+                    sign_extended = w.to(tl.int32)
+                    acc += (_e4m3_as_scaled_float(sign_extended << 20)
+                            * (x.to(tl.float32) * _UP)[None, :])
+                else:
+                    acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if DEQUANT != 0:
+            y = y * _UP
+        y = y * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + n)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + n).to(tl.float32)
+        tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, ROW_BLOCK: tl.constexpr,
@@ -160,15 +223,29 @@ def fp8_gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     return 8, block_k, 8, (3 if n * k <= 4096 * 4096 else 1)
 
 
+# How the FP8 GEMV turns weight bytes into float32 (``_fp8_gemv_kernel``'s
+# DEQUANT): "convert", "bits" or "words"; the same result bit for bit.
+DEQUANT_MODES = ("convert", "bits", "words")
+GEMV_DEQUANT = os.environ.get("SPECSERVE_FP8_GEMV_DEQUANT", "convert")
+if GEMV_DEQUANT not in DEQUANT_MODES:
+    raise ValueError(f"SPECSERVE_FP8_GEMV_DEQUANT={GEMV_DEQUANT!r}: expected one of "
+                     f"{', '.join(DEQUANT_MODES)}")
+
+
 def _fp8_gemv(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
               weight_scale: torch.Tensor, bias: torch.Tensor | None,
-              dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+              dtype: torch.dtype, config: tuple[int, int, int, int] | None = None,
+              dequant: str | None = None) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, num_warps, num_stages = config or fp8_gemv_config(n, k)
+    mode = DEQUANT_MODES.index(dequant or GEMV_DEQUANT)
+    if mode == 2 and (k % 4 or weight.stride(0) % 4 or block_k < 4):
+        mode = 1  # words need whole rows of 32-bit words
+    w = weight.view(torch.int8) if mode == 1 else weight.view(torch.int32) if mode == 2 else weight
     out = torch.empty((1, n), dtype=dtype, device=xq.device)
-    _gemv_kernel[(n // block_n,)](
-        xq, weight, out, k, weight.stride(0), x_scale, weight_scale,
+    _fp8_gemv_kernel[(n // block_n,)](
+        xq, w, out, k, weight.stride(0), x_scale, weight_scale,
         bias if bias is not None else out, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, SCALED=True, HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, DEQUANT=mode,
         num_warps=num_warps, num_stages=num_stages)
     return out

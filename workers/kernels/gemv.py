@@ -23,11 +23,9 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, K, stride_w, x_scale_ptr, w_scale_ptr, bias_ptr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """out[n] = sum_k w[n, k] x[k] (float32 sums); SCALED: FP8 operands
-        times x's scale and row n's (workers/kernels/fp8.py); HAS_BIAS: + bias[n]."""
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, K, stride_w,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """out[n] = sum_k w[n, k] x[k] (float32 sums)."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k = tl.arange(0, BLOCK_K)
         rows = w_ptr + n.to(tl.int64)[:, None] * stride_w
@@ -42,10 +40,6 @@ if triton_available():
                 w = tl.load(rows + (k0 + k)[None, :], mask=ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
-        if SCALED:
-            y = y * tl.load(x_scale_ptr) * tl.load(w_scale_ptr + n)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + n).to(tl.float32)
         tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty))
 
 
@@ -85,8 +79,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config=None) -> torch.Tensor:
     block_n, block_k, num_warps, num_stages = config or gemv_config(*weight.shape)
     n, k = weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(n // block_n,)](x, weight, out, k, weight.stride(0), x, x, x,
+    _gemv_kernel[(n // block_n,)](x, weight, out, k, weight.stride(0),
                                   BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-                                  SCALED=False, HAS_BIAS=False,
                                   num_warps=num_warps, num_stages=num_stages)
     return out
